@@ -1,0 +1,301 @@
+"""Typed, validated parameters from `params.yaml`, and the per-stage view of them.
+
+Two guarantees matter for reproducibility:
+- a typo or bad value in `params.yaml` (or in `dvc exp run -S ...`) fails before any work, naming the key;
+- a stage can read only the params that its `dvc.yaml` entry declares, so DVC's invalidation is exactly right:
+  reading an undeclared key raises instead of silently making the stage depend on something DVC doesn't track.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from alpaca_qlora.errors import PipelineError
+
+PARAMS_FILE = "params.yaml"
+DVC_FILE = "dvc.yaml"
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+SEVEN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(PipelineError, ValueError):
+    """A parameter is missing, unknown or out of range; the message names it and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["bundled", "hub", "local"] = "bundled"
+    hub_id: str = "yahma/alpaca-cleaned"
+    hub_revision: str = "main"
+    hub_file: str = "alpaca_data_cleaned.json"
+    path: str = ""
+    sample_frac: float = 0.10
+    eval_size: int = 200
+    seed: int = 42
+    template: Literal["alpaca", "instruction_context"] = "alpaca"
+    overlong: Literal["truncate", "drop"] = "truncate"
+
+    def validate(self) -> None:
+        _require(0.0 < self.sample_frac <= 1.0, "data.sample_frac", self.sample_frac, "a fraction in (0, 1]")
+        _require(self.eval_size >= 1, "data.eval_size", self.eval_size, "a positive row count")
+        _require(self.source != "local" or bool(self.path), "data.path", self.path,
+                 "a file path or URL when data.source is 'local'")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = EMBEDDED_MODEL
+    quantization: Literal["auto", "nf4", "none"] = "auto"
+
+    def validate(self) -> None:
+        _require(bool(self.name.strip()), "model.name", self.name, "a hub id, a local directory or " + EMBEDDED_MODEL)
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = SEVEN_TARGET_MODULES
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def validate(self) -> None:
+        _require(self.r > 0, "lora.r", self.r, "a positive rank")
+        _require(self.alpha > 0, "lora.alpha", self.alpha, "a positive scaling numerator")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a probability in [0, 1)")
+        _require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules, "a non-empty list")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    learning_rate: float = 2e-4
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int = -1
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    max_seq_length: int = 2048
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 5
+    save_steps: int = 50
+    resume: Literal["auto", "never"] = "auto"
+    wandb: bool = False
+    wandb_project: str = "alpaca-qlora"
+
+    def validate(self) -> None:
+        _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number (e.g. 2e-4)")
+        _require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
+        _require(self.epochs > 0, "train.epochs", self.epochs, "a positive number")
+        _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", self.max_steps,
+                 "-1 (use epochs) or a positive step count")
+        _require(self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "a positive integer")
+        _require(self.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
+                 self.gradient_accumulation_steps, "a positive integer")
+        _require(self.max_seq_length >= 16, "train.max_seq_length", self.max_seq_length, "at least 16 tokens")
+        _require(self.logging_steps > 0, "train.logging_steps", self.logging_steps, "a positive integer")
+        _require(self.save_steps > 0, "train.save_steps", self.save_steps, "a positive integer")
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    short_answer_max_words: int = 5
+    short_answer_task_types: tuple[str, ...] = ("closed_qa", "factual", "classification")
+    num_examples: int = 5
+
+    def validate(self) -> None:
+        _require(self.max_new_tokens > 0, "eval.max_new_tokens", self.max_new_tokens, "a positive integer")
+        _require(self.batch_size > 0, "eval.batch_size", self.batch_size, "a positive integer")
+        _require(self.short_answer_max_words > 0, "eval.short_answer_max_words", self.short_answer_max_words,
+                 "a positive integer")
+        _require(self.num_examples >= 0, "eval.num_examples", self.num_examples, "zero or more")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    lora: LoraParams = field(default_factory=LoraParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+
+
+def _require(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"params: {key} = {value!r} is invalid: expected {expected}.")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML value to the declared type; YAML 1.1 reads `2e-4` as a string, so numbers may come as text."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"params: {key} = {value!r} is not one of {', '.join(map(repr, choices))}.")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"params: {key} = {value!r} must be a list of strings.")
+        return tuple(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"params: {key} = {value!r} must be true or false.")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"params: {key} = {value!r} must be an integer.")
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"params: {key} = {value!r} must be an integer.") from None
+        if not isinstance(number, (int, float)) or float(number) != int(number):
+            raise ConfigError(f"params: {key} = {value!r} must be an integer.")
+        return int(number)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"params: {key} = {value!r} must be a number.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"params: {key} = {value!r} must be a number (e.g. 2e-4).") from None
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"params: {key} = {value!r} must be a string.")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _build_section(cls: type, values: Any, section: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"params: section '{section}' must be a mapping of keys to values, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"params: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"'{section}' accepts: {', '.join(sorted(known))}."
+        )
+    kwargs = {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in values.items()}
+    instance = cls(**kwargs)
+    instance.validate()
+    return instance
+
+
+def params_from_mapping(raw: Any) -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("params: the file must be a mapping of sections (data, model, lora, train, eval).")
+    sections = {f.name: f for f in dataclasses.fields(Params)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"params: unknown section(s) {', '.join(unknown)}; expected: {', '.join(sections)}.")
+    hints = typing.get_type_hints(Params)
+    return Params(**{name: _build_section(hints[name], raw.get(name), name) for name in sections})
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params: {path} not found; run from the project root, where params.yaml lives.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"params: {path} is not valid YAML: {error}") from error
+    return params_from_mapping(raw)
+
+
+def declared_params(stage: str, dvc_file: str | Path = DVC_FILE) -> tuple[str, ...]:
+    """The dotted param keys that `dvc.yaml` declares for `stage` (the `do:` body of a foreach stage included)."""
+    spec = yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8"))
+    stages = spec.get("stages", {})
+    if stage not in stages:
+        raise ConfigError(f"dvc.yaml has no stage '{stage}'; stages: {', '.join(stages)}.")
+    body = stages[stage].get("do", stages[stage])
+    keys: list[str] = []
+    for entry in body.get("params", []) or []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict):  # {other_file.yaml: [keys]} is not used by this project
+            raise ConfigError(f"dvc.yaml stage '{stage}': params from other files are not supported: {entry}.")
+    return tuple(keys)
+
+
+class _SectionView:
+    """Attribute access to one params section, limited to the keys a stage declared."""
+
+    def __init__(self, stage: str, section: str, values: Any, allowed: set[str]):
+        self._stage, self._section, self._values, self._allowed = stage, section, values, allowed
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._allowed:
+            raise AttributeError(
+                f"stage '{self._stage}' reads {self._section}.{name} but dvc.yaml does not declare it: "
+                f"add it to the stage's params so DVC reruns the stage when it changes."
+            )
+        return getattr(self._values, name)
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """What one stage may read: `params.data.template` works only if dvc.yaml lists `data.template`."""
+
+    stage: str
+    keys: tuple[str, ...]
+    data: Any
+    model: Any
+    lora: Any
+    train: Any
+    eval: Any
+
+
+def stage_params(stage: str, params_file: str | Path = PARAMS_FILE, dvc_file: str | Path = DVC_FILE) -> StageParams:
+    params = load_params(params_file)
+    keys = declared_params(stage, dvc_file)
+    allowed: dict[str, set[str]] = {f.name: set() for f in dataclasses.fields(Params)}
+    for key in keys:
+        section, _, name = key.partition(".")
+        if section not in allowed or (name and not hasattr(getattr(params, section), name)):
+            raise ConfigError(f"dvc.yaml stage '{stage}' declares param '{key}', which params.yaml's schema lacks.")
+        if name:
+            allowed[section].add(name)
+        else:  # the whole section
+            allowed[section].update(f.name for f in dataclasses.fields(getattr(params, section)))
+    views = {
+        section: _SectionView(stage, section, getattr(params, section), names) for section, names in allowed.items()
+    }
+    return StageParams(stage=stage, keys=keys, **views)
+
+
+def as_dict(params: Params) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+__all__ = [
+    "ConfigError", "DataParams", "EvalParams", "LoraParams", "ModelParams", "Params", "StageParams", "TrainParams",
+    "EMBEDDED_MODEL", "SEVEN_TARGET_MODULES", "declared_params", "load_params", "params_from_mapping",
+    "stage_params", "as_dict",
+]

@@ -1,0 +1,5 @@
+"""Errors that mean bad input or setup, not a bug: stages print their message (which says what to do), no trace."""
+
+
+class PipelineError(Exception):
+    """Base for errors whose message is meant for the user."""

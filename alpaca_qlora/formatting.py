@@ -1,0 +1,156 @@
+"""Turning rows into model inputs: the templated prompt, token ids, and labels that train on the response only.
+
+Ids are built as prompt ids + response ids (tokenized separately), so the boundary between what is masked and
+what is learned is exact: no BPE merge can straddle it, and the prompt ids at evaluation time are the very ids
+the model saw in training.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from alpaca_qlora.prompts import PromptTemplate
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before any text (BOS for Mistral/Llama, nothing for many others)."""
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_specials) - len(without) + 1):
+        if with_specials[start : start + len(without)] == without:
+            return list(with_specials[:start])
+    return []
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_prefix(tokenizer: Any) -> tuple[int, ...]:
+    return tuple(special_prefix(tokenizer))
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt ids exactly as training and generation both use them: BOS once (if the model has one), no EOS."""
+    prefix = list(_cached_prefix(tokenizer))
+    text_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if prefix and text_ids[: len(prefix)] == prefix:  # the text itself began with the BOS string
+        text_ids = text_ids[len(prefix) :]
+    return prefix + list(text_ids)
+
+
+def encode_response(tokenizer: Any, response: str) -> list[int]:
+    """Response ids followed by EOS, so the model learns to stop after answering."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: the model could not learn to stop. Set one first.")
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+def build_training_example(
+    prompt_ids: list[int],
+    response_ids: list[int],
+    *,
+    max_length: int,
+    overlong: Literal["truncate", "drop"],
+) -> TrainingExample | None:
+    """Labels are IGNORE_INDEX on the prompt; None when the row can't keep any labelled token (or must be dropped).
+
+    Truncation cuts the response from the end (the prompt is the question and stays whole); a cut response loses
+    its EOS, so the model is never taught to stop mid-answer.
+    """
+    total = len(prompt_ids) + len(response_ids)
+    if total <= max_length:
+        return TrainingExample(
+            input_ids=prompt_ids + response_ids,
+            labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
+            truncated=False,
+        )
+    if overlong == "drop" or len(prompt_ids) >= max_length:
+        return None
+    kept_response = response_ids[: max_length - len(prompt_ids)]
+    return TrainingExample(
+        input_ids=prompt_ids + kept_response,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + kept_response,
+        truncated=True,
+    )
+
+
+def row_prompt(template: PromptTemplate, row: dict[str, Any]) -> str:
+    return template.render(row["instruction"], row.get("input", ""))
+
+
+def tokenize_training_rows(
+    rows: Iterable[dict[str, Any]],
+    tokenizer: Any,
+    template: PromptTemplate,
+    *,
+    max_length: int,
+    overlong: Literal["truncate", "drop"],
+) -> tuple[list[dict[str, Any]], Counter]:
+    """Tokenized rows ({id, input_ids, labels}) and counts of what happened to the others."""
+    counts: Counter = Counter()
+    examples = []
+    for row in rows:
+        prompt_ids = encode_prompt(tokenizer, row_prompt(template, row))
+        response_ids = encode_response(tokenizer, row["output"])
+        example = build_training_example(prompt_ids, response_ids, max_length=max_length, overlong=overlong)
+        if example is None:
+            counts["dropped_overlong"] += 1
+            continue
+        counts["truncated"] += example.truncated
+        counts["kept"] += 1
+        examples.append({"id": row["id"], "input_ids": example.input_ids, "labels": example.labels})
+    return examples, counts
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {"count": 0}
+    ordered = sorted(lengths)
+
+    def percentile(q: float) -> int:
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+    return {
+        "count": len(ordered),
+        "mean": round(sum(ordered) / len(ordered), 2),
+        "p50": percentile(0.50),
+        "p95": percentile(0.95),
+        "max": ordered[-1],
+        "min": ordered[0],
+    }
+
+
+def length_histogram(lengths: list[int], bin_width: int = 32) -> list[dict[str, int]]:
+    """Rows for `dvc plots`: how many examples fall in each token-length bin (upper bound inclusive)."""
+    if not lengths:
+        return []
+    bins = Counter((length - 1) // bin_width for length in lengths)
+    return [{"tokens": (index + 1) * bin_width, "rows": bins.get(index, 0)} for index in range(max(bins) + 1)]
+
+
+def format_report(examples: list[dict[str, Any]], counts: Counter, rows_in: int) -> dict[str, Any]:
+    lengths = [len(example["input_ids"]) for example in examples]
+    labelled = [sum(label != IGNORE_INDEX for label in example["labels"]) for example in examples]
+    total_tokens = sum(lengths)
+    return {
+        "rows_in": rows_in,
+        "rows_kept": counts["kept"],
+        "rows_truncated": counts["truncated"],
+        "rows_dropped_overlong": counts["dropped_overlong"],
+        "tokens_total": total_tokens,
+        "labelled_tokens": sum(labelled),
+        "labelled_token_fraction": round(sum(labelled) / total_tokens, 6) if total_tokens else 0.0,
+        "sequence_length": length_stats(lengths),
+        "labelled_length": length_stats(labelled),
+    }

@@ -1,0 +1,95 @@
+"""Seeded train sample and stratified held-out split, with a leakage check that must come out zero."""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.records import prompt_key
+
+NO_TASK_TYPE = "all"
+
+
+class SamplingError(PipelineError, ValueError):
+    """The requested split can't be drawn from the data (e.g. the eval split is as large as the data)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    report: dict[str, Any]
+
+
+def proportional_allocation(group_sizes: dict[str, int], total: int) -> dict[str, int]:
+    """Split `total` across groups in proportion to their sizes (largest remainder; ties by name)."""
+    population = sum(group_sizes.values())
+    exact = {name: total * size / population for name, size in group_sizes.items()}
+    counts = {name: min(int(value), group_sizes[name]) for name, value in exact.items()}
+    remainder_order = sorted(group_sizes, key=lambda name: (-(exact[name] - int(exact[name])), name))
+    while sum(counts.values()) < total:
+        progressed = False
+        for name in remainder_order:
+            if sum(counts.values()) >= total:
+                break
+            if counts[name] < group_sizes[name]:
+                counts[name] += 1
+                progressed = True
+        if not progressed:
+            break
+    return counts
+
+
+def _shuffled(rows: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    ordered = sorted(rows, key=lambda row: row["id"])  # independent of the source file's order
+    rng.shuffle(ordered)
+    return ordered
+
+
+def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int, seed: int) -> Split:
+    """Draw the evaluation split first (stratified by task type), then the training sample from what is left.
+
+    The eval split does not depend on `sample_frac`, so experiments that change the training sample are scored on
+    the very same rows and their EM deltas compare like with like (and the base model's evaluation stays cached).
+    Training rows that ask the same question as an eval row (same normalized instruction + input) are excluded.
+    """
+    if eval_size >= len(rows):
+        raise SamplingError(
+            f"data.eval_size = {eval_size} leaves no rows to train on: the data has {len(rows)} rows. "
+            f"Lower data.eval_size or use more data."
+        )
+    rng = random.Random(seed)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[row.get("task_type") or NO_TASK_TYPE].append(row)
+    allocation = proportional_allocation({name: len(group) for name, group in groups.items()}, eval_size)
+    eval_rows: list[dict[str, Any]] = []
+    for name in sorted(groups):
+        eval_rows.extend(_shuffled(groups[name], rng)[: allocation[name]])
+    eval_rows = _shuffled(eval_rows, rng)
+
+    eval_ids = {row["id"] for row in eval_rows}
+    eval_keys = {prompt_key(row) for row in eval_rows}
+    candidates = [row for row in rows if row["id"] not in eval_ids]
+    overlapping = [row for row in candidates if prompt_key(row) in eval_keys]
+    candidates = [row for row in candidates if prompt_key(row) not in eval_keys]
+
+    wanted = max(1, round(sample_frac * len(rows)))
+    train_rows = _shuffled(candidates, rng)[:wanted]
+    train_keys = {prompt_key(row) for row in train_rows}
+    leaked = sum(prompt_key(row) in train_keys for row in eval_rows)
+    if leaked:
+        raise AssertionError(f"{leaked} eval rows share their instruction+input with training rows")
+
+    report = {
+        "rows_available": len(rows),
+        "train_rows": len(train_rows),
+        "train_rows_requested": wanted,
+        "eval_rows": len(eval_rows),
+        "eval_rows_by_task_type": dict(sorted(allocation.items())),
+        "excluded_as_eval_duplicates": len(overlapping),
+        "eval_train_overlap": leaked,
+    }
+    return Split(train=train_rows, eval=eval_rows, report=report)

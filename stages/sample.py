@@ -1,0 +1,39 @@
+"""sample: the seeded training sample and the stratified held-out evaluation split, leakage-checked.
+
+Outs: data/sampled/train.jsonl, data/sampled/eval.jsonl and metrics/sample.json.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alpaca_qlora import io
+from alpaca_qlora.config import stage_params
+from alpaca_qlora.sampling import split_rows
+from alpaca_qlora.stage import run_stage
+
+ROWS_IN = Path("data/raw/rows.jsonl")
+TRAIN_OUT = Path("data/sampled/train.jsonl")
+EVAL_OUT = Path("data/sampled/eval.jsonl")
+METRICS_OUT = Path("metrics/sample.json")
+
+log = logging.getLogger("sample")
+
+
+def main() -> None:
+    params = stage_params("sample")
+    rows = io.read_jsonl(ROWS_IN)
+    split = split_rows(rows, sample_frac=params.data.sample_frac, eval_size=params.data.eval_size,
+                       seed=params.data.seed)
+    if split.report["train_rows"] < split.report["train_rows_requested"]:
+        log.warning("only %d training rows available of %d requested", split.report["train_rows"],
+                    split.report["train_rows_requested"])
+    io.write_jsonl(TRAIN_OUT, split.train)
+    io.write_jsonl(EVAL_OUT, split.eval)
+    io.write_json(METRICS_OUT, split.report)
+    log.info("train %d rows, eval %d rows, eval/train overlap %d", len(split.train), len(split.eval),
+             split.report["eval_train_overlap"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

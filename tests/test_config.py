@@ -1,0 +1,91 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alpaca_qlora.config import ConfigError, declared_params, load_params, params_from_mapping, stage_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_are_valid_and_embedded():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.name == "embedded:smollm2-135m-instruct"
+    assert params.data.source == "bundled"
+    assert params.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_numbers_written_as_text_are_numbers():
+    # PyYAML reads `2e-4` as a string; `dvc exp run -S train.learning_rate=2e-4` writes exactly that.
+    raw = yaml.safe_load("train: {learning_rate: 2e-4, max_steps: '10'}")
+    assert raw["train"]["learning_rate"] == "2e-4"
+    params = params_from_mapping(raw)
+    assert params.train.learning_rate == pytest.approx(2e-4)
+    assert params.train.max_steps == 10
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"lora": {"r": 0}}, "lora.r = 0"),
+        ({"lora": {"r": -4}}, "lora.r = -4"),
+        ({"data": {"sample_frac": 0}}, "data.sample_frac"),
+        ({"data": {"sample_frac": 1.5}}, "data.sample_frac"),
+        ({"data": {"template": "vicuna"}}, "data.template = 'vicuna' is not one of 'alpaca', 'instruction_context'"),
+        ({"lora": {"rank": 8}}, "unknown key(s) lora.rank"),
+        ({"optimizer": {}}, "unknown section(s) optimizer"),
+        ({"train": {"learning_rate": "fast"}}, "train.learning_rate = 'fast' must be a number"),
+        ({"train": {"micro_batch_size": 2.5}}, "train.micro_batch_size = 2.5 must be an integer"),
+        ({"train": {"wandb": "yes"}}, "train.wandb = 'yes' must be true or false"),
+        ({"data": {"source": "local"}}, "data.path"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(raw, message):
+    with pytest.raises(ConfigError) as error:
+        params_from_mapping(raw)
+    assert message in str(error.value)
+
+
+def test_missing_params_file_says_where_to_run(tmp_path):
+    with pytest.raises(ConfigError, match="project root"):
+        load_params(tmp_path / "params.yaml")
+
+
+def _write_project(tmp_path: Path, params_text: str, stage_params_list: list[str]) -> tuple[Path, Path]:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(textwrap.dedent(params_text))
+    dvc_file = tmp_path / "dvc.yaml"
+    dvc_file.write_text(yaml.safe_dump({"stages": {"demo": {"cmd": "true", "params": stage_params_list}}}))
+    return params_file, dvc_file
+
+
+def test_a_stage_reads_only_what_it_declares(tmp_path):
+    params_file, dvc_file = _write_project(tmp_path, "data: {sample_frac: 0.2}\n", ["data.sample_frac", "lora"])
+    view = stage_params("demo", params_file, dvc_file)
+    assert view.data.sample_frac == 0.2
+    assert view.lora.r == 16  # a whole section declared
+    with pytest.raises(AttributeError, match="does not declare it"):
+        _ = view.data.seed
+    with pytest.raises(AttributeError, match="train.learning_rate"):
+        _ = view.train.learning_rate
+
+
+def test_declaring_a_key_the_schema_lacks_fails(tmp_path):
+    params_file, dvc_file = _write_project(tmp_path, "{}\n", ["data.samples"])
+    with pytest.raises(ConfigError, match="data.samples"):
+        stage_params("demo", params_file, dvc_file)
+
+
+def test_every_declared_param_of_the_real_dag_exists():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for stage in spec["stages"]:
+        view = stage_params(stage, ROOT / "params.yaml", ROOT / "dvc.yaml")
+        assert view.keys == declared_params(stage, ROOT / "dvc.yaml")
+
+
+def test_data_stages_never_depend_on_lora_or_train_except_seq_length():
+    for stage in ("fetch", "sample", "format"):
+        keys = declared_params(stage, ROOT / "dvc.yaml")
+        assert not any(key.startswith("lora") for key in keys)
+        assert all(not key.startswith("train") or key == "train.max_seq_length" for key in keys)
