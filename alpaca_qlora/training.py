@@ -1,0 +1,407 @@
+"""QLoRA training on the format stage's token ids and labels, through the Hugging Face Trainer.
+
+The Trainer is given the format stage's `input_ids` and `labels` untouched: no re-tokenizing, re-templating or
+re-masking happens here, so what the loss sees is exactly what `data/formatted/train.jsonl` says. The Trainer
+normalizes the loss by the number of labelled tokens across all micro-batches of an optimizer step
+(`num_items_in_batch`), so gradient accumulation gives the gradient of one big batch (tests check it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+
+from alpaca_qlora import io
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.formatting import IGNORE_INDEX
+from alpaca_qlora.models import QuantizationPlan
+
+log = logging.getLogger(__name__)
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """The format stage's rows, as the Trainer's dataset; rows are served exactly as stored."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]]):
+        for row in rows:
+            if len(row["input_ids"]) != len(row["labels"]):
+                raise PipelineError(f"row {row.get('id')}: input_ids and labels differ in length; rerun format.")
+            if all(label == IGNORE_INDEX for label in row["labels"]):
+                raise PipelineError(f"row {row.get('id')}: no labelled token; rerun format.")
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+@dataclass
+class TokenCounts:
+    """Tokens that went through the model (padding excluded), counted where batches are built."""
+
+    tokens: int = 0
+    labelled: int = 0
+    padded: int = 0
+
+
+@dataclass
+class ResponseOnlyCollator:
+    """Right-pads a micro-batch: padding gets attention 0 and label IGNORE_INDEX, whatever the pad token's id is.
+
+    Masking padding by position (not by comparing ids to the pad id) keeps EOS labels even when pad == EOS.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    counts: TokenCounts = field(default_factory=TokenCounts)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(feature["input_ids"]) for feature in features)
+        if self.pad_to_multiple_of:
+            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            length = len(feature["input_ids"])
+            input_ids[row, :length] = torch.tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, :length] = torch.tensor(feature["labels"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+        real = int(attention_mask.sum())
+        self.counts.tokens += real
+        self.counts.labelled += int((labels != IGNORE_INDEX).sum())
+        self.counts.padded += input_ids.numel() - real
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def validate_target_modules(model: torch.nn.Module, target_modules: Sequence[str]) -> None:
+    """Every requested LoRA target must exist, or a typo would silently train fewer modules."""
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")}
+    missing = [name for name in target_modules if name not in linear_names]
+    if missing:
+        raise PipelineError(
+            f"lora.target_modules {missing} do not exist in this model; its linear layers are: "
+            f"{', '.join(sorted(linear_names))}."
+        )
+
+
+def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_checkpointing: bool) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    validate_target_modules(model, lora.target_modules)
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainer_precision(precision: str, device: str) -> dict[str, bool]:
+    """Mixed-precision flags for TrainingArguments; 'auto' means bf16 on GPUs that have it, fp16 on others, fp32 on CPU."""
+    if precision == "auto":
+        if device != "cuda":
+            precision = "fp32"
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device != "cuda":
+        raise PipelineError("train.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU.")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def optimizer_steps(num_rows: int, train: Any, world_size: int = 1) -> int:
+    if train.max_steps > 0:
+        return train.max_steps
+    per_epoch = math.ceil(num_rows / (train.micro_batch_size * world_size * train.gradient_accumulation_steps))
+    return max(1, math.ceil(per_epoch * train.epochs))
+
+
+def run_fingerprint(params: dict[str, Any], data_sha256: str) -> str:
+    """Checkpoints are reused only by a run with the same params and the same training data."""
+    payload = json.dumps({"params": params, "data": data_sha256}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = [path for path in run_dir.glob("checkpoint-*") if (path / "trainer_state.json").is_file()]
+    if not checkpoints:
+        return None
+    return max(checkpoints, key=lambda path: int(path.name.split("-")[-1]))
+
+
+def wandb_environment(project: str) -> dict[str, str]:
+    """W&B settings that never block: offline unless the user configured a key (env or `wandb login`)."""
+    env = {"WANDB_PROJECT": project}
+    netrc = Path.home() / ".netrc"
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+    if not logged_in and "WANDB_MODE" not in os.environ:
+        env["WANDB_MODE"] = "offline"
+    return env
+
+
+class ThroughputProgress(TrainerCallback):
+    """A tqdm bar over optimizer steps showing loss and non-pad tokens/s (ETA comes with tqdm)."""
+
+    def __init__(self, counts: TokenCounts):
+        self.counts = counts
+        self.bar: tqdm | None = None
+        self.started = 0.0
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+        self.started, self.tokens_at_start = time.perf_counter(), self.counts.tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            self.bar.set_postfix(tok_s=f"{(self.counts.tokens - self.tokens_at_start) / elapsed:.0f}", refresh=False)
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+            log.info("step %d: %s", state.global_step, {k: round(v, 6) if isinstance(v, float) else v
+                                                       for k, v in logs.items()})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class DVCLiveLogger(TrainerCallback):
+    """Loss and learning-rate curves for `dvc plots`, one point per logging step."""
+
+    def __init__(self, directory: Path):
+        from dvclive import Live
+
+        self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
+        self.loss_history: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        self.live.step = state.global_step
+        self.live.log_metric("train/loss", float(logs["loss"]))
+        if "learning_rate" in logs:
+            self.live.log_metric("train/learning_rate", float(logs["learning_rate"]))
+        if "grad_norm" in logs:
+            self.live.log_metric("train/grad_norm", float(logs["grad_norm"]))
+        self.loss_history.append((state.global_step, float(logs["loss"])))
+        self.live.next_step()
+
+    def close(self) -> None:
+        self.live.end()
+
+
+def peak_memory(device: str) -> dict[str, Any]:
+    if device == "cuda":
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "peak_memory_kind": "cuda_max_allocated"}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_gib": round(rss_kib / 2**20, 3), "peak_memory_kind": "process_max_rss"}
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """Everything one training run needs, resolved by the stage script."""
+
+    model: Any  # a PeftModel
+    tokenizer: Any
+    dataset: TokenizedDataset
+    train: Any  # TrainParams (or the stage's view of them)
+    plan: QuantizationPlan
+    device: str
+    run_dir: Path
+    log_dir: Path
+    extra_callbacks: tuple[TrainerCallback, ...] = ()
+
+
+def build_training_arguments(job: TrainingJob) -> TrainingArguments:
+    train = job.train
+    total_steps = optimizer_steps(len(job.dataset), train)
+    report_to = ["wandb"] if train.wandb else []
+    return TrainingArguments(
+        output_dir=str(job.run_dir),
+        per_device_train_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=int(math.ceil(train.warmup_ratio * total_steps)),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        seed=train.seed,
+        data_seed=train.seed,
+        report_to=report_to,
+        run_name=f"{job.run_dir.name}",
+        remove_unused_columns=False,
+        use_cpu=job.device != "cuda",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        optim="adamw_torch",
+        **trainer_precision(train.precision, job.device),
+    )
+
+
+def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
+    """Train, resuming from the run's last checkpoint if asked and one exists; returns the run's measurements."""
+    collator = ResponseOnlyCollator(pad_token_id=job.tokenizer.pad_token_id)
+    progress = ThroughputProgress(collator.counts)
+    dvclive = DVCLiveLogger(job.log_dir)
+    if job.train.wandb:
+        os.environ.update(wandb_environment(job.train.wandb_project))
+    trainer = Trainer(
+        model=job.model,
+        args=build_training_arguments(job),
+        train_dataset=job.dataset,
+        data_collator=collator,
+        processing_class=job.tokenizer,
+        callbacks=[progress, dvclive, *job.extra_callbacks],
+    )
+    trainer.remove_callback(ProgressCallback)
+    checkpoint = last_checkpoint(job.run_dir) if resume else None
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint)
+    if job.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        dvclive.close()
+    runtime = time.perf_counter() - started
+    trainable, total = job.model.get_nb_trainable_parameters()
+    last_losses = [loss for _, loss in dvclive.loss_history[-3:]]
+    return {
+        "train_loss": round(float(result.training_loss), 6),
+        "final_loss": round(sum(last_losses) / len(last_losses), 6) if last_losses else None,
+        "first_loss": round(dvclive.loss_history[0][1], 6) if dvclive.loss_history else None,
+        "steps": int(trainer.state.global_step),
+        "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
+        "epochs": round(float(trainer.state.epoch or 0), 4),
+        "runtime_s": round(runtime, 2),
+        "tokens": collator.counts.tokens,
+        "labelled_tokens": collator.counts.labelled,
+        "tokens_per_s": round(collator.counts.tokens / runtime, 2),
+        "labelled_tokens_per_s": round(collator.counts.labelled / runtime, 2),
+        "padding_fraction": round(collator.counts.padded / max(1, collator.counts.padded + collator.counts.tokens), 4),
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "trainable_percent": round(100 * trainable / total, 4),
+        "quantized": job.plan.quantized,
+        "quantization_reason": job.plan.reason,
+        "compute_dtype": str(job.plan.compute_dtype).removeprefix("torch."),
+        "device": job.device,
+        **peak_memory(job.device),
+    }
+
+
+def render_model_card(*, base_model: str, template: str, params: dict[str, Any], metrics: dict[str, Any],
+                      data: dict[str, Any]) -> str:
+    """The adapter's README: enough to know what it is, how it was made and how to use it."""
+    lines = [
+        "---",
+        f"base_model: {base_model}",
+        "library_name: peft",
+        "tags: [qlora, lora, alpaca, instruction-tuning]",
+        "---",
+        "",
+        f"# LoRA adapter for {base_model}",
+        "",
+        "Trained by the alpaca-qlora DVC pipeline (`dvc repro`): instruction tuning with the loss on response "
+        "tokens only.",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        'python -m alpaca_qlora.infer "Name the chemical symbol of sodium."',
+        "```",
+        "",
+        f"Prompt template: `{template}` (see `alpaca_qlora/prompts.py`); the base model is loaded as in training "
+        f"({'4-bit NF4' if metrics.get('quantized') else 'unquantized'}) and the adapter attached at runtime.",
+        "",
+        "## Data",
+        "",
+        *[f"- {key}: {value}" for key, value in sorted(data.items())],
+        "",
+        "## Parameters",
+        "",
+        "```json",
+        json.dumps(params, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+        "## Training metrics",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *[f"| {key} | {value} |" for key, value in sorted(metrics.items())],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_adapter(model: Any, tokenizer: Any, out_dir: Path, model_card: str) -> None:
+    """Adapter weights, config, tokenizer and card, swapped into place only when complete."""
+    with io.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(model_card, encoding="utf-8")
+
+
+def remove_stale_runs(checkpoint_root: Path, keep: Path | None = None) -> None:
+    if not checkpoint_root.is_dir():
+        return
+    for run_dir in checkpoint_root.iterdir():
+        if run_dir != keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def params_as_dict(view: Any, fields: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(view, name) for name in fields}
+
+
+def dataclass_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

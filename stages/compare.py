@@ -1,0 +1,50 @@
+"""compare: fine-tuned minus base for every metric, a side-by-side report, and plots for `dvc plots show`.
+
+Outs: metrics/compare.json (the `*_delta` keys `dvc metrics diff` shows), reports/compare.md, and the plot data
+metrics/plots/em_by_task_type.json and metrics/plots/answer_lengths.json.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alpaca_qlora import io
+from alpaca_qlora.config import stage_params
+from alpaca_qlora.metrics import metric_deltas
+from alpaca_qlora.report import plot_rows, render_report, select_examples
+from alpaca_qlora.stage import run_stage
+
+BASE_METRICS = Path("metrics/eval_base.json")
+FINETUNED_METRICS = Path("metrics/eval_finetuned.json")
+BASE_PREDICTIONS = Path("data/predictions/base.jsonl")
+FINETUNED_PREDICTIONS = Path("data/predictions/finetuned.jsonl")
+COMPARE_OUT = Path("metrics/compare.json")
+REPORT_OUT = Path("reports/compare.md")
+PLOTS_DIR = Path("metrics/plots")
+
+log = logging.getLogger("compare")
+
+
+def main() -> None:
+    params = stage_params("compare")
+    base, finetuned = io.read_json(BASE_METRICS), io.read_json(FINETUNED_METRICS)
+    base_rows, finetuned_rows = io.read_jsonl(BASE_PREDICTIONS), io.read_jsonl(FINETUNED_PREDICTIONS)
+    deltas = metric_deltas(base, finetuned)
+    examples = select_examples(base_rows, finetuned_rows, params.eval.num_examples)
+    report = render_report(base, finetuned, deltas, examples, title_context={
+        "base model": base["run"]["model"],
+        "adapter": finetuned["run"]["adapter"],
+        "eval rows": base["overall"]["n_rows"],
+        "quantized": base["run"]["quantized"],
+    })
+    io.write_json(COMPARE_OUT, deltas)
+    io.write_text(REPORT_OUT, report)
+    for name, rows in plot_rows(base, finetuned, base_rows, finetuned_rows).items():
+        io.write_json(PLOTS_DIR / f"{name}.json", rows)
+    overall = deltas["overall"]
+    log.info("EM delta %s (strict %s), F1 delta %s, verbosity delta %s; report in %s", overall["exact_match_delta"],
+             overall["exact_match_strict_delta"], overall["f1_delta"], overall["verbosity_delta"], REPORT_OUT)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,85 @@
+"""evaluate: answer the held-out prompts with the base model or the fine-tuned one, and score the answers.
+
+`python stages/evaluate.py base` depends only on the base model, the eval prompts and the eval params, so a LoRA
+experiment reuses the cached base result; `python stages/evaluate.py finetuned` attaches models/adapter at runtime.
+With no argument both run (outside DVC). Outs: data/predictions/<which>.jsonl and metrics/eval_<which>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from alpaca_qlora import io
+from alpaca_qlora.config import stage_params
+from alpaca_qlora.generation import generate
+from alpaca_qlora.inference import load_for_inference
+from alpaca_qlora.metrics import aggregate, clean_generation, is_short_answer, score_row
+from alpaca_qlora.prompts import get_template
+from alpaca_qlora.stage import run_stage
+
+EVAL_IN = Path("data/formatted/eval.jsonl")
+ADAPTER = Path("models/adapter")
+MODELS = ("base", "finetuned")
+
+log = logging.getLogger("evaluate")
+
+
+def evaluate(which: str) -> None:
+    params = stage_params(f"evaluate_{which}")
+    template = get_template(params.data.template)
+    rows = io.read_jsonl(EVAL_IN)
+    started = time.perf_counter()
+    loaded = load_for_inference(params.model.name, params.model.quantization,
+                                adapter_dir=ADAPTER if which == "finetuned" else None)
+    generations, stats = generate(
+        loaded.model, loaded.tokenizer, [row["prompt"] for row in rows],
+        max_new_tokens=params.eval.max_new_tokens, batch_size=params.eval.batch_size,
+        stop_markers=template.stop_markers,
+    )
+    predictions = []
+    for row, generation in zip(rows, generations, strict=True):
+        answer = clean_generation(generation.raw, template.stop_markers)
+        short = is_short_answer(row.get("task_type"), row["reference"],
+                                short_answer_task_types=params.eval.short_answer_task_types,
+                                max_words=params.eval.short_answer_max_words)
+        predictions.append({
+            **row,
+            "answer": answer,
+            "raw": generation.raw,
+            "stopped_by_eos": generation.stopped_by_eos,
+            "new_tokens": generation.new_tokens,
+            "short_answer": short,
+            **score_row(answer, row["reference"], short_answer=short),
+        })
+    metrics = aggregate(predictions)
+    metrics["run"] = {
+        "model": params.model.name,
+        "adapter": str(ADAPTER) if which == "finetuned" else None,
+        "quantized": loaded.plan.quantized,
+        "quantization_reason": loaded.plan.reason,
+        "device": loaded.device,
+        "max_new_tokens": params.eval.max_new_tokens,
+        "batch_size": params.eval.batch_size,
+        "runtime_s": round(time.perf_counter() - started, 2),
+        **stats,
+    }
+    io.write_jsonl(Path(f"data/predictions/{which}.jsonl"), predictions)
+    io.write_json(Path(f"metrics/eval_{which}.json"), metrics)
+    overall = metrics["overall"]
+    log.info("%s: EM %s (strict %s), F1 %s, verbosity %s, stop rate %s, %s new tokens/s", which,
+             overall["exact_match"], overall["exact_match_strict"], overall["f1"], overall["verbosity"],
+             overall["stop_rate"], stats["new_tokens_per_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="?", choices=MODELS, help="which model to evaluate (default: both)")
+    arguments = parser.parse_args()
+    for which in [arguments.which] if arguments.which else MODELS:
+        evaluate(which)
+
+
+if __name__ == "__main__":
+    run_stage(main)

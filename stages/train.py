@@ -1,0 +1,84 @@
+"""train: QLoRA fine-tuning of the base model on the format stage's ids and labels (loss on responses only).
+
+Outs: models/adapter/ (adapter weights and config, tokenizer, model card), metrics/train.json and the
+DVCLive curves under metrics/train_log/. Checkpoints go to models/checkpoints/<run fingerprint>/ (not a DVC
+out): an interrupted run resumes from its last checkpoint on the next `dvc repro`.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from alpaca_qlora import io
+from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
+from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization, resolve_model_source
+from alpaca_qlora.stage import run_stage
+from alpaca_qlora.training import (
+    TokenizedDataset,
+    TrainingJob,
+    attach_lora,
+    dataclass_fields,
+    params_as_dict,
+    remove_stale_runs,
+    render_model_card,
+    run_fingerprint,
+    run_training,
+    save_adapter,
+)
+
+TRAIN_IN = Path("data/formatted/train.jsonl")
+ADAPTER_OUT = Path("models/adapter")
+CHECKPOINTS = Path("models/checkpoints")
+METRICS_OUT = Path("metrics/train.json")
+LOG_DIR = Path("metrics/train_log")
+
+log = logging.getLogger("train")
+
+
+def main() -> None:
+    params = stage_params("train")
+    recorded = {
+        "model": params_as_dict(params.model, dataclass_fields(ModelParams)),
+        "lora": params_as_dict(params.lora, dataclass_fields(LoraParams)),
+        "train": params_as_dict(params.train, dataclass_fields(TrainParams)),
+    }
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_quantization(params.model.quantization, device)
+    log.info("device %s; %s (%s)", device, "4-bit NF4" if plan.quantized else "not quantized", plan.reason)
+
+    source = resolve_model_source(params.model.name)
+    tokenizer = load_tokenizer(source)
+    set_seed(params.train.seed)  # LoRA initialisation and data order
+    model = attach_lora(load_model(source, plan, device=device), params.lora, quantized=plan.quantized,
+                        gradient_checkpointing=params.train.gradient_checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+
+    data_sha256 = io.sha256_file(TRAIN_IN)
+    dataset = TokenizedDataset(io.read_jsonl(TRAIN_IN))
+    run_dir = CHECKPOINTS / run_fingerprint(recorded, data_sha256)
+    remove_stale_runs(CHECKPOINTS, keep=run_dir)
+    job = TrainingJob(model=model, tokenizer=tokenizer, dataset=dataset, train=params.train, plan=plan,
+                      device=device, run_dir=run_dir, log_dir=LOG_DIR)
+    metrics = run_training(job, resume=params.train.resume == "auto")
+
+    card = render_model_card(
+        base_model=params.model.name,
+        template=params.data.template,
+        params=recorded,
+        metrics=metrics,
+        data={"train_file": str(TRAIN_IN), "train_rows": len(dataset), "train_file_sha256": data_sha256},
+    )
+    save_adapter(model, tokenizer, ADAPTER_OUT, card)
+    io.write_json(METRICS_OUT, metrics)
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
+    log.info("loss %.4f -> %.4f in %d steps, %.0f tokens/s; adapter in %s", metrics["first_loss"] or 0,
+             metrics["final_loss"] or 0, metrics["steps"], metrics["tokens_per_s"], ADAPTER_OUT)
+
+
+if __name__ == "__main__":
+    run_stage(main)

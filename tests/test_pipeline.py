@@ -1,0 +1,130 @@
+"""The real DVC pipeline on a tiny config: end to end, invalidation, experiments, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(cwd), ALPACA_QLORA_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+
+
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
+
+
+def tiny_params(model_dir: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(sample_frac=0.02, eval_size=12)
+    params["model"].update(name=str(model_dir), quantization="none")
+    params["train"].update(max_steps=2, micro_batch_size=4, gradient_accumulation_steps=1, max_seq_length=256,
+                           logging_steps=1, save_steps=100)
+    params["eval"].update(max_new_tokens=6, batch_size=8, num_examples=2)
+    return params
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_mistral_dir) -> Path:
+    """A fresh git + DVC repository holding the project's files and a tiny params.yaml."""
+    path = tmp_path_factory.mktemp("project")
+    for name in ("alpaca_qlora", "stages"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, path / name)
+    (path / "data" / "external").mkdir(parents=True)
+    shutil.copy(ROOT / "data" / "external" / "README.md", path / "data" / "external" / "README.md")
+    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_mistral_dir), sort_keys=False))
+    run(["git", "init", "-q"], cwd=path)
+    run(["git", "config", "user.email", "test@example.com"], cwd=path)
+    run(["git", "config", "user.name", "test"], cwd=path)
+    dvc("init", "-q", cwd=path)
+    dvc("config", "core.analytics", "false", cwd=path)
+    return path
+
+
+def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
+    first = dvc("repro", cwd=project)
+    assert stages_run(first) == {"fetch", "sample", "format", "train", "evaluate_base", "evaluate_finetuned",
+                                 "compare"}
+    for out in ("data/raw/rows.jsonl", "data/formatted/train.jsonl", "models/adapter/adapter_model.safetensors",
+                "models/adapter/README.md", "metrics/train.json", "metrics/eval_base.json",
+                "metrics/eval_finetuned.json", "metrics/compare.json", "reports/compare.md"):
+        assert (project / out).exists(), out
+    assert json.loads((project / "metrics/sample.json").read_text())["eval_train_overlap"] == 0
+    assert "exact_match_delta" in json.loads((project / "metrics/compare.json").read_text())["overall"]
+
+    again = dvc("repro", cwd=project)
+    assert stages_run(again) == set()
+    assert "up to date" in dvc("status", cwd=project).stdout
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["sample_frac"] = 0.03
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = dvc("status", cwd=project).stdout
+    assert "sample:" in status and "fetch:" not in status
+    changed = dvc("repro", cwd=project)
+    # The eval split does not depend on sample_frac, so the base evaluation stays cached.
+    assert stages_run(changed) == {"sample", "format", "train", "evaluate_finetuned", "compare"}
+
+
+def test_a_lora_experiment_reruns_train_and_downstream_only(project):
+    dvc("repro", cwd=project)
+    run(["git", "add", "-A"], cwd=project)
+    run(["git", "commit", "-qm", "baseline"], cwd=project)
+    experiment = dvc("exp", "run", "-S", "lora.r=32", cwd=project)
+    assert stages_run(experiment) == {"train", "evaluate_finetuned", "compare"}
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
+    assert "exact_match_delta" in json.dumps(shown)
+    diff = dvc("metrics", "diff", "--all", cwd=project).stdout
+    assert "exact_match" in diff
+
+
+def test_bad_input_fails_clearly_and_writes_nothing(project, tmp_path):
+    bad = project / "data" / "external" / "qa.json"
+    bad.write_text(json.dumps([{"question": "q", "answer": "a"}]))
+    params_file = project / "params.yaml"
+    saved = params_file.read_text()
+    params = yaml.safe_load(saved)
+    params["data"].update(source="local", path="data/external/qa.json")
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    rows_out = project / "data" / "raw" / "rows.jsonl"
+    before = rows_out.read_bytes() if rows_out.exists() else None
+    try:
+        result = run([sys.executable, "stages/fetch.py"], cwd=project, check=False)
+        assert result.returncode == 2
+        assert "not Alpaca-shaped" in result.stderr and "columns found: answer, question" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert (rows_out.read_bytes() if rows_out.exists() else None) == before
+
+        params["data"].update(path="data/external/missing.json")
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        result = run([sys.executable, "stages/fetch.py"], cwd=project, check=False)
+        assert result.returncode == 2 and "is not a file" in result.stderr
+
+        params["data"].update(source="bundled", sample_frac=7)
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        result = run([sys.executable, "stages/sample.py"], cwd=project, check=False)
+        assert result.returncode == 2 and "data.sample_frac = 7.0 is invalid" in result.stderr
+    finally:
+        params_file.write_text(saved)
+        bad.unlink()

@@ -1,0 +1,171 @@
+"""Training behaviour on a tiny random Mistral with the real Mistral tokenizer (CPU, seconds)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback, set_seed
+
+from alpaca_qlora.config import LoraParams, TrainParams
+from alpaca_qlora.formatting import IGNORE_INDEX, tokenize_training_rows
+from alpaca_qlora.inference import load_for_inference
+from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.prompts import ALPACA
+from alpaca_qlora.training import (
+    ResponseOnlyCollator,
+    TokenizedDataset,
+    TrainingJob,
+    attach_lora,
+    run_training,
+    save_adapter,
+)
+from alpaca_qlora.errors import PipelineError
+
+ROWS = [
+    {"id": "a", "instruction": "What is the chemical symbol of sodium?", "input": "", "output": "Na"},
+    {"id": "b", "instruction": "Classify the number as even or odd.", "input": "7", "output": "odd"},
+    {"id": "c", "instruction": "Describe neon.",
+     "input": "", "output": "Neon is a noble gas with atomic number 10. It glows orange-red in discharge tubes."},
+    {"id": "d", "instruction": "Name the capital city given in the text.",
+     "input": "Lisbon is the capital of Portugal.", "output": "Lisbon"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tiny_mistral_dir):
+    tokenizer = load_tokenizer(str(tiny_mistral_dir))
+    examples, _ = tokenize_training_rows(ROWS, tokenizer, ALPACA, max_length=256, overlong="truncate")
+    return examples
+
+
+def make_job(model_dir: Path, rows, tmp_path: Path, *, quantization: str = "none", lora: LoraParams | None = None,
+             callbacks=(), **train_overrides) -> TrainingJob:
+    settings = dict(micro_batch_size=2, gradient_accumulation_steps=1, max_steps=2, logging_steps=1,
+                    save_steps=1000, gradient_checkpointing=False, learning_rate=1e-3, warmup_ratio=0.0,
+                    lr_scheduler="constant")
+    train = dataclasses.replace(TrainParams(), **{**settings, **train_overrides})
+    lora = lora or LoraParams(r=8, alpha=16, dropout=0.0)
+    plan = plan_quantization(quantization, "cpu")
+    tokenizer = load_tokenizer(str(model_dir))
+    set_seed(train.seed)
+    model = attach_lora(load_model(str(model_dir), plan, device="cpu"), lora, quantized=plan.quantized,
+                        gradient_checkpointing=train.gradient_checkpointing)
+    return TrainingJob(model=model, tokenizer=tokenizer, dataset=TokenizedDataset(rows), train=train, plan=plan,
+                       device="cpu", run_dir=tmp_path / "run", log_dir=tmp_path / "log",
+                       extra_callbacks=tuple(callbacks))
+
+
+def test_two_steps_then_the_saved_adapter_reloads_with_the_same_logits(tiny_mistral_dir, tokenized, tmp_path):
+    job = make_job(tiny_mistral_dir, tokenized, tmp_path)
+    metrics = run_training(job, resume=False)
+    assert metrics["steps"] == 2 and metrics["quantized"] is False
+    assert 0 < metrics["trainable_percent"] < 100
+    save_adapter(job.model, job.tokenizer, tmp_path / "adapter", "card")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= {
+        p.name for p in (tmp_path / "adapter").iterdir()}
+    batch = ResponseOnlyCollator(job.tokenizer.pad_token_id)(tokenized[:2])
+    job.model.eval()
+    with torch.no_grad():
+        trained_logits = job.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reloaded = load_for_inference(str(tiny_mistral_dir), "none", adapter_dir=tmp_path / "adapter", device="cpu")
+    with torch.no_grad():
+        reloaded_logits = reloaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(reloaded_logits, trained_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_four_bit_training_runs_on_cpu(tiny_mistral_dir, tokenized, tmp_path):
+    plan = plan_quantization("auto", "cpu")
+    if not plan.quantized:
+        pytest.skip(f"bitsandbytes 4-bit unavailable on this CPU: {plan.reason}")
+    metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, quantization="auto"), resume=False)
+    assert metrics["quantized"] is True and metrics["steps"] == 2
+
+
+def test_loss_falls_on_a_memorisable_set(tiny_mistral_dir, tokenized, tmp_path):
+    # A tiny random model's frozen head maps any normalized hidden state to near-uniform logits, so the adapter
+    # also covers lm_head here; on a real model the seven projections suffice.
+    lora = LoraParams(r=16, alpha=32, dropout=0.0, target_modules=("q_proj", "v_proj", "o_proj", "up_proj",
+                                                                   "down_proj", "lm_head"))
+    job = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=30, learning_rate=1e-2, micro_batch_size=4,
+                   lora=lora)
+    metrics = run_training(job, resume=False)
+    assert metrics["final_loss"] < 0.3 * metrics["first_loss"]
+
+
+def test_the_labels_reaching_the_loss_are_the_format_stages(tiny_mistral_dir, tokenized, tmp_path):
+    job = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=2)
+    seen: list[tuple[list[int], list[int]]] = []
+
+    def capture(module, args, kwargs):
+        for ids, labels, mask in zip(kwargs["input_ids"], kwargs["labels"], kwargs["attention_mask"]):
+            length = int(mask.sum())
+            seen.append((ids[:length].tolist(), labels[:length].tolist()))
+            assert (labels[length:] == IGNORE_INDEX).all()
+
+    job.model.get_base_model().register_forward_pre_hook(capture, with_kwargs=True)
+    run_training(job, resume=False)
+    stored = {tuple(row["input_ids"]): row["labels"] for row in tokenized}
+    assert len(seen) == 4
+    for ids, labels in seen:
+        assert stored[tuple(ids)] == labels
+
+
+class GradientsAtStep(TrainerCallback):
+    def __init__(self):
+        self.gradients: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.gradients:
+            self.gradients = {name: p.grad.detach().clone() for name, p in model.named_parameters()
+                              if p.requires_grad and p.grad is not None}
+
+
+def test_gradient_accumulation_gives_the_big_batch_gradient(tiny_mistral_dir, tokenized, tmp_path):
+    # Rows have very different numbers of labelled tokens: averaging per micro-batch would weight them wrongly.
+    gradients = []
+    for micro, accumulation in ((4, 1), (1, 4), (2, 2)):
+        capture = GradientsAtStep()
+        job = make_job(tiny_mistral_dir, tokenized, tmp_path / f"{micro}x{accumulation}", max_steps=1,
+                       micro_batch_size=micro, gradient_accumulation_steps=accumulation, max_grad_norm=0.0,
+                       callbacks=[capture])
+        run_training(job, resume=False)
+        gradients.append(capture.gradients)
+    assert gradients[0]
+    for other in gradients[1:]:
+        for name, gradient in gradients[0].items():
+            torch.testing.assert_close(other[name], gradient, rtol=1e-4, atol=1e-6)
+
+
+class Interrupt(TrainerCallback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_mistral_dir, tokenized, tmp_path):
+    first = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2, callbacks=[Interrupt(5)])
+    with pytest.raises(KeyboardInterrupt):
+        run_training(first, resume=True)
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+    second = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2)
+    metrics = run_training(second, resume=True)
+    assert metrics["resumed_from_step"] == 4
+    assert metrics["steps"] == 6
+
+
+def test_a_typo_in_target_modules_is_refused(tiny_mistral_dir, tokenized, tmp_path):
+    with pytest.raises(PipelineError, match=r"\['qproj'\] do not exist"):
+        make_job(tiny_mistral_dir, tokenized, tmp_path, lora=LoraParams(target_modules=("qproj", "v_proj")))
+
+
+def test_collator_keeps_eos_labels_when_pad_is_eos():
+    eos = 2
+    rows = [{"input_ids": [1, 5, 6, eos], "labels": [-100, -100, 6, eos]}, {"input_ids": [1, 5], "labels": [-100, 5]}]
+    batch = ResponseOnlyCollator(pad_token_id=eos)(rows)
+    assert batch["labels"].tolist() == [[-100, -100, 6, eos], [-100, 5, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
