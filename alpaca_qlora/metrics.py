@@ -1,0 +1,245 @@
+"""Scoring generated answers against references: per row, then overall and per task type.
+
+Exact match is only meaningful where the reference is a short answer ("Paris", "positive"), so EM and F1 are
+averaged over short-answer rows; verbosity, stop rate, key-fact recall and `f1_all` cover every row, because
+instruction tuning mostly changes *how* a model answers (length, stopping) and that shows on long answers too.
+Every function here is pure; the evaluate stage feeds it rows and writes what it returns.
+"""
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from alpaca_qlora.errors import PipelineError
+
+# Rows of data without task types (alpaca-cleaned) are grouped under this name, as the sample stage reports them.
+NO_TASK_TYPE = "all"
+DECIMALS = 6  # metrics are rounded so that re-running on equal answers gives byte-equal JSON
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+# Dropped before tokenizing: SQuAD's ASCII punctuation (which includes symbols such as $ + < = > | ~ that unicode
+# files under S*, not P*), every unicode punctuation character (P*), and invisible format characters (Cf:
+# zero-width space, soft hyphen, byte-order mark) that models and scraped references carry and no reader sees.
+_DROPPED_CHARACTERS = frozenset(string.punctuation)
+_DROPPED_CATEGORIES = ("P", "Cf")
+
+# Function words that carry no fact. Negations and yes/no are deliberately absent: "no" can be the whole answer,
+# and an answer that drops the "not" of its reference says the opposite.
+STOP_WORDS = frozenset(
+    """
+    a an the and or but if then else so than as of to in on at by for with from into onto over under about up
+    down out off is are was were be been being am do does did done has have had having will would shall should
+    can could may might must it its this that these those there here which who whom whose what when where why how
+    i me my you your he him his she her we us our they them their also just very too some any all each other such
+    only own same both few more most s t im thats
+    """.split()
+)
+
+
+class MetricsMismatchError(PipelineError, ValueError):
+    """Base and fine-tuned metrics were computed on different rows, so their difference means nothing."""
+
+
+def _is_dropped(char: str) -> bool:
+    return char in _DROPPED_CHARACTERS or unicodedata.category(char).startswith(_DROPPED_CATEGORIES)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 normalization (lower-case, no punctuation, no articles, single spaces), made unicode-aware.
+
+    SQuAD's rules only know ASCII: a model that writes “Paris” with curly quotes, a non-breaking space or a
+    full-width letter would miss an exact match a reader would grant. So the text is NFKC-normalized first
+    (full-width and compatibility forms become plain ones, a decomposed é becomes é), case-folded, and every
+    unicode punctuation character is removed as well as `string.punctuation`. Accented letters stay: "café" is
+    not "cafe", as SQuAD keeps them too. Punctuation is removed, not replaced by a space, as in SQuAD, so
+    "don't" and "don’t" both become "dont".
+    """
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    text = "".join(char for char in text if not _is_dropped(char))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _tokens(text: str) -> list[str]:
+    return normalize_answer(text).split()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def strict_exact_match(prediction: str, reference: str) -> bool:
+    """Equal up to surrounding white space: shows how much of the EM gain is only formatting."""
+    return prediction.strip() == reference.strip()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1: partial credit for an answer that contains the reference among other words."""
+    predicted, expected = _tokens(prediction), _tokens(reference)
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def key_fact_recall(prediction: str, reference: str) -> float | None:
+    """Share of the reference's distinct content words that the answer mentions.
+
+    For long answers EM is always 0 and F1 punishes any rewording; recall of content words asks only whether the
+    answer says the things the reference says. None when the reference has no content words, so such rows are
+    left out of the mean instead of counting as perfect or as failed.
+    """
+    facts = {token for token in _tokens(reference) if token not in STOP_WORDS}
+    if not facts:
+        return None
+    return len(facts & set(_tokens(prediction))) / len(facts)
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def _stop_pattern(marker: str) -> re.Pattern[str]:
+    """A marker at the start of a line (indented or not); at the very end of the text its trailing blank may be
+    missing, because generation stops as soon as the marker's visible part appears (alpaca_qlora/generation.py)."""
+    head = marker.rstrip()
+    if not head:
+        raise ValueError(f"stop marker {marker!r} is blank: it would cut every answer at its first line.")
+    tail = marker[len(head):]
+    ending = f"(?:{re.escape(tail)}|\\Z)" if tail else ""
+    return re.compile(rf"^[ \t]*{re.escape(head)}{ending}", re.MULTILINE)
+
+
+def clean_generation(raw: str, stop_markers: Sequence[str] = ("### ",)) -> str:
+    """The answer inside a raw generation: the text before the first stop marker that opens a line, stripped.
+
+    A model that goes on with "\\n\\n### Instruction:" has finished its answer and started inventing the next
+    prompt; that continuation must not count for or against it. A marker inside a line ("use ### here") is text.
+    """
+    cut = len(raw)
+    for marker in stop_markers:
+        found = _stop_pattern(marker).search(raw)
+        if found:
+            cut = min(cut, found.start())
+    return raw[:cut].strip()
+
+
+def is_short_answer(
+    task_type: str | None, reference: str, *, short_answer_task_types: Sequence[str], max_words: int
+) -> bool:
+    """Whether EM is meaningful for the row.
+
+    With task types, the configured short-answer types decide (a one-word brainstorm reference is still an open
+    task). Without them (alpaca-cleaned), a reference of at most `max_words` words is the best available signal.
+    """
+    if task_type:
+        return task_type in short_answer_task_types
+    return word_count(reference) <= max_words
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, DECIMALS)
+
+
+def score_row(answer: str, reference: str, *, short_answer: bool) -> dict[str, Any]:
+    """Per-row metrics. Strict EM is only recorded on short-answer rows, where it is compared with EM."""
+    return {
+        "exact_match": exact_match(answer, reference),
+        "exact_match_strict": strict_exact_match(answer, reference) if short_answer else None,
+        "f1": _rounded(token_f1(answer, reference)),
+        "key_fact_recall": _rounded(key_fact_recall(answer, reference)),
+        "answer_words": word_count(answer),
+        "reference_words": word_count(reference),
+    }
+
+
+def _mean(values: Iterable[float | bool | None]) -> float | None:
+    """Mean of the values that exist; None (not 0) when none do, so "not measured" never reads as "all wrong"."""
+    present = [float(value) for value in values if value is not None]
+    return _rounded(sum(present) / len(present)) if present else None
+
+
+def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    short = [row for row in rows if row["short_answer"]]
+    reference_words = sum(row["reference_words"] for row in rows)
+    answer_words = sum(row["answer_words"] for row in rows)
+    return {
+        "n_rows": len(rows),
+        "n_short_answer": len(short),
+        "exact_match": _mean(row["exact_match"] for row in short),
+        "exact_match_strict": _mean(row["exact_match_strict"] for row in short),
+        "f1": _mean(row["f1"] for row in short),
+        "f1_all": _mean(row["f1"] for row in rows),
+        "verbosity": _rounded(answer_words / reference_words) if reference_words else None,
+        "stop_rate": _mean(row["stopped_by_eos"] for row in rows),
+        "key_fact_recall": _mean(row["key_fact_recall"] for row in rows),
+    }
+
+
+def task_type_of(row: dict[str, Any]) -> str:
+    return row.get("task_type") or NO_TASK_TYPE
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Overall and per-task-type summaries of scored rows.
+
+    Each row carries `task_type` (optional), score_row's keys, `short_answer` and `stopped_by_eos`. Verbosity is
+    total answer words over total reference words (the ratio of the means), so a few empty answers cannot
+    divide by zero and long references weigh by their length.
+    """
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[task_type_of(row)].append(row)
+    return {
+        "overall": _summary(rows),
+        "by_task_type": {task_type: _summary(groups[task_type]) for task_type in sorted(groups)},
+    }
+
+
+def _difference(base: Any, finetuned: Any) -> float | None:
+    numbers = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in (base, finetuned))
+    return _rounded(finetuned - base) if numbers else None
+
+
+def _block_deltas(base: dict[str, Any], finetuned: dict[str, Any]) -> dict[str, Any]:
+    metric_names = sorted(name for name in set(base) | set(finetuned) if not name.startswith("n_"))
+    return {"n_rows": finetuned.get("n_rows"),
+            **{f"{name}_delta": _difference(base.get(name), finetuned.get(name)) for name in metric_names}}
+
+
+def _check_same_rows(base: dict[str, Any], finetuned: dict[str, Any]) -> None:
+    blocks = {"overall": (base["overall"], finetuned["overall"])}
+    for task_type in set(base["by_task_type"]) | set(finetuned["by_task_type"]):
+        blocks[task_type] = (base["by_task_type"].get(task_type, {}), finetuned["by_task_type"].get(task_type, {}))
+    differing = sorted(name for name, (before, after) in blocks.items() if before.get("n_rows") != after.get("n_rows"))
+    if differing:
+        counts = ", ".join(f"{name}: {blocks[name][0].get('n_rows')} vs {blocks[name][1].get('n_rows')}"
+                           for name in differing)
+        raise MetricsMismatchError(
+            f"the base and fine-tuned evaluations scored different rows ({counts}), so their difference means "
+            "nothing. One of them is stale: run `dvc repro` (or `python stages/evaluate.py`) to score both on "
+            "the current data/formatted/eval.jsonl."
+        )
+
+
+def metric_deltas(base: dict[str, Any], finetuned: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tuned minus base for every metric, overall and per task type: the keys `dvc metrics diff` shows.
+
+    Only `overall` and `by_task_type` are compared (a `run` block of settings is not a metric). Counts are not
+    differenced; `n_rows` is carried so a delta can be read with its sample size.
+    """
+    _check_same_rows(base, finetuned)
+    task_types = sorted(set(base["by_task_type"]) | set(finetuned["by_task_type"]))
+    return {
+        "overall": _block_deltas(base["overall"], finetuned["overall"]),
+        "by_task_type": {task_type: _block_deltas(base["by_task_type"][task_type],
+                                                  finetuned["by_task_type"][task_type])
+                         for task_type in task_types},
+    }
