@@ -84,6 +84,8 @@ class TrainParams:
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 4
     gradient_checkpointing: bool = True
+    packing: bool = True
+    liger_kernels: bool = False
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     max_seq_length: int = 2048

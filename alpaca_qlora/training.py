@@ -91,6 +91,53 @@ class ResponseOnlyCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+@dataclass
+class PackedCollator:
+    """Padding-free micro-batches: rows concatenated into one sequence, positions restarting at 0 for each row.
+
+    With no attention mask, transformers reads the position resets as row boundaries and masks attention
+    block-diagonally, so no row attends to another (tests compare packed and unpacked logits). Every row starts
+    with prompt tokens labelled IGNORE_INDEX, so no loss term predicts one row's first token from the previous row.
+    """
+
+    counts: TokenCounts = field(default_factory=TokenCounts)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        position_ids: list[int] = []
+        for feature in features:
+            if feature["labels"][0] != IGNORE_INDEX:
+                raise PipelineError("packing needs rows whose first token is not labelled (a prompt token).")
+            input_ids += feature["input_ids"]
+            labels += feature["labels"]
+            position_ids += range(len(feature["input_ids"]))
+        self.counts.tokens += len(input_ids)
+        self.counts.labelled += sum(label != IGNORE_INDEX for label in labels)
+        as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids)}
+
+
+def make_collator(packing: bool, pad_token_id: int) -> ResponseOnlyCollator | PackedCollator:
+    return PackedCollator() if packing else ResponseOnlyCollator(pad_token_id=pad_token_id)
+
+
+def apply_liger_kernels(model: torch.nn.Module, device: str) -> None:
+    """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) patched into the base model.
+
+    The fused cross-entropy never materializes the (tokens x vocabulary) logits, the largest activation of a
+    7B model's training step. CUDA only: asked for elsewhere it is an error, never a silent no-op.
+    """
+    if device != "cuda":
+        raise PipelineError("train.liger_kernels=true needs a CUDA GPU (Triton kernels); set it to false here.")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as error:
+        raise PipelineError(f"train.liger_kernels=true but liger-kernel is not importable ({error}).") from error
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+
+
 def validate_target_modules(model: torch.nn.Module, target_modules: Sequence[str]) -> None:
     """Every requested LoRA target must exist, or a typo would silently train fewer modules."""
     linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
@@ -288,7 +335,8 @@ def build_training_arguments(job: TrainingJob) -> TrainingArguments:
 
 def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
     """Train, resuming from the run's last checkpoint if asked and one exists; returns the run's measurements."""
-    collator = ResponseOnlyCollator(pad_token_id=job.tokenizer.pad_token_id)
+    collator = make_collator(job.train.packing, job.tokenizer.pad_token_id)
+    job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
     progress = ThroughputProgress(collator.counts)
     dvclive = DVCLiveLogger(job.log_dir)
     if job.train.wandb:

@@ -20,6 +20,7 @@ from alpaca_qlora.stage import run_stage
 from alpaca_qlora.training import (
     TokenizedDataset,
     TrainingJob,
+    apply_liger_kernels,
     attach_lora,
     dataclass_fields,
     params_as_dict,
@@ -53,7 +54,10 @@ def main() -> None:
     source = resolve_model_source(params.model.name)
     tokenizer = load_tokenizer(source)
     set_seed(params.train.seed)  # LoRA initialisation and data order
-    model = attach_lora(load_model(source, plan, device=device), params.lora, quantized=plan.quantized,
+    model = load_model(source, plan, device=device)
+    if params.train.liger_kernels:
+        apply_liger_kernels(model, device)
+    model = attach_lora(model, params.lora, quantized=plan.quantized,
                         gradient_checkpointing=params.train.gradient_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)

@@ -14,7 +14,9 @@ from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.training import (
+    PackedCollator,
     ResponseOnlyCollator,
+    apply_liger_kernels,
     TokenizedDataset,
     TrainingJob,
     attach_lora,
@@ -44,7 +46,7 @@ def make_job(model_dir: Path, rows, tmp_path: Path, *, quantization: str = "none
              callbacks=(), **train_overrides) -> TrainingJob:
     settings = dict(micro_batch_size=2, gradient_accumulation_steps=1, max_steps=2, logging_steps=1,
                     save_steps=1000, gradient_checkpointing=False, learning_rate=1e-3, warmup_ratio=0.0,
-                    lr_scheduler="constant")
+                    lr_scheduler="constant", packing=False)
     train = dataclasses.replace(TrainParams(), **{**settings, **train_overrides})
     lora = lora or LoraParams(r=8, alpha=16, dropout=0.0)
     plan = plan_quantization(quantization, "cpu")
@@ -161,6 +163,39 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_mistral_dir, t
 def test_a_typo_in_target_modules_is_refused(tiny_mistral_dir, tokenized, tmp_path):
     with pytest.raises(PipelineError, match=r"\['qproj'\] do not exist"):
         make_job(tiny_mistral_dir, tokenized, tmp_path, lora=LoraParams(target_modules=("qproj", "v_proj")))
+
+
+def test_packed_rows_never_attend_across_row_boundaries(tiny_mistral_dir, tokenized):
+    model = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu").eval()
+    packed = PackedCollator()(tokenized)
+    with torch.no_grad():
+        # Row boundaries are read from the position resets only without a KV cache, as in training.
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                              use_cache=False).logits[0]
+        start = 0
+        for row in tokenized:
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed_logits[start : start + len(alone)], alone, rtol=1e-4, atol=1e-4)
+            start += len(alone)
+    assert packed["position_ids"][0, len(tokenized[0]["input_ids"])] == 0
+
+
+def test_packed_and_padded_batches_give_the_same_gradient(tiny_mistral_dir, tokenized, tmp_path):
+    gradients = []
+    for packing in (False, True):
+        capture = GradientsAtStep()
+        job = make_job(tiny_mistral_dir, tokenized, tmp_path / str(packing), max_steps=1, micro_batch_size=4,
+                       packing=packing, max_grad_norm=0.0, callbacks=[capture])
+        run_training(job, resume=False)
+        gradients.append(capture.gradients)
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_liger_kernels_are_refused_without_cuda(tiny_mistral_dir):
+    model = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu")
+    with pytest.raises(PipelineError, match="needs a CUDA GPU"):
+        apply_liger_kernels(model, "cpu")
 
 
 def test_collator_keeps_eos_labels_when_pad_is_eos():
