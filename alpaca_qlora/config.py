@@ -94,6 +94,7 @@ class TrainParams:
     logging_steps: int = 5
     save_steps: int = 50
     resume: Literal["auto", "never"] = "auto"
+    dvclive: bool = True
     wandb: bool = False
     wandb_project: str = "alpaca-qlora"
 

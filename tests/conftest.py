@@ -1,11 +1,11 @@
-"""Shared fixtures: tiny offline models built once per test session."""
+"""Shared fixtures: offline models built once per test session."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from alpaca_qlora.models import build_tiny_mistral
+from alpaca_qlora.models import EMBEDDED_SMOLLM2, build_tiny_mistral, resolve_model_source
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +16,5 @@ def tiny_mistral_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
-    """SmolLM2-135M-Instruct converted from its GGUF into the real model cache (once; later sessions reuse it)."""
-    from alpaca_qlora.models import embedded_model_dir as convert_once
-
-    return convert_once()
+    """SmolLM2-135M-Instruct converted from its GGUF into the real model cache: ~25 s once per machine, then free."""
+    return Path(resolve_model_source(EMBEDDED_SMOLLM2))
