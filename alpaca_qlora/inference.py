@@ -34,7 +34,7 @@ def check_adapter_matches(adapter_dir: Path, source: str, model_name: str) -> No
     if not config_file.is_file():
         raise PipelineError(f"{adapter_dir} holds no adapter (no adapter_config.json); run `dvc repro train` first.")
     trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    if trained_on and trained_on not in (source, model_name) and Path(trained_on).name != Path(source).name:
+    if trained_on and trained_on not in (source, model_name):
         raise PipelineError(
             f"the adapter in {adapter_dir} was trained on base model {trained_on!r}, not {model_name!r} "
             f"({source}). Use the matching model.name or retrain the adapter."

@@ -436,8 +436,15 @@ def render_model_card(*, base_model: str, template: str, params: dict[str, Any],
     return "\n".join(lines)
 
 
-def save_adapter(model: Any, tokenizer: Any, out_dir: Path, model_card: str) -> None:
-    """Adapter weights, config, tokenizer and card, swapped into place only when complete."""
+def save_adapter(model: Any, tokenizer: Any, out_dir: Path, model_card: str, *, base_model: str | None = None) -> None:
+    """Adapter weights, config, tokenizer and card, swapped into place only when complete.
+
+    `base_model` (the `model.name` param) replaces the resolved local path in adapter_config.json, so the adapter
+    names the model it belongs to (a hub id, or the embedded name) rather than a cache directory of this machine.
+    """
+    if base_model is not None:
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base_model
     with io.atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,13 @@ def test_collator_keeps_eos_labels_when_pad_is_eos():
     batch = ResponseOnlyCollator(pad_token_id=eos)(rows)
     assert batch["labels"].tolist() == [[-100, -100, 6, eos], [-100, 5, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_an_adapter_names_its_base_model_and_a_mismatch_is_refused(tiny_mistral_dir, tokenized, tmp_path):
+    job = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=1)
+    run_training(job, resume=False)
+    save_adapter(job.model, job.tokenizer, tmp_path / "adapter", "card", base_model="org/other-model")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/other-model"
+    with pytest.raises(PipelineError, match="trained on base model 'org/other-model'"):
+        load_for_inference(str(tiny_mistral_dir), "none", adapter_dir=tmp_path / "adapter", device="cpu")
