@@ -59,6 +59,8 @@ def project(tmp_path_factory, tiny_mistral_dir) -> Path:
     run(["git", "config", "user.name", "test"], cwd=path)
     dvc("init", "-q", cwd=path)
     dvc("config", "core.analytics", "false", cwd=path)
+    run(["git", "add", "-A"], cwd=path)
+    run(["git", "commit", "-qm", "project"], cwd=path)  # as in a clone; DVCLive needs a commit to start from
     return path
 
 
