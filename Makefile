@@ -17,7 +17,7 @@ MISTRAL := -S model.name=mistralai/Mistral-7B-Instruct-v0.2 -S model.quantizatio
 	-S train.warmup_ratio=0.03 -S train.save_steps=100 \
 	-S train.wandb=true -S eval.max_new_tokens=128 -S eval.batch_size=32
 
-.PHONY: setup repro test mistral clean clean-all
+.PHONY: setup repro test mistral infer clean clean-all
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: setup
 
 mistral: setup
 	dvc exp run --name mistral-7b $(MISTRAL)
+
+# Answer one instruction with the base model + models/adapter: make infer Q="..." [INPUT="..."]
+infer: setup
+	python -m alpaca_qlora.infer "$(Q)" $(if $(INPUT),--input "$(INPUT)")
 
 # Remove the pipeline's outputs (not the venv, not the converted base model in the model cache).
 clean:
