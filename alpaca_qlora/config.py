@@ -84,6 +84,8 @@ class TrainParams:
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 4
     gradient_checkpointing: bool = True
+    checkpoint_offload: bool = False
+    frozen_dtype: Literal["compute", "fp32"] = "compute"
     packing: bool = True
     liger_kernels: bool = False
     seed: int = 42
@@ -97,6 +99,8 @@ class TrainParams:
     dvclive: bool = True
     wandb: bool = False
     wandb_project: str = "alpaca-qlora"
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    num_processes: int = 1
 
     def validate(self) -> None:
         _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number (e.g. 2e-4)")
@@ -110,6 +114,11 @@ class TrainParams:
         _require(self.max_seq_length >= 16, "train.max_seq_length", self.max_seq_length, "at least 16 tokens")
         _require(self.logging_steps > 0, "train.logging_steps", self.logging_steps, "a positive integer")
         _require(self.save_steps > 0, "train.save_steps", self.save_steps, "a positive integer")
+        _require(self.num_processes >= 1, "train.num_processes", self.num_processes, "a positive process count")
+        _require(self.distributed != "none" or self.num_processes == 1, "train.num_processes", self.num_processes,
+                 "1 when train.distributed is none (set train.distributed=ddp or fsdp to use more processes)")
+        _require(not self.checkpoint_offload or self.gradient_checkpointing, "train.checkpoint_offload",
+                 self.checkpoint_offload, "false unless train.gradient_checkpointing is true (it moves checkpoints)")
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,11 @@ class EvalParams:
     short_answer_max_words: int = 5
     short_answer_task_types: tuple[str, ...] = ("closed_qa", "factual", "classification")
     num_examples: int = 5
+    # auto: fast on CUDA, plain on CPU; plain: model.generate(); fast: own greedy loop dropping finished rows, with
+    # the 4-bit base dequantized once on CUDA (same weights and outputs); static: generate() with a compiled static
+    # cache (experimental). merge_bf16 folds LoRA into the dequantized weights: changes precision, never the default.
+    generation: Literal["auto", "plain", "fast", "static"] = "auto"
+    merge_bf16: bool = False
 
     def validate(self) -> None:
         _require(self.max_new_tokens > 0, "eval.max_new_tokens", self.max_new_tokens, "a positive integer")

@@ -345,8 +345,12 @@ def _device_map(device: str) -> dict[str, Any]:
     return {"": str(target)}
 
 
-def bnb_config(plan: QuantizationPlan) -> Any:
-    """QLoRA's recipe: NF4 weights, double-quantized constants, matmuls in the plan's dtype."""
+def bnb_config(plan: QuantizationPlan, *, shardable: bool = False) -> Any:
+    """QLoRA's recipe: NF4 weights, double-quantized constants, matmuls in the plan's dtype.
+
+    `shardable` stores the packed 4-bit weights in tensors of the compute dtype, so FSDP can flatten and shard them
+    together with the model's other weights (FSDP + QLoRA as accelerate and PEFT document it).
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -354,17 +358,18 @@ def bnb_config(plan: QuantizationPlan) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=plan.compute_dtype,
+        bnb_4bit_quant_storage=plan.compute_dtype if shardable else torch.uint8,
     )
 
 
-def load_model(source: str, plan: QuantizationPlan, *, device: str) -> Any:
+def load_model(source: str, plan: QuantizationPlan, *, device: str, shardable: bool = False) -> Any:
     """The base causal LM as the plan says; k-bit training preparation is left to the train stage."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa", "dtype": plan.compute_dtype,
                               "device_map": _device_map(device)}
     if plan.quantized:
-        kwargs["quantization_config"] = bnb_config(plan)
+        kwargs["quantization_config"] = bnb_config(plan, shardable=shardable)
     started = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,25 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 @dataclass
 class TokenCounts:
-    """Tokens that went through the model (padding excluded), counted where batches are built."""
+    """Tokens that went through the model (padding excluded).
+
+    Counted as batches enter the model (a forward pre-hook), not where they are collated: the Trainer collates
+    ahead of use, and batches collated after the last step would otherwise count.
+    """
 
     tokens: int = 0
     labelled: int = 0
     padded: int = 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        input_ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
+        if input_ids is None or labels is None or not module.training:
+            return
+        mask = kwargs.get("attention_mask")
+        real = int(mask.sum()) if mask is not None else input_ids.numel()
+        self.tokens += real
+        self.labelled += int((labels != IGNORE_INDEX).sum())
+        self.padded += input_ids.numel() - real
 
 
 @dataclass
@@ -70,7 +84,6 @@ class ResponseOnlyCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
-    counts: TokenCounts = field(default_factory=TokenCounts)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(feature["input_ids"]) for feature in features)
@@ -84,10 +97,6 @@ class ResponseOnlyCollator:
             input_ids[row, :length] = torch.tensor(feature["input_ids"], dtype=torch.long)
             labels[row, :length] = torch.tensor(feature["labels"], dtype=torch.long)
             attention_mask[row, :length] = 1
-        real = int(attention_mask.sum())
-        self.counts.tokens += real
-        self.counts.labelled += int((labels != IGNORE_INDEX).sum())
-        self.counts.padded += input_ids.numel() - real
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
@@ -100,8 +109,6 @@ class PackedCollator:
     with prompt tokens labelled IGNORE_INDEX, so no loss term predicts one row's first token from the previous row.
     """
 
-    counts: TokenCounts = field(default_factory=TokenCounts)
-
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         input_ids: list[int] = []
         labels: list[int] = []
@@ -112,8 +119,6 @@ class PackedCollator:
             input_ids += feature["input_ids"]
             labels += feature["labels"]
             position_ids += range(len(feature["input_ids"]))
-        self.counts.tokens += len(input_ids)
-        self.counts.labelled += sum(label != IGNORE_INDEX for label in labels)
         as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
         return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids)}
 
@@ -150,19 +155,98 @@ def validate_target_modules(model: torch.nn.Module, target_modules: Sequence[str
         )
 
 
-def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_checkpointing: bool) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def prepare_quantized_model(model: torch.nn.Module, *, gradient_checkpointing: bool, frozen_dtype: str) -> Any:
+    """Freeze the base and make its inputs carry gradients, as QLoRA needs.
+
+    frozen_dtype="fp32" is PEFT's `prepare_model_for_kbit_training`: it upcasts every frozen non-4-bit weight
+    (embeddings, norms, lm_head) to fp32, which makes the residual stream fp32 and doubles the checkpointed
+    activations. "compute" keeps them in the compute dtype (what Unsloth does): less memory, bf16 residuals.
+    """
+    if frozen_dtype == "fp32":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+class OffloadedCheckpoint(torch.autograd.Function):
+    """Activation checkpointing whose saved layer input waits in pinned host memory instead of on the GPU.
+
+    Forward runs the layer without keeping its graph and copies the layer's input to the host; backward copies it
+    back, recomputes the layer with the same RNG state and autocast settings (so LoRA dropout masks match), and
+    backpropagates through the recomputation. The GPU keeps no per-layer activation between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: Any, hidden_states: torch.Tensor, *args: Any) -> Any:
+        device = hidden_states.device
+        ctx.run, ctx.args, ctx.device = run, args, device
+        ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        host = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, device="cpu",
+                           pin_memory=device.type == "cuda")
+        host.copy_(hidden_states.detach(), non_blocking=True)
+        ctx.host = host
+        with torch.no_grad():
+            return run(hidden_states, *args)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> Any:
+        hidden_states = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
+        ctx.host = None
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.device_rng is not None:
+                torch.cuda.set_rng_state(ctx.device_rng, ctx.device)
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                outputs = ctx.run(hidden_states, *ctx.args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs)
+                 if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
+        torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+        return (None, hidden_states.grad, *([None] * len(ctx.args)))
+
+
+def offloaded_checkpoint(run: Any, hidden_states: torch.Tensor, *args: Any) -> Any:
+    return OffloadedCheckpoint.apply(run, hidden_states, *args)
+
+
+def enable_checkpoint_offload(model: torch.nn.Module) -> int:
+    """Swap the checkpoint function of every checkpointed decoder layer for the host-offloading one."""
+    layers = 0
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+            if type(module).__name__.endswith(("DecoderLayer", "Block")):
+                module._gradient_checkpointing_func = offloaded_checkpoint
+                layers += 1
+    if layers == 0:
+        raise PipelineError("train.checkpoint_offload=true found no checkpointed decoder layer in this model.")
+    return layers
+
+
+def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_checkpointing: bool,
+                frozen_dtype: str = "compute", checkpoint_offload: bool = False) -> Any:
+    from peft import LoraConfig, get_peft_model
 
     validate_target_modules(model, lora.target_modules)
     if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model = prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing,
+                                        frozen_dtype=frozen_dtype)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if checkpoint_offload:
+        log.info("checkpoint offload: %d decoder layers keep their checkpoints in host memory",
+                 enable_checkpoint_offload(model))
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -174,6 +258,64 @@ def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """Where this process sits in a distributed run (torchrun / `accelerate launch` set these variables)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process_group() -> ProcessGroup:
+    return ProcessGroup(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                        world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def accelerate_command(train: Any, script: str, device: str) -> list[str] | None:
+    """The `accelerate launch` command that reruns `script` on train.num_processes processes.
+
+    None when no launch is needed: train.distributed is none, or this process was already started by a launcher.
+    The DVC stage's command stays `python stages/train.py`; the stage re-executes itself under accelerate.
+    """
+    if train.distributed == "none" or "LOCAL_RANK" in os.environ:
+        return None
+    if train.distributed == "fsdp" and device != "cuda":
+        raise PipelineError("train.distributed=fsdp needs CUDA GPUs; use ddp (gloo) on CPU, or none.")
+    if device == "cuda" and torch.cuda.device_count() < train.num_processes:
+        raise PipelineError(f"train.num_processes={train.num_processes} but this machine has "
+                            f"{torch.cuda.device_count()} GPU(s); lower it or use a machine with more GPUs.")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+               "--num_processes", str(train.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if train.distributed == "fsdp":
+        # FSDP + QLoRA as accelerate and PEFT document it: the 4-bit weights are stored as bf16-typed tensors so
+        # FSDP can flatten and shard them with the rest (see models.bnb_config's quant_storage).
+        command += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
+                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
+                    "--fsdp_cpu_ram_efficient_loading", "true", "--fsdp_sync_module_states", "true",
+                    "--fsdp_use_orig_params", "false", "--fsdp_offload_params", "false"]
+    else:
+        command += ["--multi_gpu"]  # torchrun under the hood: gloo on CPU, NCCL on GPUs
+    return command + [script]
+
+
+def all_reduce_counts(counts: "TokenCounts", device: str) -> "TokenCounts":
+    """Tokens seen by all processes together (each process counts only its own micro-batches)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return counts
+    backend_device = device if torch.distributed.get_backend() == "nccl" else "cpu"
+    if backend_device == "cuda":
+        backend_device = f"cuda:{torch.cuda.current_device()}"
+    totals = torch.tensor([counts.tokens, counts.labelled, counts.padded], dtype=torch.long, device=backend_device)
+    torch.distributed.all_reduce(totals)
+    tokens, labelled, padded = (int(value) for value in totals.tolist())
+    return TokenCounts(tokens=tokens, labelled=labelled, padded=padded)
 
 
 def trainer_precision(precision: str, device: str) -> dict[str, bool]:
@@ -257,7 +399,7 @@ class LossLogger(TrainerCallback):
 
     def __init__(self, directory: Path | None):
         self.live = None
-        if directory is not None:
+        if directory is not None and process_group().is_main:
             from dvclive import Live
 
             self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
@@ -307,8 +449,12 @@ class TrainingJob:
 
 def build_training_arguments(job: TrainingJob) -> TrainingArguments:
     train = job.train
-    total_steps = optimizer_steps(len(job.dataset), train)
+    total_steps = optimizer_steps(len(job.dataset), train, world_size=process_group().world_size)
     report_to = ["wandb"] if train.wandb else []
+    distributed: dict[str, Any] = {}
+    if process_group().world_size > 1:
+        # Every LoRA weight gets a gradient each step; searching for unused ones would cost a graph walk.
+        distributed = {"ddp_find_unused_parameters": False, "ddp_backend": "nccl" if job.device == "cuda" else "gloo"}
     return TrainingArguments(
         output_dir=str(job.run_dir),
         per_device_train_batch_size=train.micro_batch_size,
@@ -334,6 +480,7 @@ def build_training_arguments(job: TrainingJob) -> TrainingArguments:
         dataloader_num_workers=0,
         disable_tqdm=False,
         optim="adamw_torch",
+        **distributed,
         **trainer_precision(train.precision, job.device),
     )
 
@@ -342,7 +489,9 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
     """Train, resuming from the run's last checkpoint if asked and one exists; returns the run's measurements."""
     collator = make_collator(job.train.packing, job.tokenizer.pad_token_id)
     job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
-    progress = ThroughputProgress(collator.counts)
+    local_counts = TokenCounts()
+    counting = job.model.register_forward_pre_hook(local_counts, with_kwargs=True)
+    progress = ThroughputProgress(local_counts)
     losses = LossLogger(job.log_dir if job.train.dvclive else None)
     if job.train.wandb:
         os.environ.update(wandb_environment(job.train.wandb_project))
@@ -365,7 +514,9 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         losses.close()
+        counting.remove()
     runtime = time.perf_counter() - started
+    counts = all_reduce_counts(local_counts, job.device)
     trainable, total = job.model.get_nb_trainable_parameters()
     last_losses = [loss for _, loss in losses.loss_history[-3:]]
     return {
@@ -376,11 +527,12 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "epochs": round(float(trainer.state.epoch or 0), 4),
         "runtime_s": round(runtime, 2),
-        "tokens": collator.counts.tokens,
-        "labelled_tokens": collator.counts.labelled,
-        "tokens_per_s": round(collator.counts.tokens / runtime, 2),
-        "labelled_tokens_per_s": round(collator.counts.labelled / runtime, 2),
-        "padding_fraction": round(collator.counts.padded / max(1, collator.counts.padded + collator.counts.tokens), 4),
+        "tokens": counts.tokens,
+        "labelled_tokens": counts.labelled,
+        "tokens_per_s": round(counts.tokens / runtime, 2),
+        "labelled_tokens_per_s": round(counts.labelled / runtime, 2),
+        "padding_fraction": round(counts.padded / max(1, counts.padded + counts.tokens), 4),
+        "processes": process_group().world_size,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "trainable_percent": round(100 * trainable / total, 4),

@@ -3,10 +3,14 @@
 Outs: models/adapter/ (adapter weights and config, tokenizer, model card), metrics/train.json and the
 DVCLive curves under metrics/train_log/. Checkpoints go to models/checkpoints/<run fingerprint>/ (not a DVC
 out): an interrupted run resumes from its last checkpoint on the next `dvc repro`.
+
+With train.distributed = ddp | fsdp the stage re-executes itself under `accelerate launch` on
+train.num_processes processes (the DVC command stays `python stages/train.py`); only process 0 writes outs.
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +23,8 @@ from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization, r
 from alpaca_qlora.stage import run_stage
 from alpaca_qlora.training import (
     TokenizedDataset,
+    accelerate_command,
+    process_group,
     TrainingJob,
     apply_liger_kernels,
     attach_lora,
@@ -48,27 +54,38 @@ def main() -> None:
         "train": params_as_dict(params.train, dataclass_fields(TrainParams)),
     }
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    command = accelerate_command(params.train, __file__, device)
+    if command is not None:
+        log.info("train.distributed=%s: %s", params.train.distributed, " ".join(command))
+        os.execv(command[0], command)
+    ranks = process_group()
+    if device == "cuda":
+        torch.cuda.set_device(ranks.local_rank)
     plan = plan_quantization(params.model.quantization, device)
     log.info("device %s; %s (%s)", device, "4-bit NF4" if plan.quantized else "not quantized", plan.reason)
 
     source = resolve_model_source(params.model.name)
     tokenizer = load_tokenizer(source)
     set_seed(params.train.seed)  # LoRA initialisation and data order
-    model = load_model(source, plan, device=device)
+    model = load_model(source, plan, device=device, shardable=params.train.distributed == "fsdp")
     if params.train.liger_kernels:
         apply_liger_kernels(model, device)
     model = attach_lora(model, params.lora, quantized=plan.quantized,
-                        gradient_checkpointing=params.train.gradient_checkpointing)
+                        gradient_checkpointing=params.train.gradient_checkpointing,
+                        frozen_dtype=params.train.frozen_dtype, checkpoint_offload=params.train.checkpoint_offload)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
     data_sha256 = io.sha256_file(TRAIN_IN)
     dataset = TokenizedDataset(io.read_jsonl(TRAIN_IN))
     run_dir = CHECKPOINTS / run_fingerprint(recorded, data_sha256)
-    remove_stale_runs(CHECKPOINTS, keep=run_dir)
+    if ranks.is_main:
+        remove_stale_runs(CHECKPOINTS, keep=run_dir)
     job = TrainingJob(model=model, tokenizer=tokenizer, dataset=dataset, train=params.train, plan=plan,
                       device=device, run_dir=run_dir, log_dir=LOG_DIR)
     metrics = run_training(job, resume=params.train.resume == "auto")
+    if not ranks.is_main:
+        return
 
     card = render_model_card(
         base_model=params.model.name,

@@ -15,7 +15,9 @@ from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.training import (
+    OffloadedCheckpoint,
     PackedCollator,
+    prepare_quantized_model,
     ResponseOnlyCollator,
     apply_liger_kernels,
     TokenizedDataset,
@@ -54,7 +56,8 @@ def make_job(model_dir: Path, rows, tmp_path: Path, *, quantization: str = "none
     tokenizer = load_tokenizer(str(model_dir))
     set_seed(train.seed)
     model = attach_lora(load_model(str(model_dir), plan, device="cpu"), lora, quantized=plan.quantized,
-                        gradient_checkpointing=train.gradient_checkpointing)
+                        gradient_checkpointing=train.gradient_checkpointing, frozen_dtype=train.frozen_dtype,
+                        checkpoint_offload=train.checkpoint_offload)
     return TrainingJob(model=model, tokenizer=tokenizer, dataset=TokenizedDataset(rows), train=train, plan=plan,
                        device="cpu", run_dir=tmp_path / "run", log_dir=tmp_path / "log",
                        extra_callbacks=tuple(callbacks))
@@ -215,3 +218,38 @@ def test_an_adapter_names_its_base_model_and_a_mismatch_is_refused(tiny_mistral_
     assert config["base_model_name_or_path"] == "org/other-model"
     with pytest.raises(PipelineError, match="trained on base model 'org/other-model'"):
         load_for_inference(str(tiny_mistral_dir), "none", adapter_dir=tmp_path / "adapter", device="cpu")
+
+
+def test_checkpointing_with_host_offload_gives_the_same_gradient(tiny_mistral_dir, tokenized, tmp_path):
+    # LoRA dropout is on: the recomputation must replay the forward's dropout masks exactly.
+    lora = LoraParams(r=8, alpha=16, dropout=0.2)
+    gradients = []
+    for checkpointing, offload in ((False, False), (True, False), (True, True)):
+        capture = GradientsAtStep()
+        job = make_job(tiny_mistral_dir, tokenized, tmp_path / f"{checkpointing}{offload}", max_steps=1,
+                       micro_batch_size=4, gradient_checkpointing=checkpointing, checkpoint_offload=offload,
+                       max_grad_norm=0.0, lora=lora, callbacks=[capture])
+        calls = []
+        original = OffloadedCheckpoint.forward
+        OffloadedCheckpoint.forward = staticmethod(lambda *a: calls.append(1) or original(*a))
+        try:
+            run_training(job, resume=False)
+        finally:
+            OffloadedCheckpoint.forward = staticmethod(original)
+        assert bool(calls) == offload
+        gradients.append(capture.gradients)
+    assert gradients[0]
+    for other in gradients[1:]:
+        for name, gradient in gradients[0].items():
+            torch.testing.assert_close(other[name], gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_weights_keep_the_compute_dtype_unless_fp32_is_asked(tiny_mistral_dir):
+    from transformers import AutoModelForCausalLM
+
+    for frozen_dtype, expected in (("compute", torch.bfloat16), ("fp32", torch.float32)):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_mistral_dir), dtype=torch.bfloat16)
+        model = prepare_quantized_model(model, gradient_checkpointing=False, frozen_dtype=frozen_dtype)
+        assert model.get_input_embeddings().weight.dtype == expected
+        assert model.lm_head.weight.dtype == expected
+        assert not any(p.requires_grad for p in model.parameters())
