@@ -68,8 +68,13 @@ class TokenCounts:
         input_ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
         if input_ids is None or labels is None or not module.training:
             return
-        mask = kwargs.get("attention_mask")
-        real = int(mask.sum()) if mask is not None else input_ids.numel()
+        mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if mask is not None:
+            real = int(mask.sum())
+        elif position_ids is not None:
+            real = input_ids.numel() - packed_padding(labels, position_ids)
+        else:
+            real = input_ids.numel()
         self.tokens += real
         self.labelled += int((labels != IGNORE_INDEX).sum())
         self.padded += input_ids.numel() - real
@@ -102,29 +107,70 @@ class ResponseOnlyCollator:
 
 @dataclass
 class PackedCollator:
-    """Padding-free micro-batches: rows concatenated into one sequence, positions restarting at 0 for each row.
+    """Padding-free micro-batches: rows packed into bins of at most `bin_tokens`, positions restarting at 0 per row.
 
     With no attention mask, transformers reads the position resets as row boundaries and masks attention
     block-diagonally, so no row attends to another (tests compare packed and unpacked logits). Every row starts
     with prompt tokens labelled IGNORE_INDEX, so no loss term predicts one row's first token from the previous row.
+    Bins of max_seq_length tokens keep attention cost per bin, not per micro-batch: one long packed row would make
+    the attention kernel work on (all tokens)^2 under a materialized mask; a bin that holds one row needs no mask at
+    all. Bins shorter than the longest get a tail of padding, a segment of its own with no labelled token.
     """
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        position_ids: list[int] = []
+    bin_tokens: int | None = None
+    pad_token_id: int = 0
+
+    def bins(self, features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        bins: list[list[dict[str, Any]]] = []
+        used = 0
         for feature in features:
-            if feature["labels"][0] != IGNORE_INDEX:
-                raise PipelineError("packing needs rows whose first token is not labelled (a prompt token).")
-            input_ids += feature["input_ids"]
-            labels += feature["labels"]
-            position_ids += range(len(feature["input_ids"]))
-        as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
-        return {"input_ids": as_row(input_ids), "labels": as_row(labels), "position_ids": as_row(position_ids)}
+            length = len(feature["input_ids"])
+            if not bins or (self.bin_tokens is not None and used + length > self.bin_tokens):
+                bins.append([])
+                used = 0
+            bins[-1].append(feature)
+            used += length
+        return bins
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        packed: list[tuple[list[int], list[int], list[int]]] = []
+        for group in self.bins(features):
+            input_ids: list[int] = []
+            labels: list[int] = []
+            position_ids: list[int] = []
+            for feature in group:
+                if feature["labels"][0] != IGNORE_INDEX:
+                    raise PipelineError("packing needs rows whose first token is not labelled (a prompt token).")
+                input_ids += feature["input_ids"]
+                labels += feature["labels"]
+                position_ids += range(len(feature["input_ids"]))
+            packed.append((input_ids, labels, position_ids))
+        width = max(len(ids) for ids, _, _ in packed)
+        batch = {name: torch.empty((len(packed), width), dtype=torch.long)
+                 for name in ("input_ids", "labels", "position_ids")}
+        for row, (input_ids, labels, position_ids) in enumerate(packed):
+            pad = width - len(input_ids)
+            batch["input_ids"][row] = torch.tensor(input_ids + [self.pad_token_id] * pad)
+            batch["labels"][row] = torch.tensor(labels + [IGNORE_INDEX] * pad)
+            batch["position_ids"][row] = torch.tensor(position_ids + list(range(pad)))
+        return batch
 
 
-def make_collator(packing: bool, pad_token_id: int) -> ResponseOnlyCollator | PackedCollator:
-    return PackedCollator() if packing else ResponseOnlyCollator(pad_token_id=pad_token_id)
+def packed_padding(labels: torch.Tensor, position_ids: torch.Tensor) -> int:
+    """Padding tokens of a packed batch: each bin's last segment if it has no labelled token (real rows all do)."""
+    padding = 0
+    for bin_labels, bin_positions in zip(labels, position_ids):
+        starts = (bin_positions == 0).nonzero().flatten()
+        tail = int(starts[-1]) if len(starts) else 0
+        if tail > 0 and bool((bin_labels[tail:] == IGNORE_INDEX).all()):
+            padding += len(bin_labels) - tail
+    return padding
+
+
+def make_collator(packing: bool, pad_token_id: int, max_seq_length: int) -> ResponseOnlyCollator | PackedCollator:
+    if packing:
+        return PackedCollator(bin_tokens=max_seq_length, pad_token_id=pad_token_id)
+    return ResponseOnlyCollator(pad_token_id=pad_token_id)
 
 
 def apply_liger_kernels(model: torch.nn.Module, device: str) -> None:
@@ -487,7 +533,7 @@ def build_training_arguments(job: TrainingJob) -> TrainingArguments:
 
 def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
     """Train, resuming from the run's last checkpoint if asked and one exists; returns the run's measurements."""
-    collator = make_collator(job.train.packing, job.tokenizer.pad_token_id)
+    collator = make_collator(job.train.packing, job.tokenizer.pad_token_id, job.train.max_seq_length)
     job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
     local_counts = TokenCounts()
     counting = job.model.register_forward_pre_hook(local_counts, with_kwargs=True)

@@ -12,13 +12,21 @@ Workloads:
 Variants:
 - baseline: NF4 double-quant, LoRA r=16 on the seven projections, gradient checkpointing, sdpa, AdamW, bf16
             autocast, padded batches;
+- liger:    the train stage's code path with Liger kernels only (padded batches, PEFT's fp32 upcast);
 - project:  the train stage's code path (alpaca_qlora.models.load_model, training.apply_liger_kernels,
-            training.attach_lora, its collators) with its GPU defaults: Liger kernels and packing.
+            training.attach_lora, its collators) with its GPU defaults: Liger kernels, packing, frozen weights kept
+            in bf16 (train.frozen_dtype=compute), gradient checkpointing;
+- unpacked: project without packing (padded micro-batches);
+- offload:  project + checkpoints offloaded to pinned host memory (train.checkpoint_offload);
+- nockpt:   project without gradient checkpointing (more memory, no recomputation).
+Then a memory table with the project's defaults: peak memory per micro-batch of k x 2048 tokens, and the largest k
+under 11 GiB (a 12 GB card such as the RTX 3060).
 Prints a table last and writes JSON with `train_speedup`, `train_peak_memory_ratio`, `useful_tokens_speedup`.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -94,15 +102,45 @@ def baseline_model(model_dir: str, gradient_checkpointing: bool = True) -> Any:
     return get_peft_model(model, config)
 
 
-def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool) -> Any:
+def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, frozen_dtype: str = "compute",
+                  checkpoint_offload: bool = False) -> Any:
     """The train stage's code path (stages/train.py) with its GPU settings."""
     plan = plan_quantization("nf4", "cuda")
     model = load_model(model_dir, plan, device="cuda")
     if liger:
         apply_liger_kernels(model, "cuda")
-    model = attach_lora(model, LoraParams(), quantized=True, gradient_checkpointing=gradient_checkpointing)
+    model = attach_lora(model, LoraParams(), quantized=True, gradient_checkpointing=gradient_checkpointing,
+                        frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
     model.config.use_cache = False
     return model
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # name: (project_model settings, packing)
+    "liger": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "fp32", "packing": False},
+    "packing": {"liger": False, "gradient_checkpointing": True, "frozen_dtype": "fp32", "packing": True},
+    "project": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "compute", "packing": True},
+    "unpacked": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "compute", "packing": False},
+    "offload": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "compute", "packing": True,
+                "checkpoint_offload": True},
+    "nockpt": {"liger": True, "gradient_checkpointing": False, "frozen_dtype": "compute", "packing": True},
+}
+
+
+def release_memory() -> float:
+    """Free the previous variant for real (PEFT models hold reference cycles) and say what is still allocated."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return round(torch.cuda.memory_allocated() / 2**30, 3)
+
+
+def build_variant(model_dir: str, variant: str) -> tuple[Any, bool]:
+    log.info("variant %s: %.3f GiB allocated before loading", variant, release_memory())
+    if variant == "baseline":
+        return baseline_model(model_dir), False
+    settings = dict(VARIANTS[variant])
+    packing = settings.pop("packing")
+    return project_model(model_dir, **settings), packing
 
 
 def measure(model: Any, batches: list[dict[str, torch.Tensor]], *, variant: str, workload: str, warmup: int,
@@ -138,7 +176,7 @@ def measure(model: Any, batches: list[dict[str, torch.Tensor]], *, variant: str,
 
 
 def collate(rows_per_batch: list[list[dict[str, list[int]]]], packing: bool) -> tuple[list[dict], list[int]]:
-    collator = PackedCollator() if packing else ResponseOnlyCollator(pad_token_id=0)
+    collator = PackedCollator(bin_tokens=2048) if packing else ResponseOnlyCollator(pad_token_id=0)
     batches, useful = [], []
     for rows in rows_per_batch:
         batches.append(collator(rows))
@@ -156,14 +194,16 @@ def run(model_dir: str, steps: int, warmup: int, variants: list[str]) -> list[Me
     results: list[Measurement] = []
     for variant in variants:  # baseline first: Liger patches some functions module-wide
         log.info("variant %s: loading", variant)
-        if variant == "baseline":
-            model = baseline_model(model_dir)
-        else:
-            model = project_model(model_dir, liger=variant in ("project", "liger"), gradient_checkpointing=True)
-        packing = variant in ("project", "packing")
-        batches, useful = collate(dense, packing)
-        results.append(measure(model, batches, variant=variant, workload="dense_4x2048", warmup=warmup,
-                               useful_tokens=useful))
+        try:
+            model, packing = build_variant(model_dir, variant)
+            batches, useful = collate(dense, packing)
+            results.append(measure(model, batches, variant=variant, workload="dense_4x2048", warmup=warmup,
+                                   useful_tokens=useful))
+        except torch.OutOfMemoryError as error:
+            log.warning("variant %s: out of memory (%s)", variant, str(error).splitlines()[0])
+            model = batches = None
+            release_memory()
+            continue
         log.info("%s", results[-1])
         alpaca_micro = chunk(rows, 32 if packing else 8)[: steps + warmup]
         batches, useful = collate(alpaca_micro, packing)
@@ -172,8 +212,34 @@ def run(model_dir: str, steps: int, warmup: int, variants: list[str]) -> list[Me
                                warmup=warmup, useful_tokens=useful))
         log.info("%s", results[-1])
         del model, batches
-        torch.cuda.empty_cache()
+        release_memory()
     return results
+
+
+def memory_table(model_dir: str, rows: list[int], limit_gib: float) -> dict[str, Any]:
+    """Peak memory of the project's defaults per micro-batch of k x 2048 tokens, and the largest k under the limit."""
+    model, packing = build_variant(model_dir, "project")
+    table: list[dict[str, Any]] = []
+    for count in rows:
+        batches, useful = collate(dense_batches(2, rows=count, length=2048, seed=count), packing)
+        try:
+            m = measure(model, batches, variant="project", workload=f"dense_{count}x2048", warmup=1,
+                        useful_tokens=useful)
+        except torch.OutOfMemoryError:
+            release_memory()
+            table.append({"rows": count, "tokens": count * 2048, "peak_memory_gib": None, "tokens_per_s": None})
+            break
+        table.append({"rows": count, "tokens": count * 2048, "peak_memory_gib": m.peak_memory_gib,
+                      "tokens_per_s": m.tokens_per_s})
+        log.info("memory: %d x 2048 -> %.2f GiB", count, m.peak_memory_gib)
+        if m.peak_memory_gib > limit_gib:
+            break
+    del model
+    release_memory()
+    fitting = [entry["rows"] for entry in table if entry["peak_memory_gib"] is not None
+               and entry["peak_memory_gib"] <= limit_gib]
+    return {"limit_gib": limit_gib, "largest_micro_batch_x2048_under_limit": max(fitting) if fitting else 0,
+            "by_micro_batch": table}
 
 
 def ratios(results: list[Measurement], variant: str) -> dict[str, Any]:
@@ -199,13 +265,24 @@ def summarize(results: list[Measurement]) -> dict[str, Any]:
     return summary
 
 
+def memory_lines(memory: dict[str, Any]) -> list[str]:
+    lines = [f"memory with the project's defaults (limit {memory['limit_gib']} GiB):"]
+    for entry in memory["by_micro_batch"]:
+        peak = "OOM" if entry["peak_memory_gib"] is None else f"{entry['peak_memory_gib']:.2f} GiB"
+        lines.append(f"  {entry['rows']} x 2048: {peak}")
+    lines.append(f"  largest micro-batch x 2048 under the limit: {memory['largest_micro_batch_x2048_under_limit']}")
+    return lines
+
+
 def table(results: list[Measurement], summary: dict[str, Any]) -> str:
     lines = [f"{'variant':<10} {'workload':<22} {'step s':>8} {'tok/s':>9} {'useful tok/s':>13} {'peak GiB':>9}"]
     for m in results:
         lines.append(f"{m.variant:<10} {m.workload:<22} {m.step_time_s:>8.3f} {m.tokens_per_s:>9.0f} "
                      f"{m.useful_tokens_per_s:>13.0f} {m.peak_memory_gib:>9.2f}")
-    lines += [f"{key}: {value}" for key, value in summary.items() if key != "by_variant"]
+    lines += [f"{key}: {value}" for key, value in summary.items() if key not in ("by_variant", "memory")]
     lines += [f"{variant}: {values}" for variant, values in summary.get("by_variant", {}).items()]
+    if "memory" in summary:
+        lines += memory_lines(summary["memory"])
     return "\n".join(lines)
 
 
@@ -215,12 +292,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", default="baseline,liger,project",
-                        help="baseline first; liger = Liger kernels, packing = packing, project = both")
+    parser.add_argument("--variants", default="baseline,project,unpacked,offload,nockpt",
+                        help=f"baseline first, then any of: {', '.join(VARIANTS)}")
+    parser.add_argument("--memory-rows", default="1,2,3,4,6,8",
+                        help="micro-batch sizes (x 2048 tokens) for the memory table; empty to skip")
+    parser.add_argument("--memory-limit-gib", type=float, default=11.0)
     arguments = parser.parse_args()
     configure_logging()
     results = run(arguments.model_dir, arguments.steps, arguments.warmup, arguments.variants.split(","))
     summary = summarize(results)
+    if arguments.memory_rows:
+        summary["memory"] = memory_table(arguments.model_dir, [int(k) for k in arguments.memory_rows.split(",")],
+                                         arguments.memory_limit_gib)
     payload = {
         "command": " ".join(sys.argv),
         "device": torch.cuda.get_device_name(0),

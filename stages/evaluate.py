@@ -13,7 +13,8 @@ from pathlib import Path
 
 from alpaca_qlora import io
 from alpaca_qlora.config import stage_params
-from alpaca_qlora.generation import generate
+from alpaca_qlora.generation import (dequantize_for_generation, describe_weights, generate, merge_lora_for_generation,
+                                     resolve_generation_method)
 from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.metrics import aggregate, clean_generation, is_short_answer, score_row
 from alpaca_qlora.prompts import get_template
@@ -33,10 +34,19 @@ def evaluate(which: str) -> None:
     started = time.perf_counter()
     loaded = load_for_inference(params.model.name, params.model.quantization,
                                 adapter_dir=ADAPTER if which == "finetuned" else None)
+    method = resolve_generation_method(params.eval.generation, loaded.device, loaded.model)
+    merge = params.eval.merge_bf16
+    # The 4-bit base is dequantized once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for
+    # the fast/static loops on CUDA, and always before merging LoRA (which changes precision: explicit only).
+    dequantized = loaded.plan.quantized and (merge or (method != "plain" and loaded.device.startswith("cuda")))
+    if dequantized:
+        dequantize_for_generation(loaded.model)
+    merged = merge and merge_lora_for_generation(loaded.model) > 0  # the base model has no adapter to merge
+    weights = describe_weights(loaded.model, quantized=loaded.plan.quantized, dequantized=dequantized, merged=merged)
     generations, stats = generate(
         loaded.model, loaded.tokenizer, [row["prompt"] for row in rows],
         max_new_tokens=params.eval.max_new_tokens, batch_size=params.eval.batch_size,
-        stop_markers=template.stop_markers,
+        stop_markers=template.stop_markers, method=method,
     )
     predictions = []
     for row, generation in zip(rows, generations, strict=True):
@@ -62,6 +72,8 @@ def evaluate(which: str) -> None:
         "device": loaded.device,
         "max_new_tokens": params.eval.max_new_tokens,
         "batch_size": params.eval.batch_size,
+        "generation_requested": params.eval.generation,
+        "weights": weights,
         "runtime_s": round(time.perf_counter() - started, 2),
         **stats,
     }

@@ -184,16 +184,38 @@ def test_packed_rows_never_attend_across_row_boundaries(tiny_mistral_dir, tokeni
     assert packed["position_ids"][0, len(tokenized[0]["input_ids"])] == 0
 
 
-def test_packed_and_padded_batches_give_the_same_gradient(tiny_mistral_dir, tokenized, tmp_path):
-    gradients = []
+@pytest.mark.parametrize("max_seq_length", [2048, 100])  # all rows in one bin; bins of <= 100 tokens
+def test_packed_and_padded_batches_give_the_same_gradient(tiny_mistral_dir, tokenized, tmp_path, max_seq_length):
+    gradients, metrics = [], []
     for packing in (False, True):
         capture = GradientsAtStep()
         job = make_job(tiny_mistral_dir, tokenized, tmp_path / str(packing), max_steps=1, micro_batch_size=4,
-                       packing=packing, max_grad_norm=0.0, callbacks=[capture])
-        run_training(job, resume=False)
+                       packing=packing, max_grad_norm=0.0, callbacks=[capture], max_seq_length=max_seq_length)
+        metrics.append(run_training(job, resume=False))
         gradients.append(capture.gradients)
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-6)
+    # Padding never counts as a token seen: both layouts report the rows' own tokens.
+    assert metrics[0]["tokens"] == metrics[1]["tokens"] == sum(len(row["input_ids"]) for row in tokenized)
+
+
+def test_packing_into_bins_keeps_rows_apart_and_pads_only_the_tail(tiny_mistral_dir, tokenized):
+    model = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu").eval()
+    lengths = [len(row["input_ids"]) for row in tokenized]
+    collator = PackedCollator(bin_tokens=max(lengths) + 1, pad_token_id=0)
+    groups = collator.bins(tokenized)
+    assert len(groups) > 1 and all(sum(len(r["input_ids"]) for r in g) <= max(lengths) + 1 for g in groups)
+    batch = collator(tokenized)
+    assert batch["input_ids"].shape[0] == len(groups)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for index, group in enumerate(groups):
+            start = 0
+            for row in group:
+                alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+                torch.testing.assert_close(logits[index, start : start + len(alone)], alone, rtol=1e-4, atol=1e-4)
+                start += len(alone)
+            assert (batch["labels"][index, start:] == IGNORE_INDEX).all()
 
 
 def test_liger_kernels_are_refused_without_cuda(tiny_mistral_dir):

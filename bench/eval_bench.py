@@ -1,0 +1,225 @@
+"""Evaluation generation throughput: plain `generate()` against the project's fast path, in one run on the same
+4-bit model, adapter and prompts.
+
+    python bench/make_random_mistral.py /tmp/mistral-7b-random
+    python bench/eval_bench.py /tmp/mistral-7b-random --out bench/results/eval_h100.json \
+        [--batch-size 128 --max-new-tokens 128 --prompts 256 --variants plain,fast,static_compiled,merged_bf16]
+
+The model loads in NF4 (alpaca_qlora.models.load_model, plan_quantization("nf4", device)) with a freshly
+initialised, non-zero LoRA adapter on the seven projections (project LoraParams), as the fine-tuned evaluation
+runs; prompts are Alpaca-formatted instructions of Alpaca length, tokenized by the model's tokenizer, greedy with
+the evaluation's stop rules. Variants, in this order on the same model object:
+- plain:           generation.generate(method="plain"): model.generate(), 4-bit bnb layers (the baseline);
+- fast:            the base dequantized once (dequantize_for_generation, same weights) + own greedy loop dropping
+                   finished rows (method="fast"): the evaluate stage's CUDA default;
+- static_compiled: the same weights, model.generate() with a static cache (transformers compiles it on CUDA);
+- merged_bf16:     LoRA merged into the dequantized weights (explicit option: changes precision).
+Each reports new tokens/s, wall time, peak GPU memory and how many rows differ from plain (for merged_bf16 that
+is the precision change's effect, not a bug). A random-init model never emits EOS, so every row runs to
+max_new_tokens and dropping finished rows saves nothing here (recorded in the JSON). Prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alpaca_qlora.config import LoraParams
+from alpaca_qlora.generation import dequantize_for_generation, generate, merge_lora_for_generation
+from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.prompts import get_template
+from alpaca_qlora.stage import configure_logging
+
+log = logging.getLogger("eval_bench")
+VARIANTS = ("plain", "fast", "static_compiled", "merged_bf16")
+METHOD = {"plain": "plain", "fast": "fast", "static_compiled": "static", "merged_bf16": "fast"}
+
+INSTRUCTIONS = [
+    ("What is the capital of France?", ""),
+    ("Give three tips for staying healthy.", ""),
+    ("Classify the sentiment of the following review as positive or negative.",
+     "The battery lasts all day and the screen is gorgeous, but the speakers are a little quiet."),
+    ("Summarize the paragraph in one sentence.",
+     "The Industrial Revolution began in Great Britain in the late 18th century and spread to Europe and North "
+     "America. It marked a shift from hand production to machines, new chemical manufacturing and iron "
+     "production processes, the increasing use of steam power and the rise of the factory system."),
+    ("Translate the following sentence into Spanish.", "The weather is beautiful today, let's go for a walk."),
+    ("Write a short poem about the ocean at night.", ""),
+    ("Explain the difference between a virus and a bacterium.", ""),
+    ("Name the chemical symbol of sodium.", ""),
+    ("Rewrite the sentence in the passive voice.", "The committee approved the new budget on Monday."),
+    ("Generate a list of five creative names for a coffee shop.", ""),
+    ("Which country has the larger population?", "Canada or Australia"),
+    ("Describe how a refrigerator keeps food cold.", ""),
+    ("Find the error in the following code and fix it.", "def add(a, b):\n    return a - b"),
+    ("What is the boiling point of water at sea level in Celsius?", ""),
+    ("Write a polite email declining a meeting invitation.", ""),
+    ("Identify the main character in the story.",
+     "Maria woke before dawn, laced her boots and climbed the ridge to watch the sun rise over the valley."),
+]
+
+
+def build_prompts(count: int) -> list[str]:
+    template = get_template("alpaca")
+    return [template.render(*INSTRUCTIONS[index % len(INSTRUCTIONS)]) for index in range(count)]
+
+
+def build_model(model_dir: str, device: str) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    plan = plan_quantization("nf4", device)
+    model = load_model(model_dir, plan, device=device)
+    if device == "cpu":  # keep bnb on the dequantize + F.linear path CUDA takes for batches (see tests)
+        import bitsandbytes
+
+        for module in model.modules():
+            if isinstance(module, bitsandbytes.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    lora = LoraParams()
+    torch.manual_seed(0)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a trained adapter is non-zero: perturb B (zero at init) the same way every run
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                noise = torch.randn(parameter.shape, generator=generator) * 0.01
+                parameter.copy_(noise.to(parameter.device, parameter.dtype))
+    model.eval()
+    return model, plan
+
+
+def peak_gib(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None
+
+
+def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, batch_size: int, max_new_tokens: int,
+            device: str, warmup: bool) -> dict[str, Any]:
+    markers = get_template("alpaca").stop_markers
+    method = METHOD[variant]
+    if warmup:  # compile / cuDNN / allocator warm-up on one batch, a few tokens
+        generate(model, tokenizer, prompts[:batch_size], max_new_tokens=4, batch_size=batch_size,
+                 stop_markers=markers, progress=False, method=method)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    generations, stats = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  stop_markers=markers, progress=False, method=method)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    return {"variant": variant, "method": method, "wall_s": round(wall, 2), "new_tokens": stats["new_tokens"],
+            "new_tokens_per_s": round(stats["new_tokens"] / wall, 1), "peak_memory_gib": peak_gib(device),
+            "stopped_by_eos": sum(g.stopped_by_eos for g in generations),
+            "generations": [(g.raw, g.new_tokens, g.stopped_by_eos) for g in generations]}
+
+
+def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, max_new_tokens: int, device: str,
+        warmup: bool) -> list[dict[str, Any]]:
+    tokenizer = load_tokenizer(model_dir, padding_side="left")
+    texts = build_prompts(prompts)
+    results: list[dict[str, Any]] = []
+    model, _ = build_model(model_dir, device)
+    dequantized = merged = False
+    for variant in variants:
+        log.info("variant %s", variant)
+        try:
+            if variant in ("fast", "static_compiled", "merged_bf16") and not dequantized:
+                started = time.perf_counter()
+                dequantize_for_generation(model)
+                dequantized = True
+                log.info("dequantized in %.1f s", time.perf_counter() - started)
+            if variant == "merged_bf16" and not merged:
+                merge_lora_for_generation(model)
+                merged = True
+            elif merged:
+                raise RuntimeError(f"{variant} must run before merged_bf16 (the merge is in place)")
+            results.append(measure(model, tokenizer, texts, variant=variant, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, device=device, warmup=warmup))
+            log.info("%s: %s new tokens/s", variant, results[-1]["new_tokens_per_s"])
+        except Exception as error:  # record and go on: one broken variant must not lose the others
+            log.exception("variant %s failed", variant)
+            results.append({"variant": variant, "error": f"{type(error).__name__}: {error}",
+                            "traceback": traceback.format_exc()[-3000:]})
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    by_variant = {r["variant"]: r for r in results if "error" not in r}
+    plain = by_variant.get("plain")
+    summary: dict[str, Any] = {}
+    for name, result in by_variant.items():
+        if plain and name != "plain":
+            differing = sum(a != b for a, b in zip(plain["generations"], result["generations"], strict=True))
+            result["rows_differing_from_plain"] = differing
+            result["speedup_vs_plain"] = round(result["new_tokens_per_s"] / plain["new_tokens_per_s"], 3)
+    if plain and "fast" in by_variant:
+        summary["eval_speedup"] = by_variant["fast"]["speedup_vs_plain"]
+        summary["fast_identical_to_plain"] = by_variant["fast"]["rows_differing_from_plain"] == 0
+    if plain and "merged_bf16" in by_variant:
+        summary["merged_bf16_rows_differing"] = by_variant["merged_bf16"]["rows_differing_from_plain"]
+    return summary
+
+
+def table(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lines = [f"{'variant':<16} {'new tok/s':>10} {'wall s':>8} {'peak GiB':>9} {'differ':>7} {'speedup':>8}"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['variant']:<16} ERROR {r['error'][:90]}")
+            continue
+        peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        lines.append(f"{r['variant']:<16} {r['new_tokens_per_s']:>10.1f} {r['wall_s']:>8.2f} {peak:>9} "
+                     f"{r.get('rows_differing_from_plain', 0):>7} {r.get('speedup_vs_plain', 1.0):>8.2f}")
+    lines += [f"{key}: {value}" for key, value in summary.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="plain first; merged_bf16 last (in place)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-warmup", action="store_true")
+    arguments = parser.parse_args()
+    configure_logging()
+    variants = [v for v in arguments.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    results = run(arguments.model_dir, variants, prompts=arguments.prompts, batch_size=arguments.batch_size,
+                  max_new_tokens=arguments.max_new_tokens, device=arguments.device, warmup=not arguments.no_warmup)
+    summary = summarize(results)
+    eos_rows = sum(r.get("stopped_by_eos", 0) for r in results)
+    payload = {
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(0) if arguments.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "batch_size": arguments.batch_size, "max_new_tokens": arguments.max_new_tokens, "prompts": arguments.prompts,
+        **summary,
+        "note": ("random-init weights never emit EOS: every row runs to max_new_tokens, so dropping finished rows "
+                 "saves nothing in this benchmark" if eos_rows == 0 else f"{eos_rows} rows stopped by EOS"),
+        "results": [{k: v for k, v in r.items() if k != "generations"} for r in results],
+        "sample_generations": {r["variant"]: r["generations"][:3] for r in results if "generations" in r},
+    }
+    arguments.out.parent.mkdir(parents=True, exist_ok=True)
+    arguments.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(table(results, summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU measurements, run on the lent machine from the project root with .whl/ carried
+# (../shared/tools/device-wheels .whl, plus pycountry, periodictable, sentencepiece and mistral-common wheels):
+#   bash bench/gpu_run.sh OUT_DIR PHASE...
+# Phases (setup runs first, once per machine):
+#   setup  install the wheels, build the random-init Mistral-7B-shaped model, run fetch/sample/format for it
+#   stage  the train stage on one GPU with the project's defaults (Liger, packing, bf16 frozen weights)
+#   ddp    the train stage on 2 GPUs (train.distributed=ddp)
+#   ddpbench  bench/ddp_bench.py on 1 and 2 GPUs: DDP scaling efficiency
+#   fsdp   the train stage on 2 GPUs with train.distributed=fsdp
+#   train  bench/train_bench.py: baseline and the project's variants, and the memory table
+#   eval   bench/eval_bench.py: plain generate() against the project's generation
+set -uo pipefail
+out=${1:?usage: gpu_run.sh OUT_DIR PHASE...}; shift
+mkdir -p "$out"
+model=/tmp/mistral-7b-random
+export ALPACA_QLORA_MODEL_CACHE=/tmp/model-cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=/tmp/site:$PWD ALPACA_QLORA_MISTRAL_TOKENIZER=/tmp/tokenizer.model.v1
+stage_params=(model.name="$model" model.quantization=nf4 train.max_seq_length=2048 train.epochs=1
+  train.micro_batch_size=16 train.gradient_accumulation_steps=1 train.gradient_checkpointing=true
+  train.packing=true train.liger_kernels=true train.frozen_dtype=compute train.learning_rate=2e-4
+  train.logging_steps=2 train.dvclive=false train.save_steps=1000)
+
+train_stage() {  # NAME [extra params...]
+  local name=$1; shift
+  python bench/set_params.py "${stage_params[@]}" "$@" && \
+    python stages/train.py 2>&1 | tr '\r' '\n' | grep -v "it/s]\|step/s\|s/step" | tail -25 | tee "$out/$name.log"
+  [ -f metrics/train.json ] && cp metrics/train.json "$out/$name.json" && rm -f metrics/train.json
+}
+
+for phase in "$@"; do
+  echo "=== $phase $(date +%T)"
+  case $phase in
+    setup)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        $(ls .whl/*.whl | grep -v mistral_common) 2>&1 | tail -2
+      python3 -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('.whl/mistral_common-*.whl')[0]); \
+open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer.model.v1'))"
+      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+      [ -d "$model" ] || python bench/make_random_mistral.py "$model"
+      python bench/set_params.py "${stage_params[@]}"
+      python stages/fetch.py && python stages/sample.py && python stages/format.py ;;
+    stage) train_stage train_stage_1gpu train.distributed=none train.num_processes=1 ;;
+    ddp) train_stage train_stage_ddp2 train.distributed=ddp train.num_processes=2 ;;
+    ddpbench)
+      for n in 1 2; do
+        python -m accelerate.commands.launch $([ $n -gt 1 ] && echo --multi_gpu) --num_processes $n --num_machines 1 --mixed_precision no \
+          --dynamo_backend no bench/ddp_bench.py "$model" --out "$out/ddp_$n.json" --steps "${BENCH_STEPS:-8}" \
+          2>&1 | tail -3
+      done
+      python bench/ddp_bench.py --summarize "$out/ddp_1.json" "$out/ddp_2.json" --out "$out/ddp_scaling.json" ;;
+    fsdp) train_stage train_stage_fsdp2 train.distributed=fsdp train.num_processes=2 ;;
+    train)
+      CUDA_VISIBLE_DEVICES=0 timeout "${TRAIN_TIMEOUT:-420}" python bench/train_bench.py "$model" \
+        --out "$out/train_bench.json" --steps "${BENCH_STEPS:-10}" --warmup 2 ${TRAIN_ARGS:-} 2>&1 \
+        | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
+    eval)
+      CUDA_VISIBLE_DEVICES=0 timeout "${EVAL_TIMEOUT:-420}" python bench/eval_bench.py "$model" \
+        --out "$out/eval_bench.json" ${EVAL_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+done
+echo "=== done $(date +%T)"

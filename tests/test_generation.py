@@ -1,0 +1,180 @@
+"""The fast generation path (own greedy loop, finished rows dropped, dequantized 4-bit base) against generate()."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alpaca_qlora.config import ConfigError, EvalParams, params_from_mapping
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.generation import (DequantizedLinear, describe_weights, dequantize_for_generation, generate,
+                                     merge_lora_for_generation, resolve_generation_method)
+from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.prompts import get_template
+
+TEMPLATE = get_template("alpaca")
+QUESTIONS = ["What is the capital of France?", "Name the chemical symbol of sodium.", "Write a haiku about the sea.",
+             "Classify 'I love it' as positive or negative.", "List three primary colors.", "What is 2+2?"]
+PROMPTS = [TEMPLATE.render(question, "") for question in QUESTIONS]
+
+
+def bnb_default_path(model) -> None:
+    """On AVX512-BF16 CPUs bnb repacks 4-bit weights for a bf16 kernel at the first eval forward; keep it on the
+    path CUDA takes for batches (dequantize + F.linear) so the comparison is the GPU's."""
+    import bitsandbytes
+
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def run(model, tokenizer, method, markers=TEMPLATE.stop_markers, max_new_tokens=30, batch_size=6, prompts=PROMPTS):
+    generations, stats = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  stop_markers=markers, progress=False, method=method)
+    assert stats["generation"] == method
+    return generations
+
+
+@pytest.fixture(scope="module")
+def embedded(embedded_model_dir):
+    plan = plan_quantization("auto", "cpu")
+    model = load_model(str(embedded_model_dir), plan, device="cpu")
+    bnb_default_path(model)
+    return model, load_tokenizer(str(embedded_model_dir), padding_side="left"), plan
+
+
+def test_fast_loop_matches_generate_with_rows_stopping_at_different_steps(embedded):
+    model, tokenizer, _ = embedded
+    plain = run(model, tokenizer, "plain")
+    fast = run(model, tokenizer, "fast")
+    assert fast == plain
+    lengths = {g.new_tokens for g in plain if g.stopped_by_eos}
+    assert len(lengths) >= 3 and any(not g.stopped_by_eos for g in plain)  # EOS at several steps, and the limit
+    # stop markers: the first word of two answers becomes a marker, so those rows stop by marker, not EOS
+    markers = tuple(dict.fromkeys(g.raw.split()[0] for g in plain[:2] if g.raw.split()))
+    plain_m = run(model, tokenizer, "plain", markers=markers)
+    assert run(model, tokenizer, "fast", markers=markers) == plain_m
+    assert any(not g.stopped_by_eos and g.new_tokens < 30 for g in plain_m)
+    # batches of uneven size and a batch of one
+    assert run(model, tokenizer, "fast", batch_size=4) == run(model, tokenizer, "plain", batch_size=4)
+
+
+def test_dequantized_fast_path_matches_4bit_generate(embedded_model_dir):
+    """The fast path as CUDA runs it: NF4 base dequantized once, own loop; tokens equal bnb 4-bit generate()."""
+    plan = plan_quantization("nf4", "cpu")
+    model = load_model(str(embedded_model_dir), plan, device="cpu")
+    tokenizer = load_tokenizer(str(embedded_model_dir), padding_side="left")
+    bnb_default_path(model)
+    plain = run(model, tokenizer, "plain", max_new_tokens=20)
+    assert dequantize_for_generation(model) == 30 * 7
+    assert run(model, tokenizer, "fast", max_new_tokens=20) == plain
+    assert describe_weights(model, quantized=True, dequantized=True, merged=False) == "nf4-dequantized-fp32"
+
+
+@pytest.fixture()
+def tiny_lora(tiny_mistral_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(tiny_mistral_dir), plan_quantization("nf4", "cpu"), device="cpu")
+    bnb_default_path(model)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    return get_peft_model(model, config), load_tokenizer(str(tiny_mistral_dir), padding_side="left")
+
+
+def test_dequantized_linear_equals_bnb_batched_matmul(tiny_lora):
+    """bnb's matmul for a batch of rows is dequantize_4bit + F.linear (CUDA's fallback, CPU's default kernel)."""
+    import bitsandbytes
+
+    model, _ = tiny_lora
+    layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    torch.manual_seed(1)
+    inputs = {id(layer): torch.randn(5, 3, layer.in_features) for layer in layers}
+    expected = {id(layer): bitsandbytes.matmul_4bit(inputs[id(layer)], layer.weight, quant_state=layer.weight.quant_state)
+                for layer in layers}
+    assert dequantize_for_generation(model) == len(layers) == 2 * 7
+    replaced = [m for m in model.modules() if isinstance(m, DequantizedLinear)]
+    assert not any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in model.modules())
+    lora_bases = [m.base_layer for m in model.modules() if hasattr(m, "lora_A")]
+    assert len(lora_bases) == 2 * 3 and all(isinstance(base, DequantizedLinear) for base in lora_bases)
+    for layer, linear in zip(layers, replaced):
+        assert torch.equal(linear(inputs[id(layer)]), expected[id(layer)])
+
+
+def test_fast_loop_with_lora_and_forced_eos(tiny_lora):
+    """Random weights never stop: EOS's output row is made a scaled copy of a frequent token's, so rows stop
+    (at different steps) wherever that token would have won; LoRA stays attached, unmerged."""
+    model, tokenizer = tiny_lora
+    prompts = PROMPTS + [TEMPLATE.render("Why?", "")]
+    from alpaca_qlora.formatting import encode_prompt
+    from alpaca_qlora.generation import left_pad
+
+    input_ids, attention_mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    with torch.no_grad():
+        new_ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=30,
+                                 do_sample=False)[:, input_ids.shape[1]:].tolist()
+    first = {row[0] for row in new_ids}
+    counts = {}
+    for row in new_ids:
+        for token in row[2:]:
+            if token not in first:
+                counts[token] = counts.get(token, 0) + 1
+    frequent = max(counts, key=counts.get)
+    head = model.get_base_model().lm_head.weight
+    with torch.no_grad():
+        head[tokenizer.eos_token_id] = head[frequent] * 1.01
+    plain = run(model, tokenizer, "plain", markers=(), prompts=prompts)
+    stops = sorted(g.new_tokens for g in plain if g.stopped_by_eos)
+    assert len(set(stops)) >= 2, stops
+    assert run(model, tokenizer, "fast", markers=(), prompts=prompts) == plain
+    assert dequantize_for_generation(model) == 14
+    assert run(model, tokenizer, "fast", markers=(), prompts=prompts) == plain
+    assert run(model, tokenizer, "fast", markers=(), prompts=prompts, batch_size=3) == \
+        run(model, tokenizer, "plain", markers=(), prompts=prompts, batch_size=3)
+
+
+def test_merge_changes_weights_only_explicitly(tiny_lora):
+    model, tokenizer = tiny_lora
+    with pytest.raises(PipelineError, match="dequantize_for_generation first"):
+        merge_lora_for_generation(model)
+    dequantize_for_generation(model)
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert merge_lora_for_generation(model) == 6
+        assert not any(hasattr(m, "lora_A") for m in model.modules())
+        after = model(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-4)  # fp32 here; bf16 on CUDA rounds base + delta once
+    assert describe_weights(model, quantized=True, dequantized=True, merged=True) == "merged-fp32"
+
+
+def test_generation_method_resolution(embedded):
+    model, _, _ = embedded
+    assert resolve_generation_method("plain", "cuda", model) == "plain"
+    assert resolve_generation_method("fast", "cpu") == "fast"
+    with pytest.raises(PipelineError, match="generation method"):
+        resolve_generation_method("turbo", "cpu")
+    original = model.generation_config.repetition_penalty
+    model.generation_config.repetition_penalty = 1.2
+    try:
+        with pytest.raises(PipelineError, match="repetition_penalty"):
+            generate(model, None, [], max_new_tokens=1, batch_size=1, stop_markers=(), method="fast")
+    finally:
+        model.generation_config.repetition_penalty = original
+
+
+def test_eval_generation_params_validated():
+    assert EvalParams().generation == "plain" and EvalParams().merge_bf16 is False
+    params = params_from_mapping({"eval": {"generation": "fast", "merge_bf16": "true"}})
+    assert params.eval.generation == "fast" and params.eval.merge_bf16 is True
+    with pytest.raises(ConfigError, match="eval.generation"):
+        params_from_mapping({"eval": {"generation": "turbo"}})
+    with pytest.raises(ConfigError, match="eval.merge_bf16"):
+        params_from_mapping({"eval": {"merge_bf16": "yes"}})
+
+
+@pytest.mark.parametrize("stage", ["evaluate_base", "evaluate_finetuned"])
+def test_evaluate_stages_declare_generation_params(stage):
+    from alpaca_qlora.config import declared_params
+
+    assert {"eval.generation", "eval.merge_bf16"} <= set(declared_params(stage))
