@@ -94,7 +94,8 @@ def main() -> None:
         metrics=metrics,
         data={"train_file": str(TRAIN_IN), "train_rows": len(dataset), "train_file_sha256": data_sha256},
     )
-    save_adapter(model, tokenizer, ADAPTER_OUT, card, base_model=params.model.name)
+    save_adapter(model, tokenizer, ADAPTER_OUT, card, base_model=params.model.name,
+                 state_dict=job.outputs.get("state_dict"))
     io.write_json(METRICS_OUT, metrics)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
     log.info("loss %.4f -> %.4f in %d steps, %.0f tokens/s; adapter in %s", metrics["first_loss"] or 0,
