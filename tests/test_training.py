@@ -128,6 +128,14 @@ class GradientsAtStep(TrainerCallback):
                               if p.requires_grad and p.grad is not None}
 
 
+def assert_same_gradients(gradients: list[dict[str, torch.Tensor]]) -> None:
+    assert gradients[0]
+    for other in gradients[1:]:
+        assert other.keys() == gradients[0].keys()
+        for name, gradient in gradients[0].items():
+            torch.testing.assert_close(other[name], gradient, rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_accumulation_gives_the_big_batch_gradient(tiny_mistral_dir, tokenized, tmp_path):
     # Rows have very different numbers of labelled tokens: averaging per micro-batch would weight them wrongly.
     gradients = []
@@ -138,10 +146,7 @@ def test_gradient_accumulation_gives_the_big_batch_gradient(tiny_mistral_dir, to
                        callbacks=[capture])
         run_training(job, resume=False)
         gradients.append(capture.gradients)
-    assert gradients[0]
-    for other in gradients[1:]:
-        for name, gradient in gradients[0].items():
-            torch.testing.assert_close(other[name], gradient, rtol=1e-4, atol=1e-6)
+    assert_same_gradients(gradients)
 
 
 class Interrupt(TrainerCallback):
@@ -193,8 +198,7 @@ def test_packed_and_padded_batches_give_the_same_gradient(tiny_mistral_dir, toke
                        packing=packing, max_grad_norm=0.0, callbacks=[capture], max_seq_length=max_seq_length)
         metrics.append(run_training(job, resume=False))
         gradients.append(capture.gradients)
-    for name, gradient in gradients[0].items():
-        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-6)
+    assert_same_gradients(gradients)
     # Padding never counts as a token seen: both layouts report the rows' own tokens.
     assert metrics[0]["tokens"] == metrics[1]["tokens"] == sum(len(row["input_ids"]) for row in tokenized)
 
@@ -260,10 +264,7 @@ def test_checkpointing_with_host_offload_gives_the_same_gradient(tiny_mistral_di
             OffloadedCheckpoint.forward = staticmethod(original)
         assert bool(calls) == offload
         gradients.append(capture.gradients)
-    assert gradients[0]
-    for other in gradients[1:]:
-        for name, gradient in gradients[0].items():
-            torch.testing.assert_close(other[name], gradient, rtol=1e-4, atol=1e-6)
+    assert_same_gradients(gradients)
 
 
 def test_frozen_weights_keep_the_compute_dtype_unless_fp32_is_asked(tiny_mistral_dir):
