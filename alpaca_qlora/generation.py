@@ -98,7 +98,7 @@ def greedy_loop_blockers(model: Any) -> list[str]:
             if getattr(config, name, None) not in allowed]
 
 
-def resolve_generation_method(requested: str, device: Any, model: Any = None) -> str:
+def resolve_generation_method(requested: str) -> str:
     """Only an explicit choice: `fast` is 2.8x `plain` on an H200 (bench/results) but its greedy outputs are not
     bitwise those of `generate()` there (120 of 128 rows of a random-init 7B differ: near-tie logits flip under a
     different kernel order), so it is never picked for the user."""
@@ -361,8 +361,7 @@ def generate(
 
     `method`: plain (model.generate), fast (greedy_generate, dropping finished rows) or static (model.generate
     with a static, compilable cache); see the module docstring. All three decode greedily with the same stops."""
-    if method not in GENERATION_METHODS:
-        raise PipelineError(f"generation method {method!r}: use one of {', '.join(GENERATION_METHODS)}.")
+    method = resolve_generation_method(method)
     if method == "fast" and (blockers := greedy_loop_blockers(model)):
         raise PipelineError(f"the fast generation loop applies no logits processors, but the model's generation "
                             f"config sets {', '.join(blockers)}; use generation 'plain'.")

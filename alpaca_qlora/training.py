@@ -216,9 +216,14 @@ def prepare_quantized_model(model: torch.nn.Module, *, gradient_checkpointing: b
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing per decoder layer; the embeddings' output must carry gradients for it."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
@@ -288,8 +293,7 @@ def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_
         model = prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing,
                                         frozen_dtype=frozen_dtype)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     if checkpoint_offload:
         log.info("checkpoint offload: %d decoder layers keep their checkpoints in host memory",
                  enable_checkpoint_offload(model))
@@ -351,14 +355,13 @@ def accelerate_command(train: Any, script: str, device: str) -> list[str] | None
     return command + [script]
 
 
-def all_reduce_counts(counts: "TokenCounts", device: str) -> "TokenCounts":
+def all_reduce_counts(counts: TokenCounts) -> TokenCounts:
     """Tokens seen by all processes together (each process counts only its own micro-batches)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return counts
-    backend_device = device if torch.distributed.get_backend() == "nccl" else "cpu"
-    if backend_device == "cuda":
-        backend_device = f"cuda:{torch.cuda.current_device()}"
-    totals = torch.tensor([counts.tokens, counts.labelled, counts.padded], dtype=torch.long, device=backend_device)
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only, gloo CPU tensors
+    totals = torch.tensor([counts.tokens, counts.labelled, counts.padded], dtype=torch.long,
+                          device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     torch.distributed.all_reduce(totals)
     tokens, labelled, padded = (int(value) for value in totals.tolist())
     return TokenCounts(tokens=tokens, labelled=labelled, padded=padded)
@@ -496,10 +499,11 @@ class TrainingJob:
 
 def build_training_arguments(job: TrainingJob) -> TrainingArguments:
     train = job.train
-    total_steps = optimizer_steps(len(job.dataset), train, world_size=process_group().world_size)
+    world_size = process_group().world_size
+    total_steps = optimizer_steps(len(job.dataset), train, world_size=world_size)
     report_to = ["wandb"] if train.wandb else []
     distributed: dict[str, Any] = {}
-    if process_group().world_size > 1:
+    if world_size > 1:
         # Every LoRA weight gets a gradient each step; searching for unused ones would cost a graph walk.
         distributed = {"ddp_find_unused_parameters": False, "ddp_backend": "nccl" if job.device == "cuda" else "gloo"}
     arguments = TrainingArguments(
@@ -573,7 +577,7 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
         # Sharded weights: every process takes part in gathering the full state dict (process 0 receives it);
         # a save from process 0 alone would wait forever for the others.
         job.outputs["state_dict"] = trainer.accelerator.get_state_dict(trainer.model)
-    counts = all_reduce_counts(local_counts, job.device)
+    counts = all_reduce_counts(local_counts)
     trainable, total = job.model.get_nb_trainable_parameters()
     last_losses = [loss for _, loss in losses.loss_history[-3:]]
     return {

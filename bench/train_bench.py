@@ -116,7 +116,7 @@ def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, 
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    # name: (project_model settings, packing)
+    # name: project_model's settings, plus whether the batches are packed
     "liger": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "fp32", "packing": False},
     "packing": {"liger": False, "gradient_checkpointing": True, "frozen_dtype": "fp32", "packing": True},
     "project": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "compute", "packing": True},

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from alpaca_qlora import io
 from alpaca_qlora.config import stage_params
-from alpaca_qlora.generation import (dequantize_for_generation, describe_weights, generate, merge_lora_for_generation,
-                                     resolve_generation_method)
+from alpaca_qlora.generation import dequantize_for_generation, describe_weights, generate, merge_lora_for_generation
 from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.metrics import aggregate, clean_generation, is_short_answer, score_row
 from alpaca_qlora.prompts import get_template
@@ -34,7 +33,7 @@ def evaluate(which: str) -> None:
     started = time.perf_counter()
     loaded = load_for_inference(params.model.name, params.model.quantization,
                                 adapter_dir=ADAPTER if which == "finetuned" else None)
-    method = resolve_generation_method(params.eval.generation, loaded.device, loaded.model)
+    method = params.eval.generation  # validated with the params; generate() checks it again
     merge = params.eval.merge_bf16
     # The 4-bit base is dequantized once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for
     # the fast/static loops on CUDA, and always before merging LoRA (which changes precision: explicit only).

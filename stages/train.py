@@ -23,13 +23,13 @@ from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization, r
 from alpaca_qlora.stage import run_stage
 from alpaca_qlora.training import (
     TokenizedDataset,
-    accelerate_command,
-    process_group,
     TrainingJob,
+    accelerate_command,
     apply_liger_kernels,
     attach_lora,
     dataclass_fields,
     params_as_dict,
+    process_group,
     remove_stale_runs,
     render_model_card,
     run_fingerprint,

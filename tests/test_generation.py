@@ -150,10 +150,10 @@ def test_merge_changes_weights_only_explicitly(tiny_lora):
 
 def test_generation_method_resolution(embedded):
     model, _, _ = embedded
-    assert resolve_generation_method("plain", "cuda", model) == "plain"
-    assert resolve_generation_method("fast", "cpu") == "fast"
+    assert resolve_generation_method("plain") == "plain"
+    assert resolve_generation_method("fast") == "fast"
     with pytest.raises(PipelineError, match="generation method"):
-        resolve_generation_method("turbo", "cpu")
+        resolve_generation_method("turbo")
     original = model.generation_config.repetition_penalty
     model.generation_config.repetition_penalty = 1.2
     try:
