@@ -11,7 +11,7 @@ runs; prompts are Alpaca-formatted instructions of Alpaca length, tokenized by t
 the evaluation's stop rules. Variants, in this order on the same model object:
 - plain:           generation.generate(method="plain"): model.generate(), 4-bit bnb layers (the baseline);
 - fast:            the base dequantized once (dequantize_for_generation, same weights) + own greedy loop dropping
-                   finished rows (method="fast"): the evaluate stage's CUDA default;
+                   finished rows (method="fast", opt-in through eval.generation);
 - static_compiled: the same weights, model.generate() with a static cache (transformers compiles it on CUDA);
 - merged_bf16:     LoRA merged into the dequantized weights (explicit option: changes precision).
 Each reports new tokens/s, wall time, peak GPU memory and how many rows differ from plain (for merged_bf16 that
@@ -36,6 +36,7 @@ from alpaca_qlora.generation import dequantize_for_generation, generate, merge_l
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import configure_logging
+from alpaca_qlora.training import attach_lora
 
 log = logging.getLogger("eval_bench")
 VARIANTS = ("plain", "fast", "static_compiled", "merged_bf16")
@@ -72,8 +73,6 @@ def build_prompts(count: int) -> list[str]:
 
 
 def build_model(model_dir: str, device: str) -> Any:
-    from peft import LoraConfig, get_peft_model
-
     plan = plan_quantization("nf4", device)
     model = load_model(model_dir, plan, device=device)
     if device == "cpu":  # keep bnb on the dequantize + F.linear path CUDA takes for batches (see tests)
@@ -82,11 +81,8 @@ def build_model(model_dir: str, device: str) -> Any:
         for module in model.modules():
             if isinstance(module, bitsandbytes.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
-    lora = LoraParams()
     torch.manual_seed(0)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    model = attach_lora(model, LoraParams(), quantized=True, gradient_checkpointing=False)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a trained adapter is non-zero: perturb B (zero at init) the same way every run
         for name, parameter in model.named_parameters():
