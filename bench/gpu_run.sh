@@ -24,7 +24,7 @@ stage_params=(model.name="$model" model.quantization=nf4 train.max_seq_length=20
 train_stage() {  # NAME [extra params...]
   local name=$1; shift
   python bench/set_params.py "${stage_params[@]}" "$@" && \
-    python stages/train.py 2>&1 | tr '\r' '\n' | grep -v "it/s]\|step/s\|s/step" | tail -25 | tee "$out/$name.log"
+    timeout "${STAGE_TIMEOUT:-300}" python stages/train.py 2>&1 | tr '\r' '\n' | grep -v "it/s]\|step/s\|s/step" | tail -25 | tee "$out/$name.log"
   [ -f metrics/train.json ] && cp metrics/train.json "$out/$name.json" && rm -f metrics/train.json
 }
 
