@@ -11,8 +11,13 @@ Three ways to run the same greedy decoding (`generate(..., method=...)`):
   the ones `generate()` uses, so the tokens are the same (tested against `generate()` on CPU). Combined with
   `dequantize_for_generation` on CUDA (bitsandbytes' own batched 4-bit matmul is dequantize + F.linear, done here
   once instead of every step).
-- `static`: `model.generate()` with a static KV cache, which transformers compiles (CUDA graphs) on CUDA when the
-  model has no bitsandbytes layers left (run `dequantize_for_generation` first). Experimental.
+- `graphed`: the same model calls as `plain` with the 4-bit layers untouched, but the decoding step runs over a
+  preallocated KV cache (`StaticKVCache`) with fixed shapes, so on CUDA it is captured once per batch in a CUDA
+  graph and replayed: one launch per token instead of thousands of kernel launches from Python. Rows stay in the
+  batch (as in `plain`); stops are checked every few steps. The cache's unused tail is masked out, so attention
+  sees the keys `plain` sees, but over a longer range, for which sdpa may pick another kernel: on GPU near-tie
+  argmaxes can flip (bench/results/attention_identity_h200.json). On CPU the same step runs eagerly and gives
+  `generate()`'s tokens (tested).
 `merge_lora_for_generation` folds LoRA into the dequantized weights: that rounds base + delta to the compute dtype
 once, which changes the weights' precision; it is an explicit option whose results differ from the 4-bit path.
 """
@@ -77,7 +82,7 @@ def split_generated(new_ids: Sequence[int], eos_token_id: int, pad_token_id: int
     return ids, False
 
 
-GENERATION_METHODS = ("plain", "fast", "static")
+GENERATION_METHODS = ("plain", "fast", "graphed")
 # Generation-config settings that add logits processors or stopping rules to greedy `generate()`; our own loop
 # applies none of them, so it refuses a model whose generation config sets any (the plain path still works).
 _PROCESSOR_SETTINGS = {
@@ -99,9 +104,9 @@ def greedy_loop_blockers(model: Any) -> list[str]:
 
 
 def resolve_generation_method(requested: str) -> str:
-    """Only an explicit choice: `fast` is 2.8x `plain` on an H200 (bench/results) but its greedy outputs are not
-    bitwise those of `generate()` there (120 of 128 rows of a random-init 7B differ: near-tie logits flip under a
-    different kernel order), so it is never picked for the user."""
+    """Only an explicit choice: `graphed` (3.1x `plain` on an H200) and `fast` (2.5x) give greedy outputs that are
+    not bitwise `generate()`'s there (near-tie logits of a random-init 7B flip under other kernels; see
+    bench/results/eval_bench_h200.json), so neither is picked for the user."""
     if requested not in GENERATION_METHODS:
         raise PipelineError(f"generation method {requested!r}: use one of {', '.join(GENERATION_METHODS)}.")
     return requested
@@ -258,6 +263,18 @@ class MarkerCheck:
         return text.lstrip().startswith(self.start_markers) or any(m in text for m in self.line_markers)
 
 
+def take_token(generated: list[int], token: int, *, watched: bool, eos_token_id: int, max_new_tokens: int,
+               marker_check: MarkerCheck | None) -> tuple[bool, bool]:
+    """Append one greedy token to a row; returns (row finished, row watched). A row is watched once it generated a
+    token that may start a stop marker; only watched rows are decoded to look for one."""
+    generated.append(token)
+    done = token == eos_token_id or len(generated) >= max_new_tokens
+    if not done and marker_check is not None:
+        watched = watched or marker_check.triggered_by(token)
+        done = watched and marker_check.hit(generated)
+    return done, watched
+
+
 def _forward_model(model: Any) -> Any:
     """The transformers model under a PEFT wrapper (LoRA layers stay injected): what `generate()` itself calls."""
     get_base = getattr(model, "get_base_model", None)
@@ -305,11 +322,8 @@ def greedy_generate(
         for position, (row, token) in enumerate(zip(rows, tokens)):
             if finished[row]:  # a row kept only so the mask keeps padding (see below)
                 continue
-            generated[row].append(token)
-            done = token == eos_token_id or len(generated[row]) >= max_new_tokens
-            if not done and marker_check is not None:
-                watched[row] = watched[row] or marker_check.triggered_by(token)
-                done = watched[row] and marker_check.hit(generated[row])
+            done, watched[row] = take_token(generated[row], token, watched=watched[row], eos_token_id=eos_token_id,
+                                            max_new_tokens=max_new_tokens, marker_check=marker_check)
             finished[row] = done
             if not done:
                 keep.append(position)
@@ -333,16 +347,142 @@ def greedy_generate(
     return generated
 
 
-def _static_generate_kwargs(model: Any) -> tuple[dict[str, Any], Any]:
-    """Static cache (compiled on CUDA by transformers); hides a bnb quantizer whose layers were all dequantized,
-    since transformers refuses to compile any bnb model. Returns the kwargs and the hidden quantizer's owner."""
+class StaticKVCache:
+    """Keys and values of every layer in tensors preallocated for the whole generation, written in place at
+    `write_positions` (a device tensor the decoding loop advances): fixed shapes and addresses, which is what a CUDA
+    graph needs. Implements the part of transformers' Cache interface the decoder layers call (`update`)."""
+
+    is_compileable = True
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_positions: torch.Tensor):
+        self.keys, self.values, self.write_positions = keys, values, write_positions
+
+    @classmethod
+    def from_prefill(cls, cache: Any, slots: int, write_positions: torch.Tensor) -> StaticKVCache:
+        """Copy a prefilled DynamicCache into tensors of `slots` positions (the rest zero, masked out)."""
+        keys, values = [], []
+        for layer in cache.layers:
+            for source, target in ((layer.keys, keys), (layer.values, values)):
+                static = source.new_zeros((*source.shape[:2], slots, source.shape[3]))
+                static[:, :, : source.shape[2]] = source
+                target.append(static)
+        return cls(keys, values, write_positions)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer_idx].index_copy_(2, self.write_positions, key_states)
+        self.values[layer_idx].index_copy_(2, self.write_positions, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.keys[layer_idx].shape[2])
+
+
+class DecodeStep:
+    """One greedy decoding step over a StaticKVCache, with every input in a fixed buffer: `ids` (the last
+    tokens), `positions`, `mask` (which cache slots each row may attend to) and the cache's write position. On
+    CUDA it is captured in a CUDA graph at the first call and replayed afterwards."""
+
+    def __init__(self, network: Any, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor, *, use_graph: bool):
+        self.network, self.cache, self.ids, self.positions, self.mask = network, cache, ids, positions, mask
+        self.next_tokens = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
+        self.use_graph, self.graph = use_graph, None
+
+    def _forward(self) -> None:
+        logits = self.network(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
+                              past_key_values=self.cache, use_cache=True, logits_to_keep=1, return_dict=True).logits
+        self.next_tokens.copy_(logits[:, -1].to(dtype=torch.float32).argmax(dim=-1))
+
+    def _capture(self) -> None:
+        # warm-up on a side stream (allocator, cuBLAS handles, lazy kernels), then capture; both recompute the
+        # current step, whose cache slot and output the replay overwrites with the same values
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._forward()
+
+    def __call__(self) -> torch.Tensor:
+        """Attend to the current write slot, compute the next tokens, then move every buffer one step on."""
+        self.mask.index_fill_(-1, self.cache.write_positions, True)
+        if not self.use_graph:
+            self._forward()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        self.ids.copy_(self.next_tokens[:, None])
+        self.positions.add_(1)
+        self.cache.write_positions.add_(1)
+        return self.next_tokens
+
+
+@torch.inference_mode()
+def graphed_generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    marker_check: MarkerCheck | None = None,
+    check_every: int = 16,
+) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch with a static KV cache, the step graph-captured on CUDA.
+
+    The prefill is `greedy_generate`'s (and `generate()`'s) first call; its cache is copied into a StaticKVCache
+    of prompt + max_new_tokens slots. Each step attends to the prompt's real tokens and every generated one, the
+    same keys `generate()`'s mask allows; masked slots add nothing. Rows keep decoding after they finish (their
+    tokens are discarded, as `generate()` discards its padding), and the host looks at the tokens only every
+    `check_every` steps, to stop once every row is done.
+    """
+    from transformers import DynamicCache
+
     network = _forward_model(model)
-    owner = None
-    linear4bit = _linear4bit_class()
-    if getattr(network, "hf_quantizer", None) is not None and (
-            linear4bit is None or not any(isinstance(m, linear4bit) for m in network.modules())):
-        owner = network
-    return {"cache_implementation": "static"}, owner
+    device = input_ids.device
+    batch, prompt_length = input_ids.shape
+    slots = prompt_length + max_new_tokens
+    window = getattr(network.config, "sliding_window", None)
+    if window is not None and slots > window:
+        raise PipelineError(f"graphed generation keeps every key in view, but the model attends within a "
+                            f"{window}-token sliding window and this batch needs {slots} positions; use generation "
+                            f"'plain' or 'fast'.")
+    has_padding = not bool(attention_mask.all())
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    prefill = network(input_ids=input_ids, attention_mask=attention_mask if has_padding else None,
+                      position_ids=position_ids, past_key_values=DynamicCache(config=network.config), use_cache=True,
+                      logits_to_keep=1, return_dict=True)
+    first_tokens = prefill.logits[:, -1].to(dtype=torch.float32).argmax(dim=-1)
+    write_positions = torch.tensor([prompt_length], dtype=torch.long, device=device)
+    cache = StaticKVCache.from_prefill(prefill.past_key_values, slots, write_positions)
+    del prefill
+    mask = torch.zeros((batch, 1, 1, slots), dtype=torch.bool, device=device)
+    mask[:, 0, 0, :prompt_length] = attention_mask.bool()
+    step = DecodeStep(network, cache, first_tokens[:, None].clone(), position_ids[:, -1:] + 1, mask,
+                      use_graph=device.type == "cuda")
+    history = [first_tokens]
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    watched, finished = [False] * batch, [False] * batch
+    checked = 0
+    for produced in range(1, max_new_tokens + 1):
+        if produced == max_new_tokens or produced - checked >= check_every:
+            tokens = torch.stack(history[checked:produced], dim=1).tolist()
+            for row in range(batch):
+                for token in tokens[row]:
+                    if finished[row]:
+                        break
+                    finished[row], watched[row] = take_token(
+                        generated[row], token, watched=watched[row], eos_token_id=eos_token_id,
+                        max_new_tokens=max_new_tokens, marker_check=marker_check)
+            checked = produced
+            if all(finished) or produced == max_new_tokens:
+                break
+        history.append(step().clone())
+    return generated
 
 
 @torch.inference_mode()
@@ -359,11 +499,12 @@ def generate(
 ) -> tuple[list[Generation], dict[str, Any]]:
     """Greedy answers in the prompts' order, and throughput figures for the whole run.
 
-    `method`: plain (model.generate), fast (greedy_generate, dropping finished rows) or static (model.generate
-    with a static, compilable cache); see the module docstring. All three decode greedily with the same stops."""
+    `method`: plain (model.generate), fast (greedy_generate, dropping finished rows) or graphed
+    (graphed_generate: static cache, CUDA graph); see the module docstring. All decode greedily with the same
+    stops."""
     method = resolve_generation_method(method)
-    if method == "fast" and (blockers := greedy_loop_blockers(model)):
-        raise PipelineError(f"the fast generation loop applies no logits processors, but the model's generation "
+    if method != "plain" and (blockers := greedy_loop_blockers(model)):
+        raise PipelineError(f"the {method} generation loop applies no logits processors, but the model's generation "
                             f"config sets {', '.join(blockers)}; use generation 'plain'.")
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
@@ -371,41 +512,33 @@ def generate(
     results: list[Generation | None] = [None] * len(prompts)
     new_token_total, started = 0, time.perf_counter()
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    marker_check = MarkerCheck(tokenizer, stop_markers) if method == "fast" else None
-    extra, quantizer_owner = _static_generate_kwargs(model) if method == "static" else ({}, None)
-    hidden_quantizer = None
-    if quantizer_owner is not None:
-        hidden_quantizer, quantizer_owner.hf_quantizer = quantizer_owner.hf_quantizer, None
+    marker_check = MarkerCheck(tokenizer, stop_markers) if method != "plain" else None
+    own_loop = {"fast": greedy_generate, "graphed": graphed_generate}.get(method)
     model.eval()
-    try:
-        for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-            input_ids, attention_mask = left_pad([encoded[index] for index in batch], tokenizer.pad_token_id)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            if method == "fast":
-                rows_new_ids = greedy_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                               eos_token_id=tokenizer.eos_token_id, marker_check=marker_check)
-            else:
-                output = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                    stopping_criteria=StoppingCriteriaList([StopOnMarker(tokenizer, input_ids.shape[1],
-                                                                         stop_markers)]),
-                    **extra,
-                )
-                rows_new_ids = output[:, input_ids.shape[1] :].tolist()
-            for row, index in enumerate(batch):
-                new_ids, stopped = split_generated(rows_new_ids[row], tokenizer.eos_token_id, tokenizer.pad_token_id)
-                new_token_total += len(new_ids) + int(stopped)
-                raw = tokenizer.decode(new_ids, skip_special_tokens=True)
-                results[index] = Generation(raw=raw, stopped_by_eos=stopped, new_tokens=len(new_ids))
-    finally:
-        if quantizer_owner is not None:
-            quantizer_owner.hf_quantizer = hidden_quantizer
+    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+        input_ids, attention_mask = left_pad([encoded[index] for index in batch], tokenizer.pad_token_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if own_loop is not None:
+            rows_new_ids = own_loop(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                    eos_token_id=tokenizer.eos_token_id, marker_check=marker_check)
+        else:
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([StopOnMarker(tokenizer, input_ids.shape[1],
+                                                                     stop_markers)]),
+            )
+            rows_new_ids = output[:, input_ids.shape[1] :].tolist()
+        for row, index in enumerate(batch):
+            new_ids, stopped = split_generated(rows_new_ids[row], tokenizer.eos_token_id, tokenizer.pad_token_id)
+            new_token_total += len(new_ids) + int(stopped)
+            raw = tokenizer.decode(new_ids, skip_special_tokens=True)
+            results[index] = Generation(raw=raw, stopped_by_eos=stopped, new_tokens=len(new_ids))
     elapsed = time.perf_counter() - started
     stats = {"generation": method, "generation_s": round(elapsed, 2), "new_tokens": new_token_total,
              "new_tokens_per_s": round(new_token_total / max(elapsed, 1e-9), 2)}

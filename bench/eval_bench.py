@@ -3,17 +3,19 @@
 
     python bench/make_random_mistral.py /tmp/mistral-7b-random
     python bench/eval_bench.py /tmp/mistral-7b-random --out bench/results/eval_h100.json \
-        [--batch-size 128 --max-new-tokens 128 --prompts 256 --variants plain,fast,static_compiled,merged_bf16]
+        [--batch-size 128 --max-new-tokens 128 --prompts 256 --variants plain,graphed,fast,graphed_dequantized]
 
 The model loads in NF4 (alpaca_qlora.models.load_model, plan_quantization("nf4", device)) with a freshly
 initialised, non-zero LoRA adapter on the seven projections (project LoraParams), as the fine-tuned evaluation
 runs; prompts are Alpaca-formatted instructions of Alpaca length, tokenized by the model's tokenizer, greedy with
 the evaluation's stop rules. Variants, in this order on the same model object:
-- plain:           generation.generate(method="plain"): model.generate(), 4-bit bnb layers (the baseline);
-- fast:            the base dequantized once (dequantize_for_generation, same weights) + own greedy loop dropping
-                   finished rows (method="fast", opt-in through eval.generation);
-- static_compiled: the same weights, model.generate() with a static cache (transformers compiles it on CUDA);
-- merged_bf16:     LoRA merged into the dequantized weights (explicit option: changes precision).
+- plain:               generation.generate(method="plain"): model.generate(), 4-bit bnb layers (the baseline);
+- graphed:             method="graphed": the same 4-bit layers, static KV cache, decoding step in a CUDA graph;
+- fast:                the base dequantized once (dequantize_for_generation) + own greedy loop dropping finished
+                       rows (method="fast");
+- graphed_dequantized: the dequantized base with method="graphed";
+- merged_bf16:         LoRA merged into the dequantized weights, method="graphed" (explicit option: changes
+                       precision).
 Each reports new tokens/s, wall time, peak GPU memory and how many rows differ from plain (for merged_bf16 that
 is the precision change's effect, not a bug). A random-init model never emits EOS, so every row runs to
 max_new_tokens and dropping finished rows saves nothing here (recorded in the JSON). Prints a table last.
@@ -39,8 +41,10 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training import attach_lora
 
 log = logging.getLogger("eval_bench")
-VARIANTS = ("plain", "fast", "static_compiled", "merged_bf16")
-METHOD = {"plain": "plain", "fast": "fast", "static_compiled": "static", "merged_bf16": "fast"}
+VARIANTS = ("plain", "graphed", "fast", "graphed_dequantized", "merged_bf16")
+METHOD = {"plain": "plain", "graphed": "graphed", "fast": "fast", "graphed_dequantized": "graphed",
+          "merged_bf16": "graphed"}
+DEQUANTIZED = ("fast", "graphed_dequantized", "merged_bf16")
 
 INSTRUCTIONS = [
     ("What is the capital of France?", ""),
@@ -129,7 +133,7 @@ def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, m
     for variant in variants:
         log.info("variant %s", variant)
         try:
-            if variant in ("fast", "static_compiled", "merged_bf16") and not dequantized:
+            if variant in DEQUANTIZED and not dequantized:
                 started = time.perf_counter()
                 dequantize_for_generation(model)
                 dequantized = True
@@ -139,6 +143,8 @@ def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, m
                 merged = True
             elif merged:
                 raise RuntimeError(f"{variant} must run before merged_bf16 (the merge is in place)")
+            if dequantized and variant not in DEQUANTIZED:
+                raise RuntimeError(f"{variant} must run before the dequantized variants (dequantization is in place)")
             results.append(measure(model, tokenizer, texts, variant=variant, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, device=device, warmup=warmup))
             log.info("%s: %s new tokens/s", variant, results[-1]["new_tokens_per_s"])
@@ -157,15 +163,23 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name, result in by_variant.items():
         if plain and name != "plain":
-            differing = sum(a != b for a, b in zip(plain["generations"], result["generations"], strict=True))
-            result["rows_differing_from_plain"] = differing
+            pairs = [(a[0], b[0]) for a, b in zip(plain["generations"], result["generations"], strict=True)]
+            differing = [(a, b) for a, b in pairs if a != b]
+            result["rows_differing_from_plain"] = len(differing)
+            # where rows part ways: late (near-tie logits of a random-init model) or early (a real discrepancy)
+            result["differing_rows_shared_prefix_chars"] = (
+                round(sum(shared_prefix(a, b) for a, b in differing) / len(differing), 1) if differing else None)
             result["speedup_vs_plain"] = round(result["new_tokens_per_s"] / plain["new_tokens_per_s"], 3)
-    if plain and "fast" in by_variant:
-        summary["eval_speedup"] = by_variant["fast"]["speedup_vs_plain"]
-        summary["fast_identical_to_plain"] = by_variant["fast"]["rows_differing_from_plain"] == 0
-    if plain and "merged_bf16" in by_variant:
-        summary["merged_bf16_rows_differing"] = by_variant["merged_bf16"]["rows_differing_from_plain"]
+    if plain and "graphed" in by_variant:
+        summary["eval_speedup"] = by_variant["graphed"]["speedup_vs_plain"]
+        summary["graphed_identical_to_plain"] = by_variant["graphed"]["rows_differing_from_plain"] == 0
+    summary["by_variant"] = {name: {key: result.get(key) for key in ("speedup_vs_plain", "rows_differing_from_plain")}
+                             for name, result in by_variant.items() if name != "plain"}
     return summary
+
+
+def shared_prefix(first: str, second: str) -> int:
+    return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
 
 
 def table(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -188,7 +202,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="plain first; merged_bf16 last (in place)")
+    parser.add_argument("--variants", default="plain,graphed,fast,graphed_dequantized",
+                        help=f"from {', '.join(VARIANTS)}, in that order (dequantization and merging are in place)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-warmup", action="store_true")
     arguments = parser.parse_args()

@@ -36,8 +36,9 @@ def evaluate(which: str) -> None:
     method = params.eval.generation  # validated with the params; generate() checks it again
     merge = params.eval.merge_bf16
     # The 4-bit base is dequantized once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for
-    # the fast/static loops on CUDA, and always before merging LoRA (which changes precision: explicit only).
-    dequantized = loaded.plan.quantized and (merge or (method != "plain" and loaded.device.startswith("cuda")))
+    # the fast loop on CUDA, and always before merging LoRA (which changes precision: explicit only). The graphed
+    # loop keeps bnb's own 4-bit kernels, so its tokens are plain's.
+    dequantized = loaded.plan.quantized and (merge or (method == "fast" and loaded.device.startswith("cuda")))
     if dequantized:
         dequantize_for_generation(loaded.model)
     merged = merge and merge_lora_for_generation(loaded.model) > 0  # the base model has no adapter to merge

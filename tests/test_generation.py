@@ -1,4 +1,5 @@
-"""The fast generation path (own greedy loop, finished rows dropped, dequantized 4-bit base) against generate()."""
+"""Our generation loops against generate(): fast (own greedy loop, finished rows dropped, dequantized 4-bit base)
+and graphed (static KV cache, the decoding step a CUDA graph on GPU, run eagerly here)."""
 from __future__ import annotations
 
 import pytest
@@ -42,20 +43,20 @@ def embedded(embedded_model_dir):
     return model, load_tokenizer(str(embedded_model_dir), padding_side="left"), plan
 
 
-def test_fast_loop_matches_generate_with_rows_stopping_at_different_steps(embedded):
+@pytest.mark.parametrize("method", ["fast", "graphed"])
+def test_own_loop_matches_generate_with_rows_stopping_at_different_steps(embedded, method):
     model, tokenizer, _ = embedded
     plain = run(model, tokenizer, "plain")
-    fast = run(model, tokenizer, "fast")
-    assert fast == plain
+    assert run(model, tokenizer, method) == plain
     lengths = {g.new_tokens for g in plain if g.stopped_by_eos}
     assert len(lengths) >= 3 and any(not g.stopped_by_eos for g in plain)  # EOS at several steps, and the limit
     # stop markers: the first word of two answers becomes a marker, so those rows stop by marker, not EOS
     markers = tuple(dict.fromkeys(g.raw.split()[0] for g in plain[:2] if g.raw.split()))
     plain_m = run(model, tokenizer, "plain", markers=markers)
-    assert run(model, tokenizer, "fast", markers=markers) == plain_m
+    assert run(model, tokenizer, method, markers=markers) == plain_m
     assert any(not g.stopped_by_eos and g.new_tokens < 30 for g in plain_m)
     # batches of uneven size and a batch of one
-    assert run(model, tokenizer, "fast", batch_size=4) == run(model, tokenizer, "plain", batch_size=4)
+    assert run(model, tokenizer, method, batch_size=4) == run(model, tokenizer, "plain", batch_size=4)
 
 
 def test_dequantized_fast_path_matches_4bit_generate(embedded_model_dir):
@@ -101,7 +102,8 @@ def test_dequantized_linear_equals_bnb_batched_matmul(tiny_lora):
         assert torch.equal(linear(inputs[id(layer)]), expected[id(layer)])
 
 
-def test_fast_loop_with_lora_and_forced_eos(tiny_lora):
+@pytest.mark.parametrize("method", ["fast", "graphed"])
+def test_own_loop_with_lora_and_forced_eos(tiny_lora, method):
     """Random weights never stop: EOS's output row is made a scaled copy of a frequent token's, so rows stop
     (at different steps) wherever that token would have won; LoRA stays attached, unmerged."""
     model, tokenizer = tiny_lora
@@ -126,10 +128,10 @@ def test_fast_loop_with_lora_and_forced_eos(tiny_lora):
     plain = run(model, tokenizer, "plain", markers=(), prompts=prompts)
     stops = sorted(g.new_tokens for g in plain if g.stopped_by_eos)
     assert len(set(stops)) >= 2, stops
-    assert run(model, tokenizer, "fast", markers=(), prompts=prompts) == plain
+    assert run(model, tokenizer, method, markers=(), prompts=prompts) == plain  # 4-bit bnb layers
     assert dequantize_for_generation(model) == 14
-    assert run(model, tokenizer, "fast", markers=(), prompts=prompts) == plain
-    assert run(model, tokenizer, "fast", markers=(), prompts=prompts, batch_size=3) == \
+    assert run(model, tokenizer, method, markers=(), prompts=prompts) == plain
+    assert run(model, tokenizer, method, markers=(), prompts=prompts, batch_size=3) == \
         run(model, tokenizer, "plain", markers=(), prompts=prompts, batch_size=3)
 
 
@@ -152,6 +154,7 @@ def test_generation_method_resolution(embedded):
     model, _, _ = embedded
     assert resolve_generation_method("plain") == "plain"
     assert resolve_generation_method("fast") == "fast"
+    assert resolve_generation_method("graphed") == "graphed"
     with pytest.raises(PipelineError, match="generation method"):
         resolve_generation_method("turbo")
     original = model.generation_config.repetition_penalty
@@ -178,3 +181,15 @@ def test_evaluate_stages_declare_generation_params(stage):
     from alpaca_qlora.config import declared_params
 
     assert {"eval.generation", "eval.merge_bf16"} <= set(declared_params(stage))
+
+
+def test_graphed_refuses_batches_beyond_the_sliding_window(tiny_lora):
+    """A static cache keeps every key in view: past a sliding window it would attend where the model does not."""
+    model, tokenizer = tiny_lora
+    config = model.get_base_model().config
+    original, config.sliding_window = getattr(config, "sliding_window", None), 40
+    try:
+        with pytest.raises(PipelineError, match="sliding window"):
+            run(model, tokenizer, "graphed", max_new_tokens=30, prompts=PROMPTS[:2])
+    finally:
+        config.sliding_window = original
