@@ -22,6 +22,7 @@ DVC_FILE = "dvc.yaml"
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 SEVEN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Switch = Literal["auto", True, False]  # a speed setting: auto picks it by device, true / false force it
 
 
 class ConfigError(PipelineError, ValueError):
@@ -83,11 +84,12 @@ class TrainParams:
     max_steps: int = -1
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 4
-    gradient_checkpointing: bool = True
+    # auto: on where it pays, i.e. on CUDA (training.resolve_speed_switches); true / false force it
+    gradient_checkpointing: Switch = "auto"
     checkpoint_offload: bool = False
     frozen_dtype: Literal["compute", "fp32"] = "compute"
     packing: bool = True
-    liger_kernels: bool = False
+    liger_kernels: Switch = "auto"
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     max_seq_length: int = 2048
@@ -117,8 +119,8 @@ class TrainParams:
         _require(self.num_processes >= 1, "train.num_processes", self.num_processes, "a positive process count")
         _require(self.distributed != "none" or self.num_processes == 1, "train.num_processes", self.num_processes,
                  "1 when train.distributed is none (set train.distributed=ddp or fsdp to use more processes)")
-        _require(not self.checkpoint_offload or self.gradient_checkpointing, "train.checkpoint_offload",
-                 self.checkpoint_offload, "false unless train.gradient_checkpointing is true (it moves checkpoints)")
+        _require(not self.checkpoint_offload or self.gradient_checkpointing is not False, "train.checkpoint_offload",
+                 self.checkpoint_offload, "false when train.gradient_checkpointing is false (it moves checkpoints)")
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,10 @@ class EvalParams:
     short_answer_max_words: int = 5
     short_answer_task_types: tuple[str, ...] = ("closed_qa", "factual", "classification")
     num_examples: int = 5
-    # plain: model.generate(); fast: own greedy loop dropping finished rows, with the 4-bit base dequantized once on
-    # CUDA (same weights, 2.8x faster, but not bitwise the same outputs on GPU); static: generate() with a compiled
-    # static cache (experimental). merge_bf16 folds LoRA into the dequantized weights: changes precision, opt-in.
-    generation: Literal["plain", "fast", "static"] = "plain"
+    # plain: model.generate(); graphed: the same 4-bit layers, static KV cache, decoding step replayed as a CUDA
+    # graph; fast: own greedy loop dropping finished rows, with the 4-bit base dequantized once on CUDA (not bitwise
+    # the same outputs on GPU). merge_bf16 folds LoRA into the dequantized weights: changes precision, opt-in.
+    generation: Literal["plain", "fast", "graphed"] = "plain"
     merge_bf16: bool = False
 
     def validate(self) -> None:
@@ -161,7 +163,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
-        if value not in choices:
+        if True in choices and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"  # a switch given on the command line
+        if not isinstance(value, (str, bool)) or value not in choices:
             raise ConfigError(f"params: {key} = {value!r} is not one of {', '.join(map(repr, choices))}.")
         return value
     if origin in (tuple, list):

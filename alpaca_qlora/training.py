@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -171,6 +172,34 @@ def make_collator(packing: bool, pad_token_id: int, max_seq_length: int) -> Resp
     if packing:
         return PackedCollator(bin_tokens=max_seq_length, pad_token_id=pad_token_id)
     return ResponseOnlyCollator(pad_token_id=pad_token_id)
+
+
+@dataclass(frozen=True)
+class SpeedSwitches:
+    liger_kernels: bool
+    gradient_checkpointing: bool
+
+
+def resolve_speed_switches(train: Any, device: str, *, liger_installed: bool | None = None) -> SpeedSwitches:
+    """`auto` turns Liger kernels and gradient checkpointing on for CUDA, where bench/train_bench.py measured them
+    paying (with packing and bf16 frozen weights: 1.56x the tokens/s of the HF+PEFT baseline at 0.66x its peak
+    memory on an H200), and off on CPU, where a small model needs no checkpointing and Triton does not run.
+    Liger on auto also needs liger-kernel installed; without it training goes on unfused, with a warning."""
+    on_cuda = device == "cuda"
+    checkpointing = on_cuda if train.gradient_checkpointing == "auto" else bool(train.gradient_checkpointing)
+    liger = bool(train.liger_kernels)
+    if train.liger_kernels == "auto":
+        if liger_installed is None:
+            liger_installed = importlib.util.find_spec("liger_kernel") is not None
+        liger = on_cuda and liger_installed
+        if on_cuda and not liger_installed:
+            log.warning("train.liger_kernels=auto: liger-kernel is not installed, so training runs without its fused "
+                        "kernels (pip install liger-kernel: faster, and less memory)")
+    if train.checkpoint_offload and not checkpointing:
+        raise PipelineError("train.checkpoint_offload=true moves gradient checkpoints to host memory, but gradient "
+                            f"checkpointing is off on {device} (train.gradient_checkpointing="
+                            f"{train.gradient_checkpointing}); set train.gradient_checkpointing=true.")
+    return SpeedSwitches(liger_kernels=liger, gradient_checkpointing=checkpointing)
 
 
 def apply_liger_kernels(model: torch.nn.Module, device: str) -> None:

@@ -9,6 +9,7 @@ train.num_processes processes (the DVC command stays `python stages/train.py`); 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from alpaca_qlora.training import (
     process_group,
     remove_stale_runs,
     render_model_card,
+    resolve_speed_switches,
     run_fingerprint,
     run_training,
     save_adapter,
@@ -68,10 +70,13 @@ def main() -> None:
     tokenizer = load_tokenizer(source)
     set_seed(params.train.seed)  # LoRA initialisation and data order
     model = load_model(source, plan, device=device, shardable=params.train.distributed == "fsdp")
-    if params.train.liger_kernels:
+    switches = resolve_speed_switches(params.train, device)
+    log.info("liger kernels %s, gradient checkpointing %s", "on" if switches.liger_kernels else "off",
+             "on" if switches.gradient_checkpointing else "off")
+    if switches.liger_kernels:
         apply_liger_kernels(model, device)
     model = attach_lora(model, params.lora, quantized=plan.quantized,
-                        gradient_checkpointing=params.train.gradient_checkpointing,
+                        gradient_checkpointing=switches.gradient_checkpointing,
                         frozen_dtype=params.train.frozen_dtype, checkpoint_offload=params.train.checkpoint_offload)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
@@ -83,7 +88,7 @@ def main() -> None:
         remove_stale_runs(CHECKPOINTS, keep=run_dir)
     job = TrainingJob(model=model, tokenizer=tokenizer, dataset=dataset, train=params.train, plan=plan,
                       device=device, run_dir=run_dir, log_dir=LOG_DIR)
-    metrics = run_training(job, resume=params.train.resume == "auto")
+    metrics = {**run_training(job, resume=params.train.resume == "auto"), **dataclasses.asdict(switches)}
     if not ranks.is_main:
         return
 

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alpaca_qlora.config import ConfigError, declared_params, load_params, params_from_mapping, stage_params
+from alpaca_qlora.config import (ConfigError, TrainParams, declared_params, load_params, params_from_mapping,
+                                 stage_params)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +90,14 @@ def test_data_stages_never_depend_on_lora_or_train_except_seq_length():
         keys = declared_params(stage, ROOT / "dvc.yaml")
         assert not any(key.startswith("lora") for key in keys)
         assert all(not key.startswith("train") or key == "train.max_seq_length" for key in keys)
+
+
+def test_speed_switches_take_auto_true_false_and_nothing_else():
+    assert TrainParams().gradient_checkpointing == "auto" and TrainParams().liger_kernels == "auto"
+    params = params_from_mapping({"train": {"gradient_checkpointing": "true", "liger_kernels": False}})
+    assert params.train.gradient_checkpointing is True and params.train.liger_kernels is False
+    for bad in ("yes", 1, "on"):
+        with pytest.raises(ConfigError, match="train.liger_kernels"):
+            params_from_mapping({"train": {"liger_kernels": bad}})
+    with pytest.raises(ConfigError, match="train.checkpoint_offload"):
+        params_from_mapping({"train": {"gradient_checkpointing": False, "checkpoint_offload": True}})

@@ -19,10 +19,12 @@ from alpaca_qlora.training import (
     PackedCollator,
     prepare_quantized_model,
     ResponseOnlyCollator,
+    SpeedSwitches,
     apply_liger_kernels,
     TokenizedDataset,
     TrainingJob,
     attach_lora,
+    resolve_speed_switches,
     run_training,
     save_adapter,
 )
@@ -276,3 +278,17 @@ def test_frozen_weights_keep_the_compute_dtype_unless_fp32_is_asked(tiny_mistral
         assert model.get_input_embeddings().weight.dtype == expected
         assert model.lm_head.weight.dtype == expected
         assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_speed_switches_resolve_by_device():
+    """auto: Liger and checkpointing on CUDA (measured to pay there), off on CPU; explicit values win."""
+    auto = TrainParams()
+    assert resolve_speed_switches(auto, "cpu", liger_installed=True) == SpeedSwitches(False, False)
+    assert resolve_speed_switches(auto, "cuda", liger_installed=True) == SpeedSwitches(True, True)
+    assert resolve_speed_switches(auto, "cuda", liger_installed=False) == SpeedSwitches(False, True)
+    forced = dataclasses.replace(auto, gradient_checkpointing=True, liger_kernels=False)
+    assert resolve_speed_switches(forced, "cpu") == SpeedSwitches(False, True)
+    offload = dataclasses.replace(auto, checkpoint_offload=True)
+    with pytest.raises(PipelineError, match="gradient_checkpointing=true"):
+        resolve_speed_switches(offload, "cpu")
+    assert resolve_speed_switches(offload, "cuda", liger_installed=True).gradient_checkpointing
