@@ -10,6 +10,8 @@
 #   fsdp   the train stage on 2 GPUs with train.distributed=fsdp
 #   train  bench/train_bench.py: baseline and the project's variants, and the memory table
 #   eval   bench/eval_bench.py: plain generate() against the project's generation
+#   evalstage  the evaluate stage (base model) with eval.generation plain, then graphed: rows that differ
+#   profile  bench/train_profile.py: where a training step's GPU time goes, baseline and project
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUT_DIR PHASE...}; shift
 mkdir -p "$out"
@@ -17,8 +19,8 @@ model=/tmp/mistral-7b-random
 export ALPACA_QLORA_MODEL_CACHE=/tmp/model-cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=/tmp/site:$PWD ALPACA_QLORA_MISTRAL_TOKENIZER=/tmp/tokenizer.model.v1
 stage_params=(model.name="$model" model.quantization=nf4 train.max_seq_length=2048 train.epochs=1
-  train.micro_batch_size=16 train.gradient_accumulation_steps=1 train.gradient_checkpointing=true
-  train.packing=true train.liger_kernels=true train.frozen_dtype=compute train.learning_rate=2e-4
+  train.micro_batch_size=16 train.gradient_accumulation_steps=1 train.gradient_checkpointing=auto
+  train.packing=true train.liger_kernels=auto train.frozen_dtype=compute train.learning_rate=2e-4
   train.logging_steps=2 train.dvclive=false train.save_steps=1000)
 
 train_stage() {  # NAME [extra params...]
@@ -57,6 +59,20 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
     eval)
       CUDA_VISIBLE_DEVICES=0 timeout "${EVAL_TIMEOUT:-420}" python bench/eval_bench.py "$model" \
         --out "$out/eval_bench.json" ${EVAL_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
+    evalstage)
+      for method in plain graphed; do
+        python bench/set_params.py "${stage_params[@]}" eval.generation=$method eval.batch_size=${EVAL_BATCH:-64} \
+          eval.max_new_tokens=64 && timeout "${STAGE_TIMEOUT:-300}" python stages/evaluate.py base 2>&1 \
+          | grep "INFO evaluate\|Error" | tail -3
+        cp metrics/eval_base.json "$out/eval_stage_base_$method.json"
+        cp data/predictions/base.jsonl "$out/predictions_base_$method.jsonl"
+      done
+      python -c "import json,sys; rows=[[json.loads(l)['raw'] for l in open(sys.argv[1] % m)] for m in ('plain','graphed')]; \
+print('evalstage: %d of %d rows differ between plain and graphed' % (sum(a != b for a, b in zip(*rows)), len(rows[0])))" \
+        "$out/predictions_base_%s.jsonl" | tee "$out/eval_stage_compare.txt" ;;
+    profile)
+      CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_TIMEOUT:-300}" python bench/train_profile.py "$model" \
+        --out "$out/train_profile.json" ${PROFILE_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

@@ -251,7 +251,10 @@ def ratios(results: list[Measurement], variant: str) -> dict[str, Any]:
     if base_dense and dense:
         out["train_speedup"] = round(dense.tokens_per_s / base_dense.tokens_per_s, 3)
         out["train_peak_memory_ratio"] = round(dense.peak_memory_gib / base_dense.peak_memory_gib, 3)
-        out["dense_loss_max_abs_diff"] = round(max(abs(a - b) for a, b in zip(base_dense.losses, dense.losses)), 4)
+        differences = [abs(a - b) for a, b in zip(base_dense.losses, dense.losses)]
+        out["dense_loss_steps_compared"] = len(differences)
+        out["dense_loss_max_abs_diff"] = round(max(differences), 4)
+        out["dense_loss_mean_abs_diff"] = round(sum(differences) / len(differences), 5)
     if base_alpaca and alpaca:
         out["useful_tokens_speedup"] = round(alpaca.useful_tokens_per_s / base_alpaca.useful_tokens_per_s, 3)
         out["alpaca_peak_memory_ratio"] = round(alpaca.peak_memory_gib / base_alpaca.peak_memory_gib, 3)
@@ -286,6 +289,15 @@ def table(results: list[Measurement], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_results(path: Path, results: list[Measurement], summary: dict[str, Any]) -> None:
+    payload = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               **summary, "results": [m.__dict__ for m in results]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    temporary.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
@@ -301,18 +313,11 @@ def main() -> None:
     configure_logging()
     results = run(arguments.model_dir, arguments.steps, arguments.warmup, arguments.variants.split(","))
     summary = summarize(results)
+    write_results(arguments.out, results, summary)  # kept even if the memory table runs out of time
     if arguments.memory_rows:
         summary["memory"] = memory_table(arguments.model_dir, [int(k) for k in arguments.memory_rows.split(",")],
                                          arguments.memory_limit_gib)
-    payload = {
-        "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        **summary,
-        "results": [m.__dict__ for m in results],
-    }
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(payload, indent=2) + "\n")
+        write_results(arguments.out, results, summary)
     print(table(results, summary))
 
 
