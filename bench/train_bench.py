@@ -143,6 +143,17 @@ def build_variant(model_dir: str, variant: str) -> tuple[Any, bool]:
     return project_model(model_dir, **settings), packing
 
 
+def train_step(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One optimizer step as every variant takes it: bf16 autocast forward, backward, AdamW; returns the loss."""
+    batch = {key: value.to("cuda", non_blocking=True) for key, value in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(model: Any, batches: list[dict[str, torch.Tensor]], *, variant: str, workload: str, warmup: int,
             useful_tokens: list[int]) -> Measurement:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -155,13 +166,7 @@ def measure(model: Any, batches: list[dict[str, torch.Tensor]], *, variant: str,
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
-        batch = {key: value.to("cuda", non_blocking=True) for key, value in batch.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(model, optimizer, batch).item())
         if step >= warmup:
             timed_tokens += batch["input_ids"].numel()
             timed_useful += useful_tokens[step]

@@ -29,7 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import VARIANTS, build_variant, collate, dense_batches, release_memory  # noqa: E402
+from train_bench import VARIANTS, build_variant, collate, dense_batches, release_memory, train_step  # noqa: E402
 
 from alpaca_qlora.stage import configure_logging  # noqa: E402
 
@@ -109,13 +109,7 @@ def train_steps(model: Any, optimizer: torch.optim.Optimizer, batches: list[dict
     torch.cuda.synchronize()
     started = time.perf_counter()
     for batch in batches:
-        batch = {key: value.to("cuda", non_blocking=True) for key, value in batch.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        train_step(model, optimizer, batch).item()
     torch.cuda.synchronize()
     return (time.perf_counter() - started) / len(batches)
 
