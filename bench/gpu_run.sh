@@ -11,6 +11,8 @@
 #   train  bench/train_bench.py: baseline and the project's variants, and the memory table
 #   eval   bench/eval_bench.py: plain generate() against the project's generation
 #   evalstage  the evaluate stage (base model) with eval.generation plain, then graphed: rows that differ
+#   unsloth  bench/unsloth_bench.py in its own process, against the train phase's JSON (run train first);
+#            needs .whl/unsloth-site.tar.gz (bash bench/make_unsloth_site.sh)
 #   profile  bench/train_profile.py: where a training step's GPU time goes, baseline and project
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUT_DIR PHASE...}; shift
@@ -70,6 +72,12 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
       python -c "import json,sys; rows=[[json.loads(l)['raw'] for l in open(sys.argv[1] % m)] for m in ('plain','graphed')]; \
 print('evalstage: %d of %d rows differ between plain and graphed' % (sum(a != b for a, b in zip(*rows)), len(rows[0])))" \
         "$out/predictions_base_%s.jsonl" | tee "$out/eval_stage_compare.txt" ;;
+    unsloth)
+      mkdir -p /tmp/unsloth-site && tar xzf .whl/unsloth-site.tar.gz -C /tmp/unsloth-site
+      CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 \
+        timeout "${UNSLOTH_TIMEOUT:-420}" python bench/unsloth_bench.py "$model" --baseline "$out/train_bench.json" \
+        --out "$out/unsloth_bench.json" --steps "${BENCH_STEPS:-10}" --warmup 2 ${UNSLOTH_ARGS:-} 2>&1 \
+        | grep -v "Warning\|Loading weights\|Measurement(" | tail -40 ;;
     profile)
       CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_TIMEOUT:-300}" python bench/train_profile.py "$model" \
         --out "$out/train_profile.json" ${PROFILE_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;

@@ -1,0 +1,114 @@
+"""Unsloth on train_bench's workloads: the anchor the speed issue names, measured in its own process (Unsloth patches
+transformers, PEFT and TRL when imported) on the same machine, in the same call, as train_bench's baseline.
+
+    python bench/train_bench.py /tmp/mistral-7b-random --out OUT/train_bench.json --steps 48
+    PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH python bench/unsloth_bench.py /tmp/mistral-7b-random \
+        --baseline OUT/train_bench.json --out OUT/unsloth_bench.json --steps 48
+
+Same model directory, same batches (train_bench.dense_batches / alpaca_rows with the same seeds), same step
+(train_bench.measure: bf16 autocast, AdamW, lr 1e-4). Unsloth as its docs show it: FastLanguageModel in NF4,
+LoRA r=16, alpha 16 on the seven projections, use_gradient_checkpointing="unsloth"; lora_dropout as the baseline's
+(0.05) and, as Unsloth recommends for speed, 0. Alpaca-length rows go in padded micro-batches of 8, like the
+baseline's. Ratios are against the baseline JSON's figures; prints a table last.
+"""
+from __future__ import annotations
+
+import unsloth  # noqa: F401  (first: it patches the libraries below)
+from unsloth import FastLanguageModel
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_bench import (Measurement, alpaca_rows, chunk, collate, dense_batches, measure,  # noqa: E402
+                         release_memory)
+
+from alpaca_qlora.config import LoraParams  # noqa: E402
+from alpaca_qlora.stage import configure_logging  # noqa: E402
+
+log = logging.getLogger("unsloth_bench")
+
+
+def unsloth_model(model_dir: str, dropout: float) -> Any:
+    lora = LoraParams()
+    model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=2048, dtype=torch.bfloat16,
+                                                 load_in_4bit=True)
+    return FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,
+                                            target_modules=list(lora.target_modules), bias="none",
+                                            use_gradient_checkpointing="unsloth", random_state=0)
+
+
+def run(model_dir: str, steps: int, warmup: int, dropouts: list[float]) -> list[Measurement]:
+    dense, _ = collate(dense_batches(steps + warmup, rows=4, length=2048, seed=0), packing=False)
+    alpaca, alpaca_useful = collate(chunk(alpaca_rows(64 * (steps + warmup), seed=1), 8)[: steps + warmup],
+                                    packing=False)
+    results = []
+    for dropout in dropouts:
+        variant = f"unsloth_dropout{dropout:g}"
+        log.info("variant %s: loading", variant)
+        model = unsloth_model(model_dir, dropout)
+        results.append(measure(model, dense, variant=variant, workload="dense_4x2048", warmup=warmup,
+                               useful_tokens=[batch["input_ids"].numel() for batch in dense]))
+        log.info("%s", results[-1])
+        results.append(measure(model, alpaca, variant=variant, workload="alpaca_padded_8rows", warmup=warmup,
+                               useful_tokens=alpaca_useful))
+        log.info("%s", results[-1])
+        del model
+        release_memory()
+    return results
+
+
+def ratios(results: list[Measurement], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Useful tokens/s and peak memory against train_bench's baseline and project on the same workload."""
+    by_source = {(entry["variant"], entry["workload"].split("_")[0]): entry for entry in baseline["results"]}
+    out: dict[str, Any] = {}
+    for m in results:
+        workload = m.workload.split("_")[0]
+        entry = out.setdefault(m.variant, {})
+        for source in ("baseline", "project"):
+            other = by_source.get((source, workload))
+            if other:
+                speed = m.useful_tokens_per_s / other["useful_tokens_per_s"]
+                entry[f"{workload}_useful_tokens_vs_{source}"] = round(speed, 3)
+                entry[f"{workload}_peak_memory_vs_{source}"] = round(m.peak_memory_gib / other["peak_memory_gib"], 3)
+        base_dense = by_source.get(("baseline", "dense"))
+        if workload == "dense" and base_dense:
+            differences = [abs(a - b) for a, b in zip(base_dense["losses"], m.losses)]
+            entry["dense_loss_max_abs_diff_vs_baseline"] = round(max(differences), 4)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--baseline", type=Path, required=True, help="train_bench.py's JSON from the same call")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dropouts", default="0.05,0")
+    arguments = parser.parse_args()
+    configure_logging()
+    baseline = json.loads(arguments.baseline.read_text())
+    results = run(arguments.model_dir, arguments.steps, arguments.warmup,
+                  [float(value) for value in arguments.dropouts.split(",")])
+    summary = ratios(results, baseline)
+    payload = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "unsloth": getattr(unsloth, "__version__", "?"), "baseline_command": baseline["command"],
+               "ratios": summary, "results": [m.__dict__ for m in results]}
+    arguments.out.write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [f"{'variant':<22} {'workload':<22} {'step s':>8} {'useful tok/s':>13} {'peak GiB':>9}"]
+    for m in results:
+        lines.append(f"{m.variant:<22} {m.workload:<22} {m.step_time_s:>8.3f} {m.useful_tokens_per_s:>13.0f} "
+                     f"{m.peak_memory_gib:>9.2f}")
+    lines += [f"{variant}: {values}" for variant, values in summary.items()]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
