@@ -275,6 +275,17 @@ def take_token(generated: list[int], token: int, *, watched: bool, eos_token_id:
     return done, watched
 
 
+def _greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's next token as greedy `generate()` picks it: argmax of the last position's logits in fp32."""
+    return logits[:, -1].to(dtype=torch.float32).argmax(dim=-1)
+
+
+def _prefill_inputs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids of a left-padded batch, and the mask as `generate()` passes it (none when nothing is padded)."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    return position_ids, (attention_mask if not bool(attention_mask.all()) else None)
+
+
 def _forward_model(model: Any) -> Any:
     """The transformers model under a PEFT wrapper (LoRA layers stay injected): what `generate()` itself calls."""
     get_base = getattr(model, "get_base_model", None)
@@ -301,9 +312,7 @@ def greedy_generate(
 
     network = _forward_model(model)
     device = input_ids.device
-    has_padding = not bool(attention_mask.all())
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    mask = attention_mask if has_padding else None
+    position_ids, mask = _prefill_inputs(attention_mask)
     cache = DynamicCache(config=network.config)
     rows = list(range(input_ids.shape[0]))  # original row index of each batch position
     padded = [not bool(attention_mask[row].all()) for row in rows]
@@ -315,7 +324,7 @@ def greedy_generate(
         outputs = network(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
                           past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
         cache = outputs.past_key_values
-        next_tokens = outputs.logits[:, -1].to(copy=True, dtype=torch.float32).argmax(dim=-1)
+        next_tokens = _greedy_tokens(outputs.logits)
         del outputs
         tokens = next_tokens.tolist()
         keep: list[int] = []
@@ -330,7 +339,7 @@ def greedy_generate(
         if not keep or step + 1 == max_new_tokens:
             break
         if len(keep) < len(rows):
-            if has_padding and not any(padded[rows[position]] for position in keep):
+            if mask is not None and not any(padded[rows[position]] for position in keep):
                 # transformers drops an all-ones mask (another attention path); keep one padded row, as the full
                 # batch would, so every step runs the attention the batch ran
                 keep.append(next(position for position, row in enumerate(rows) if padded[row]))
@@ -352,8 +361,6 @@ class StaticKVCache:
     `write_positions` (a device tensor the decoding loop advances): fixed shapes and addresses, which is what a CUDA
     graph needs. Implements the part of transformers' Cache interface the decoder layers call (`update`)."""
 
-    is_compileable = True
-
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_positions: torch.Tensor):
         self.keys, self.values, self.write_positions = keys, values, write_positions
 
@@ -374,9 +381,6 @@ class StaticKVCache:
         self.values[layer_idx].index_copy_(2, self.write_positions, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.keys[layer_idx].shape[2])
-
 
 class DecodeStep:
     """One greedy decoding step over a StaticKVCache, with every input in a fixed buffer: `ids` (the last
@@ -392,7 +396,7 @@ class DecodeStep:
     def _forward(self) -> None:
         logits = self.network(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
                               past_key_values=self.cache, use_cache=True, logits_to_keep=1, return_dict=True).logits
-        self.next_tokens.copy_(logits[:, -1].to(dtype=torch.float32).argmax(dim=-1))
+        self.next_tokens.copy_(_greedy_tokens(logits))
 
     def _capture(self) -> None:
         # warm-up on a side stream (allocator, cuBLAS handles, lazy kernels), then capture; both recompute the
@@ -451,12 +455,11 @@ def graphed_generate(
         raise PipelineError(f"graphed generation keeps every key in view, but the model attends within a "
                             f"{window}-token sliding window and this batch needs {slots} positions; use generation "
                             f"'plain' or 'fast'.")
-    has_padding = not bool(attention_mask.all())
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    prefill = network(input_ids=input_ids, attention_mask=attention_mask if has_padding else None,
-                      position_ids=position_ids, past_key_values=DynamicCache(config=network.config), use_cache=True,
-                      logits_to_keep=1, return_dict=True)
-    first_tokens = prefill.logits[:, -1].to(dtype=torch.float32).argmax(dim=-1)
+    position_ids, prefill_mask = _prefill_inputs(attention_mask)
+    prefill = network(input_ids=input_ids, attention_mask=prefill_mask, position_ids=position_ids,
+                      past_key_values=DynamicCache(config=network.config), use_cache=True, logits_to_keep=1,
+                      return_dict=True)
+    first_tokens = _greedy_tokens(prefill.logits)
     write_positions = torch.tensor([prompt_length], dtype=torch.long, device=device)
     cache = StaticKVCache.from_prefill(prefill.past_key_values, slots, write_positions)
     del prefill

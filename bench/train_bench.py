@@ -193,9 +193,19 @@ def chunk(rows: list[dict], size: int) -> list[list[dict]]:
     return [rows[start : start + size] for start in range(0, len(rows) - size + 1, size)]
 
 
+def workloads(steps: int, warmup: int) -> tuple[list[list[dict[str, list[int]]]], list[dict[str, list[int]]]]:
+    """The two workloads' rows, the same for every variant and script: dense micro-batches, Alpaca-length rows."""
+    return (dense_batches(steps + warmup, rows=4, length=2048, seed=0),
+            alpaca_rows(64 * (steps + warmup), seed=1))
+
+
+def alpaca_micro_batches(rows: list[dict], packing: bool, count: int) -> list[list[dict]]:
+    """Micro-batches of Alpaca-length rows: 32 rows packed into 2048-token bins, or 8 padded rows."""
+    return chunk(rows, 32 if packing else 8)[:count]
+
+
 def run(model_dir: str, steps: int, warmup: int, variants: list[str]) -> list[Measurement]:
-    dense = dense_batches(steps + warmup, rows=4, length=2048, seed=0)
-    rows = alpaca_rows(64 * (steps + warmup), seed=1)
+    dense, rows = workloads(steps, warmup)
     results: list[Measurement] = []
     for variant in variants:  # baseline first: Liger patches some functions module-wide
         log.info("variant %s: loading", variant)
@@ -210,8 +220,7 @@ def run(model_dir: str, steps: int, warmup: int, variants: list[str]) -> list[Me
             release_memory()
             continue
         log.info("%s", results[-1])
-        alpaca_micro = chunk(rows, 32 if packing else 8)[: steps + warmup]
-        batches, useful = collate(alpaca_micro, packing)
+        batches, useful = collate(alpaca_micro_batches(rows, packing, steps + warmup), packing)
         results.append(measure(model, batches, variant=variant,
                                workload="alpaca_packed_32rows" if packing else "alpaca_padded_8rows",
                                warmup=warmup, useful_tokens=useful))

@@ -5,7 +5,7 @@ transformers, PEFT and TRL when imported) on the same machine, in the same call,
     PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH python bench/unsloth_bench.py /tmp/mistral-7b-random \
         --baseline OUT/train_bench.json --out OUT/unsloth_bench.json --steps 48
 
-Same model directory, same batches (train_bench.dense_batches / alpaca_rows with the same seeds), same step
+Same model directory, same batches (train_bench.workloads), same step
 (train_bench.measure: bf16 autocast, AdamW, lr 1e-4). Unsloth as its docs show it: FastLanguageModel in NF4,
 LoRA r=16, alpha 16 on the seven projections, use_gradient_checkpointing="unsloth"; lora_dropout as the baseline's
 (0.05) and, as Unsloth recommends for speed, 0. Alpaca-length rows go in padded micro-batches of 8, like the
@@ -26,8 +26,8 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import (Measurement, alpaca_rows, chunk, collate, dense_batches, measure,  # noqa: E402
-                         release_memory)
+from train_bench import (Measurement, alpaca_micro_batches, collate, measure, release_memory,  # noqa: E402
+                         workloads)
 
 from alpaca_qlora.config import LoraParams  # noqa: E402
 from alpaca_qlora.stage import configure_logging  # noqa: E402
@@ -45,8 +45,9 @@ def unsloth_model(model_dir: str, dropout: float) -> Any:
 
 
 def run(model_dir: str, steps: int, warmup: int, dropouts: list[float]) -> list[Measurement]:
-    dense, _ = collate(dense_batches(steps + warmup, rows=4, length=2048, seed=0), packing=False)
-    alpaca, alpaca_useful = collate(chunk(alpaca_rows(64 * (steps + warmup), seed=1), 8)[: steps + warmup],
+    dense_rows, alpaca_length_rows = workloads(steps, warmup)
+    dense, dense_useful = collate(dense_rows, packing=False)
+    alpaca, alpaca_useful = collate(alpaca_micro_batches(alpaca_length_rows, False, steps + warmup),
                                     packing=False)
     results = []
     for dropout in dropouts:
@@ -54,7 +55,7 @@ def run(model_dir: str, steps: int, warmup: int, dropouts: list[float]) -> list[
         log.info("variant %s: loading", variant)
         model = unsloth_model(model_dir, dropout)
         results.append(measure(model, dense, variant=variant, workload="dense_4x2048", warmup=warmup,
-                               useful_tokens=[batch["input_ids"].numel() for batch in dense]))
+                               useful_tokens=dense_useful))
         log.info("%s", results[-1])
         results.append(measure(model, alpaca, variant=variant, workload="alpaca_padded_8rows", warmup=warmup,
                                useful_tokens=alpaca_useful))

@@ -37,7 +37,7 @@ def evaluate(which: str) -> None:
     merge = params.eval.merge_bf16
     # The 4-bit base is dequantized once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for
     # the fast loop on CUDA, and always before merging LoRA (which changes precision: explicit only). The graphed
-    # loop keeps bnb's own 4-bit kernels, so its tokens are plain's.
+    # loop keeps bnb's own 4-bit layers.
     dequantized = loaded.plan.quantized and (merge or (method == "fast" and loaded.device.startswith("cuda")))
     if dequantized:
         dequantize_for_generation(loaded.model)
