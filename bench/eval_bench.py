@@ -1,8 +1,8 @@
 """Evaluation generation throughput: plain `generate()` against the project's fast path, in one run on the same
 4-bit model, adapter and prompts.
 
-    python bench/make_random_mistral.py /tmp/mistral-7b-random
-    python bench/eval_bench.py /tmp/mistral-7b-random --out bench/results/eval_h100.json \
+    python -m bench.make_random_mistral /tmp/mistral-7b-random
+    python -m bench.eval_bench /tmp/mistral-7b-random --out bench/results/eval_h100.json \
         [--batch-size 128 --max-new-tokens 128 --prompts 256 --variants plain,graphed,fast,graphed_dequantized]
 
 The model loads in NF4 (alpaca_qlora.models.load_model, plan_quantization("nf4", device)) with a freshly

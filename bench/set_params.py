@@ -1,6 +1,6 @@
 """Set params.yaml keys where `dvc exp run -S` is not available (the GPU machine has no DVC):
 
-    python bench/set_params.py model.name=/tmp/mistral-7b-random train.liger_kernels=true
+    python -m bench.set_params model.name=/tmp/mistral-7b-random train.liger_kernels=true
 
 Values are read as YAML, like `-S` reads them; the result is validated before it is written.
 """

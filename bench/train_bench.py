@@ -1,8 +1,8 @@
 """Training throughput and memory on the GPU: the project's train-stage code path against a plain
 transformers + PEFT + bitsandbytes baseline, measured in the same run on the same model and batches.
 
-    python bench/make_random_mistral.py /tmp/mistral-7b-random
-    python bench/train_bench.py /tmp/mistral-7b-random --out bench/results/train_h100.json
+    python -m bench.make_random_mistral /tmp/mistral-7b-random
+    python -m bench.train_bench /tmp/mistral-7b-random --out bench/results/train_h100.json
 
 Workloads:
 - dense:  micro-batches of 4 x 2048 tokens, every token real;
