@@ -30,7 +30,7 @@ from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArg
 from alpaca_qlora import io
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import IGNORE_INDEX
-from alpaca_qlora.models import QuantizationPlan
+from alpaca_qlora.models import QuantizationPlan, load_model
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +337,21 @@ def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def build_trainable_model(source: str, plan: QuantizationPlan, lora: Any, switches: SpeedSwitches, *, device: str,
+                          frozen_dtype: str = "compute", checkpoint_offload: bool = False,
+                          shardable: bool = False) -> Any:
+    """The train stage's model, built in one place so the bench measures the stage's own sequence: the base as the
+    plan says, Liger's kernels patched in before PEFT wraps the modules, then LoRA (and checkpointing) attached."""
+    model = load_model(source, plan, device=device, shardable=shardable)
+    if switches.liger_kernels:
+        apply_liger_kernels(model, device)
+    model = attach_lora(model, lora, quantized=plan.quantized, gradient_checkpointing=switches.gradient_checkpointing,
+                        frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    return model
 
 
 @dataclass(frozen=True)

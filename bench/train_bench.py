@@ -10,12 +10,12 @@ Workloads:
           median ~190 tokens, clipped to [48, 1024]); the baseline pads each micro-batch of 8 rows to its longest
           row, the project packs rows padding-free. The figure that counts is useful (non-pad) tokens/s.
 Variants:
-- baseline: NF4 double-quant, LoRA r=16 on the seven projections, gradient checkpointing, sdpa, AdamW, bf16
-            autocast, padded batches;
+- baseline: NF4 double-quant, the Mistral profile's LoRA (r=16 on the seven projections), gradient
+            checkpointing, sdpa, AdamW, bf16 autocast, padded batches;
 - liger:    the train stage's code path with Liger kernels only (padded batches, PEFT's fp32 upcast);
-- project:  the train stage's code path (alpaca_qlora.models.load_model, training.apply_liger_kernels,
-            training.attach_lora, its collators) with its GPU defaults: Liger kernels, packing, frozen weights kept
-            in bf16 (train.frozen_dtype=compute), gradient checkpointing;
+- project:  the train stage's code path (its model from training.build_trainable_model, its collators) with its
+            GPU defaults: Liger kernels, packing, frozen weights kept in bf16 (train.frozen_dtype=compute),
+            gradient checkpointing;
 - unpacked: project without packing (padded micro-batches);
 - offload:  project + checkpoints offloaded to pinned host memory (train.checkpoint_offload);
 - nockpt:   project without gradient checkpointing (more memory, no recomputation).
@@ -39,14 +39,21 @@ from typing import Any
 
 import torch
 
-from alpaca_qlora.config import LoraParams
 from alpaca_qlora.formatting import IGNORE_INDEX
-from alpaca_qlora.models import load_model, plan_quantization
+from alpaca_qlora.models import plan_quantization
+from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training import PackedCollator, ResponseOnlyCollator, apply_liger_kernels, attach_lora
+from alpaca_qlora.training import PackedCollator, ResponseOnlyCollator, SpeedSwitches, build_trainable_model
 
 log = logging.getLogger("train_bench")
 VOCAB_LOW, VOCAB_HIGH = 100, 31000
+ROOT = Path(__file__).resolve().parents[1]
+MISTRAL_PROFILE = ROOT / "profiles" / "mistral-7b.yaml"
+
+
+def profile_lora() -> Any:
+    """LoRA as the real run sets it (the Mistral profile over params.yaml), for every variant and script."""
+    return profile_params(MISTRAL_PROFILE, ROOT / "params.yaml").lora
 
 
 @dataclass
@@ -97,21 +104,19 @@ def baseline_model(model_dir: str, gradient_checkpointing: bool = True) -> Any:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = profile_lora()
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                        target_modules=list(lora.target_modules))
     return get_peft_model(model, config)
 
 
 def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, frozen_dtype: str = "compute",
                   checkpoint_offload: bool = False) -> Any:
-    """The train stage's code path (stages/train.py) with its GPU settings."""
-    plan = plan_quantization("nf4", "cuda")
-    model = load_model(model_dir, plan, device="cuda")
-    if liger:
-        apply_liger_kernels(model, "cuda")
-    model = attach_lora(model, LoraParams(), quantized=True, gradient_checkpointing=gradient_checkpointing,
-                        frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
-    model.config.use_cache = False
+    """The train stage's model (training.build_trainable_model) with the variant's switches."""
+    model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), profile_lora(),
+                                  SpeedSwitches(liger_kernels=liger, gradient_checkpointing=gradient_checkpointing),
+                                  device="cuda", frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
+    model.config.use_cache = False  # as training.run_training sets it
     return model
 
 

@@ -25,16 +25,15 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from alpaca_qlora.config import LoraParams  # noqa: E402
 from alpaca_qlora.stage import configure_logging  # noqa: E402
-from bench.train_bench import (Measurement, alpaca_micro_batches, collate, measure, release_memory,  # noqa: E402
-                               workloads)
+from bench.train_bench import (Measurement, alpaca_micro_batches, collate, measure, profile_lora,  # noqa: E402
+                               release_memory, workloads)
 
 log = logging.getLogger("unsloth_bench")
 
 
 def unsloth_model(model_dir: str, dropout: float) -> Any:
-    lora = LoraParams()
+    lora = profile_lora()
     model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=2048, dtype=torch.bfloat16,
                                                  load_in_4bit=True)
     return FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,

@@ -20,14 +20,13 @@ from transformers import set_seed
 
 from alpaca_qlora import io
 from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization, resolve_model_source
+from alpaca_qlora.models import load_tokenizer, plan_quantization, resolve_model_source
 from alpaca_qlora.stage import run_stage
 from alpaca_qlora.training import (
     TokenizedDataset,
     TrainingJob,
     accelerate_command,
-    apply_liger_kernels,
-    attach_lora,
+    build_trainable_model,
     dataclass_fields,
     params_as_dict,
     process_group,
@@ -69,17 +68,13 @@ def main() -> None:
     source = resolve_model_source(params.model.name)
     tokenizer = load_tokenizer(source)
     set_seed(params.train.seed)  # LoRA initialisation and data order
-    model = load_model(source, plan, device=device, shardable=params.train.distributed == "fsdp")
     switches = resolve_speed_switches(params.train, device)
     log.info("liger kernels %s, gradient checkpointing %s", "on" if switches.liger_kernels else "off",
              "on" if switches.gradient_checkpointing else "off")
-    if switches.liger_kernels:
-        apply_liger_kernels(model, device)
-    model = attach_lora(model, params.lora, quantized=plan.quantized,
-                        gradient_checkpointing=switches.gradient_checkpointing,
-                        frozen_dtype=params.train.frozen_dtype, checkpoint_offload=params.train.checkpoint_offload)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    model = build_trainable_model(source, plan, params.lora, switches, device=device,
+                                  frozen_dtype=params.train.frozen_dtype,
+                                  checkpoint_offload=params.train.checkpoint_offload,
+                                  shardable=params.train.distributed == "fsdp")
 
     data_sha256 = io.sha256_file(TRAIN_IN)
     dataset = TokenizedDataset(io.read_jsonl(TRAIN_IN))
