@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import islice
 
-from alpaca_qlora.bundled.facts import Facts, is_prime
-from alpaca_qlora.bundled.rows import Row, make_row, take, word_count
+from alpaca_qlora.bundled.facts import Element, Facts, is_prime
+from alpaca_qlora.bundled.rows import Row, distinct_pairs, make_row, take, word_count
 from alpaca_qlora.bundled.tables import CLASSIFIED_MAX_NUMBER, FAMILIES
+
 
 def labelled(rng: random.Random, item: str, label: str, asked: Sequence[str], with_input: Sequence[str],
              mention: str | None = None) -> Row:
@@ -26,32 +29,50 @@ def balanced(rng: random.Random, items: Sequence, label_of: Callable, per_label:
     return [item for index, item in enumerate(items) if index in kept]
 
 
-def state_rows(facts: Facts, rng: random.Random) -> list[Row]:
-    known = [element for element in facts.elements if element.state is not None]
-    return [labelled(
-        rng, element.title if rng.random() < 0.8 else f"{element.title} ({element.symbol})", element.state,
+@dataclass(frozen=True)
+class ElementLabel:
+    """An element attribute asked as a label, at most `per_label` elements per label. `name_only` is the share of
+    items shown by name alone, the rest with the symbol too ("Sodium (Na)"); None shows names only, without a draw."""
+    attribute: str
+    per_label: int
+    asked: tuple[str, ...]
+    with_input: tuple[str, ...]
+    name_only: float | None = None
+
+
+ELEMENT_LABELS = (
+    ElementLabel(
+        "state", 45,
         ("Is {item} a solid, a liquid or a gas at room temperature?",
          "At room temperature, is {item} solid, liquid or gas? Answer with one word.",
          "Classify {item} by its state at room temperature: solid, liquid or gas."),
         ("Classify the following element by its state at room temperature: solid, liquid or gas.",
          "Is this element a solid, liquid or gas at room temperature? Answer with one word.",
          "Label the element below as solid, liquid or gas (its state at 25 °C)."),
-        mention=element.name,
-    ) for element in balanced(rng, known, lambda element: element.state, 45)]
-
-
-def metal_class_rows(facts: Facts, rng: random.Random) -> list[Row]:
-    known = [element for element in facts.elements if element.metal_class is not None]
-    return [labelled(
-        rng, element.title, element.metal_class,
+        name_only=0.8),
+    ElementLabel(
+        "metal_class", 40,
         ("Is {item} a metal, a nonmetal or a metalloid?",
          "Classify {item} as a metal, nonmetal or metalloid.",
          "Which class does {item} belong to: metal, nonmetal or metalloid?"),
         ("Classify the element as a metal, nonmetal or metalloid.",
          "Label this chemical element: metal, nonmetal or metalloid?",
-         "Decide whether the following element is a metal, a nonmetal or a metalloid."),
-        mention=element.name,
-    ) for element in balanced(rng, known, lambda element: element.metal_class, 40)]
+         "Decide whether the following element is a metal, a nonmetal or a metalloid.")),
+)
+
+
+def element_label_rows(facts: Facts, rng: random.Random, spec: ElementLabel) -> list[Row]:
+    def label_of(element: Element) -> str | None:
+        return getattr(element, spec.attribute)
+
+    rows = []
+    for element in balanced(rng, [element for element in facts.elements if label_of(element) is not None],
+                            label_of, spec.per_label):
+        shown = element.title
+        if spec.name_only is not None and rng.random() >= spec.name_only:
+            shown = f"{element.title} ({element.symbol})"
+        rows.append(labelled(rng, shown, label_of(element), spec.asked, spec.with_input, mention=element.name))
+    return rows
 
 
 def family_rows(facts: Facts, rng: random.Random) -> list[Row]:
@@ -138,14 +159,9 @@ def category_rows(facts: Facts, rng: random.Random, count: int) -> list[Row]:
 
 
 def atomic_number_comparison_rows(facts: Facts, rng: random.Random, count: int) -> list[Row]:
-    rows, used = [], set()
-    elements = facts.elements[:CLASSIFIED_MAX_NUMBER]
-    while len(rows) < count:
-        first, second = rng.sample(elements, 2)
-        key = tuple(sorted((first.number, second.number)))
-        if key in used:
-            continue
-        used.add(key)
+    rows = []
+    pairs = distinct_pairs(rng, facts.elements[:CLASSIFIED_MAX_NUMBER], key=lambda element: element.number)
+    for first, second in islice(pairs, count):
         larger = max(first, second, key=lambda element: element.number)
         question = rng.choice(("Which has the higher atomic number, {a} or {b}?",
                                "Which element has more protons: {a} or {b}?",
@@ -155,7 +171,8 @@ def atomic_number_comparison_rows(facts: Facts, rng: random.Random, count: int) 
 
 
 def classification_rows(facts: Facts, rng: random.Random) -> list[Row]:
-    rows = state_rows(facts, rng) + metal_class_rows(facts, rng) + family_rows(facts, rng) + number_rows(rng)
+    rows = [row for spec in ELEMENT_LABELS for row in element_label_rows(facts, rng, spec)]
+    rows += family_rows(facts, rng) + number_rows(rng)
     rows += category_rows(facts, rng, 80)
     rows += atomic_number_comparison_rows(facts, rng, 55)
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from itertools import islice
 
 from alpaca_qlora.bundled.facts import (
     Country,
@@ -18,7 +19,15 @@ from alpaca_qlora.bundled.facts import (
     prime_factors,
     roman,
 )
-from alpaca_qlora.bundled.rows import OPEN_ENDED_SENTENCES, OPEN_ENDED_WORDS, Row, make_row, take, word_count
+from alpaca_qlora.bundled.rows import (
+    OPEN_ENDED_SENTENCES,
+    OPEN_ENDED_WORDS,
+    Row,
+    distinct_pairs,
+    make_row,
+    take,
+    word_count,
+)
 from alpaca_qlora.bundled.tables import FAMILIES
 
 def joined(items: Sequence[str]) -> str:
@@ -218,16 +227,9 @@ def element_comparison_rows(facts: Facts, rng: random.Random, count: int) -> lis
     comparable = [element for element in facts.elements if element.state and element.metal_class]
     asks = ("Compare {a} and {b}.", "How do {a} and {b} differ?",
             "Explain the similarities and differences between {a} and {b}.", "Contrast {a} with {b}.")
-    rows, compared = [], set()
-    while len(rows) < count:
-        first, second = rng.sample(comparable, 2)
-        pair = tuple(sorted((first.number, second.number)))
-        if pair in compared:
-            continue
-        compared.add(pair)
-        rows.append(open_row(rng.choice(asks).format(a=first.name, b=second.name), "",
-                             element_comparison(first, second)))
-    return rows
+    pairs = distinct_pairs(rng, comparable, key=lambda element: element.number)
+    return [open_row(rng.choice(asks).format(a=first.name, b=second.name), "", element_comparison(first, second))
+            for first, second in islice(pairs, count)]
 
 
 def currency_note_rows(facts: Facts, rng: random.Random, count: int) -> list[Row]:

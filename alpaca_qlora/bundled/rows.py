@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 Row = dict[str, str]
 
@@ -30,3 +30,14 @@ def take(rng: random.Random, pool: Sequence, count: int) -> list:
         return list(pool)
     chosen = set(rng.sample(range(len(pool)), count))
     return [item for index, item in enumerate(pool) if index in chosen]
+
+
+def distinct_pairs(rng: random.Random, pool: Sequence, key: Callable[[object], Hashable]) -> Iterator[tuple]:
+    """Random pairs from the pool, endlessly, each unordered pair (by key) once; draw as many as needed."""
+    seen = set()
+    while True:
+        first, second = rng.sample(pool, 2)
+        pair = tuple(sorted((key(first), key(second))))
+        if pair not in seen:
+            seen.add(pair)
+            yield first, second
