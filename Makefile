@@ -16,7 +16,7 @@ MISTRAL := -S model.name=mistralai/Mistral-7B-Instruct-v0.2 -S model.quantizatio
 	-S train.packing=true -S train.warmup_ratio=0.03 -S train.save_steps=100 \
 	-S train.wandb=true -S eval.max_new_tokens=128 -S eval.batch_size=32
 
-.PHONY: setup repro test mistral infer push pull clean clean-all
+.PHONY: setup repro test mistral infer chat push pull clean clean-all
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ mistral: setup
 # Answer one instruction with the base model + models/adapter: make infer Q="..." [INPUT="..."]
 infer: setup
 	python -m alpaca_qlora.infer "$(Q)" $(if $(INPUT),--input "$(INPUT)")
+
+# Talk to the model: base and models/adapter loaded once; each line gets the base answer, then the fine-tuned one.
+chat: setup
+	python -m alpaca_qlora.infer --chat --compare
 
 # Share results through the default DVC remote (.dvc/config): push after `dvc repro` and a commit; a reviewer's
 # fresh clone pulls instead of retraining. Experiments: dvc exp push origin NAME / dvc exp pull origin NAME.
