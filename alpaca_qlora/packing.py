@@ -164,6 +164,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if position_ids is None:
         position_ids = torch.arange(length, device=query.device).unsqueeze(0)
     boundaries, longest = sequence_boundaries(position_ids, batch, length)
+    if boundaries.numel() - 1 == batch:  # one row per bin: sdpa's causal flash kernel, without varlen's copies
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, position_ids=position_ids, **kwargs)
     groups = heads // key.shape[1]
     extra: dict[str, Any] = {}
     if groups > 1 and "enable_gqa" in inspect.signature(varlen_attn).parameters:
