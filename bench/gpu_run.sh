@@ -21,7 +21,7 @@ model=/tmp/mistral-7b-random
 export ALPACA_QLORA_MODEL_CACHE=/tmp/model-cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=/tmp/site:$PWD ALPACA_QLORA_MISTRAL_TOKENIZER=/tmp/tokenizer.model.v1
 stage_params=(model.name="$model" model.quantization=nf4 train.max_seq_length=2048 train.epochs=1
-  train.micro_batch_size=16 train.gradient_accumulation_steps=1 train.gradient_checkpointing=auto
+  train.micro_batch_size=2 train.gradient_accumulation_steps=1 train.gradient_checkpointing=auto
   train.packing=true train.liger_kernels=auto train.frozen_dtype=compute train.learning_rate=2e-4
   train.logging_steps=2 train.dvclive=false train.save_steps=1000)
 
