@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alpaca_qlora.metrics import task_type_of
+from alpaca_qlora.significance import CONFIDENCE, is_significant
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,24 @@ def format_delta(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.4f}"
 
 
+NOT_SIGNIFICANT = "(n.s.)"
+
+
+def delta_cells(deltas: dict[str, Any], name: str) -> tuple[str, str]:
+    """The delta, marked NOT_SIGNIFICANT where its interval spans 0, and the interval (blank if none computed)."""
+    delta = format_delta(deltas.get(f"{name}_delta"))
+    low, high = deltas.get(f"{name}_delta_ci_low"), deltas.get(f"{name}_delta_ci_high")
+    if f"{name}_delta_ci_low" not in deltas or deltas.get(f"{name}_delta") is None:
+        return delta, ""
+    if not is_significant(low, high):
+        delta = f"{delta} {NOT_SIGNIFICANT}"
+    return delta, "n/a" if low is None or high is None else f"[{format_delta(low)}, {format_delta(high)}]"
+
+
+def format_p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2g}" if value < 0.001 else f"{value:.4f}"
+
+
 def prompt_excerpt(prompt: str) -> str:
     """The instruction (and input) of a templated prompt: the fixed preamble and the empty response header say
     nothing about the example and would push the instruction out of the truncated cell."""
@@ -129,23 +148,31 @@ def _context_lines(title_context: dict[str, Any]) -> list[str]:
 
 
 def _overall_table(base: dict[str, Any], finetuned: dict[str, Any], deltas: dict[str, Any]) -> list[str]:
-    lines = ["| metric | base | fine-tuned | delta | what it measures |", "| --- | ---: | ---: | ---: | --- |"]
+    lines = [f"| metric | base | fine-tuned | delta | {CONFIDENCE:.0%} interval | what it measures |",
+             "| --- | ---: | ---: | ---: | :---: | --- |"]
     for name in ("n_rows", "n_short_answer"):
-        lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | | rows |")
+        lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | | | rows |")
     for name in OVERALL_METRICS:
+        delta, interval = delta_cells(deltas, name)
         lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | "
-                     f"{format_delta(deltas.get(f'{name}_delta'))} | {METRIC_NOTES[name]} |")
+                     f"{delta} | {interval} | {METRIC_NOTES[name]} |")
+    if "exact_match_mcnemar_p" in deltas:
+        lines += ["", f"{NOT_SIGNIFICANT} = not significant: the paired bootstrap interval touches or spans 0. "
+                  f"Exact McNemar p for exact_match: {format_p(deltas['exact_match_mcnemar_p'])}."]
     return lines
 
 
 def _task_type_table(base: dict[str, Any], finetuned: dict[str, Any], deltas: dict[str, Any]) -> list[str]:
-    lines = ["| task type | rows | short-answer rows | base EM | fine-tuned EM | EM delta |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| task type | rows | short-answer rows | base EM | fine-tuned EM | EM delta | "
+             f"{CONFIDENCE:.0%} interval "
+             "| McNemar p |", "| --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
     for task_type in sorted(set(base) | set(finetuned)):
-        before, after, delta = base.get(task_type, {}), finetuned.get(task_type, {}), deltas.get(task_type, {})
+        before, after, block = base.get(task_type, {}), finetuned.get(task_type, {}), deltas.get(task_type, {})
+        delta, interval = delta_cells(block, "exact_match")
+        p_value = format_p(block.get("exact_match_mcnemar_p")) if after.get("n_short_answer") else "n/a"
         lines.append(f"| {table_cell(task_type)} | {format_value(after.get('n_rows'))} | "
                      f"{format_value(after.get('n_short_answer'))} | {format_value(before.get('exact_match'))} | "
-                     f"{format_value(after.get('exact_match'))} | {format_delta(delta.get('exact_match_delta'))} |")
+                     f"{format_value(after.get('exact_match'))} | {delta} | {interval} | {p_value} |")
     return lines
 
 
