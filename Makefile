@@ -16,7 +16,7 @@ MISTRAL := -S model.name=mistralai/Mistral-7B-Instruct-v0.2 -S model.quantizatio
 	-S train.packing=true -S train.warmup_ratio=0.03 -S train.save_steps=100 \
 	-S train.wandb=true -S eval.max_new_tokens=128 -S eval.batch_size=32
 
-.PHONY: setup repro test mistral infer chat push pull clean clean-all
+.PHONY: setup repro test mistral infer chat compare-revs push pull clean clean-all
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ push: setup
 
 pull: setup
 	dvc pull
+
+# Fine-tuned predictions of two revisions or experiments, row by row, with intervals: make compare-revs A=main B=<exp>
+compare-revs: setup
+	python -m alpaca_qlora.compare_revisions "$(A)" "$(B)" $(if $(JSON),--json "$(JSON)")
 
 # Remove the pipeline's outputs (not the venv, not the converted base model in the model cache).
 clean:

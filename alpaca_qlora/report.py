@@ -115,17 +115,23 @@ def format_delta(value: float | None) -> str:
 
 
 NOT_SIGNIFICANT = "(n.s.)"
+NOT_SIGNIFICANT_NOTE = f"{NOT_SIGNIFICANT} = not significant: the paired bootstrap interval touches or spans 0."
+
+
+def delta_with_interval(delta: float | None, low: float | None, high: float | None) -> tuple[str, str]:
+    """The delta cell, marked NOT_SIGNIFICANT where its interval does not exclude 0, and the interval cell."""
+    if delta is None:
+        return format_delta(delta), "n/a"
+    marked = format_delta(delta) if is_significant(low, high) else f"{format_delta(delta)} {NOT_SIGNIFICANT}"
+    return marked, "n/a" if low is None or high is None else f"[{format_delta(low)}, {format_delta(high)}]"
 
 
 def delta_cells(deltas: dict[str, Any], name: str) -> tuple[str, str]:
-    """The delta, marked NOT_SIGNIFICANT where its interval spans 0, and the interval (blank if none computed)."""
-    delta = format_delta(deltas.get(f"{name}_delta"))
-    low, high = deltas.get(f"{name}_delta_ci_low"), deltas.get(f"{name}_delta_ci_high")
-    if f"{name}_delta_ci_low" not in deltas or deltas.get(f"{name}_delta") is None:
-        return delta, ""
-    if not is_significant(low, high):
-        delta = f"{delta} {NOT_SIGNIFICANT}"
-    return delta, "n/a" if low is None or high is None else f"[{format_delta(low)}, {format_delta(high)}]"
+    """delta_with_interval from a compare.json block; a delta with no interval computed gets a blank interval."""
+    if f"{name}_delta_ci_low" not in deltas:
+        return format_delta(deltas.get(f"{name}_delta")), ""
+    return delta_with_interval(deltas.get(f"{name}_delta"), deltas.get(f"{name}_delta_ci_low"),
+                               deltas.get(f"{name}_delta_ci_high"))
 
 
 def format_p(value: float | None) -> str:
@@ -157,8 +163,8 @@ def _overall_table(base: dict[str, Any], finetuned: dict[str, Any], deltas: dict
         lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | "
                      f"{delta} | {interval} | {METRIC_NOTES[name]} |")
     if "exact_match_mcnemar_p" in deltas:
-        lines += ["", f"{NOT_SIGNIFICANT} = not significant: the paired bootstrap interval touches or spans 0. "
-                  f"Exact McNemar p for exact_match: {format_p(deltas['exact_match_mcnemar_p'])}."]
+        lines += ["", f"{NOT_SIGNIFICANT_NOTE} Exact McNemar p for exact_match: "
+                  f"{format_p(deltas['exact_match_mcnemar_p'])}."]
     return lines
 
 

@@ -65,6 +65,8 @@ class PairedDelta:
     """After minus before over `n_rows` paired rows, with its bootstrap interval (None where undefined)."""
 
     n_rows: int
+    before: float | None
+    after: float | None
     delta: float | None
     ci_low: float | None
     ci_high: float | None
@@ -127,13 +129,13 @@ def paired_delta(pairs: Sequence[tuple[Row, Row]], metric: PairedMetric, *, name
                for getter in (metric.value, metric.weight)]  # before values, weights, after values, weights
     before, after = (_ratio(*columns[:2]), _ratio(*columns[2:])) if defined else (None, None)
     if before is None or after is None:
-        return PairedDelta(n_rows=len(defined), delta=None, ci_low=None, ci_high=None)
+        return PairedDelta(n_rows=len(defined), before=before, after=after, delta=None, ci_low=None, ci_high=None)
     order = sorted(range(len(defined)), key=lambda index: str(defined[index][1]["id"]))
     arrays = [np.array(column, dtype=np.float64)[order] for column in columns]
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.percentile(_resampled_deltas(arrays, resamples, rng), [tail, 100 - tail])
-    return PairedDelta(n_rows=len(defined), delta=_rounded(after - before),
+    return PairedDelta(n_rows=len(defined), before=before, after=after, delta=_rounded(after - before),
                        ci_low=_rounded(float(low)), ci_high=_rounded(float(high)))
 
 
