@@ -131,7 +131,10 @@ def paired_delta(pairs: Sequence[tuple[Row, Row]], metric: PairedMetric, *, name
     if before is None or after is None:
         return PairedDelta(n_rows=len(defined), before=before, after=after, delta=None, ci_low=None, ci_high=None)
     order = sorted(range(len(defined)), key=lambda index: str(defined[index][1]["id"]))
-    arrays = [np.array(column, dtype=np.float64)[order] for column in columns]
+    # Integers on the metrics' rounding grid: their sums are exact in any order, so no CPU's SIMD width can move
+    # an interval's end (float sums of F1 scores could differ in the last bit and round differently).
+    arrays = [np.rint(np.array(column, dtype=np.float64)[order] * 10**DECIMALS).astype(np.int64)
+              for column in columns]
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.percentile(_resampled_deltas(arrays, resamples, rng), [tail, 100 - tail])

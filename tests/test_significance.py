@@ -141,3 +141,11 @@ def test_report_marks_deltas_whose_interval_spans_zero_and_only_those():
     assert "Exact McNemar p for exact_match" in changed
     factual = _row(changed, "factual")
     assert factual.count("[") == 1  # the EM delta's interval in the task-type table
+
+
+def test_fewer_than_ten_thousand_resamples_is_a_config_error():
+    from alpaca_qlora.config import ConfigError, params_from_mapping
+
+    assert params_from_mapping({"eval": {"bootstrap_resamples": "2e4"}}).eval.bootstrap_resamples == 20_000
+    with pytest.raises(ConfigError, match="eval.bootstrap_resamples = 500 is invalid"):
+        params_from_mapping({"eval": {"bootstrap_resamples": 500}})
