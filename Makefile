@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 PIP := $(VENV)/bin/python -m pip install --quiet --quiet
 
 
-.PHONY: setup repro test mistral infer clean clean-all
+.PHONY: setup repro test mistral infer chat compare-revs push pull clean clean-all
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,22 @@ mistral: setup
 # Answer one instruction with the base model + models/adapter: make infer Q="..." [INPUT="..."]
 infer: setup
 	python -m alpaca_qlora.infer "$(Q)" $(if $(INPUT),--input "$(INPUT)")
+
+# Talk to the model: base and models/adapter loaded once; each line gets the base answer, then the fine-tuned one.
+chat: setup
+	python -m alpaca_qlora.infer --chat --compare
+
+# Share results through the default DVC remote (.dvc/config): push after `dvc repro` and a commit; a reviewer's
+# fresh clone pulls instead of retraining. Experiments: dvc exp push origin NAME / dvc exp pull origin NAME.
+push: setup
+	dvc push
+
+pull: setup
+	dvc pull
+
+# Fine-tuned predictions of two revisions or experiments, row by row, with intervals: make compare-revs A=main B=<exp>
+compare-revs: setup
+	python -m alpaca_qlora.compare_revisions "$(A)" "$(B)" $(if $(JSON),--json "$(JSON)")
 
 # Remove the pipeline's outputs (not the venv, not the converted base model in the model cache).
 clean:

@@ -135,6 +135,9 @@ class EvalParams:
     # the same outputs on GPU). merge_bf16 folds LoRA into the dequantized weights: changes precision, opt-in.
     generation: Literal["plain", "fast", "graphed"] = "plain"
     merge_bf16: bool = False
+    # compare's paired bootstrap intervals (alpaca_qlora/significance.py): resamples and the generator's seed
+    bootstrap_resamples: int = 10_000
+    bootstrap_seed: int = 42
 
     def validate(self) -> None:
         _require(self.max_new_tokens > 0, "eval.max_new_tokens", self.max_new_tokens, "a positive integer")
@@ -142,6 +145,8 @@ class EvalParams:
         _require(self.short_answer_max_words > 0, "eval.short_answer_max_words", self.short_answer_max_words,
                  "a positive integer")
         _require(self.num_examples >= 0, "eval.num_examples", self.num_examples, "zero or more")
+        _require(self.bootstrap_resamples >= 10_000, "eval.bootstrap_resamples", self.bootstrap_resamples,
+                 "at least 10000 resamples (fewer make the 95% interval's ends noisy)")
 
 
 @dataclass(frozen=True)

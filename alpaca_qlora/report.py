@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alpaca_qlora.metrics import task_type_of
+from alpaca_qlora.significance import CONFIDENCE, is_significant
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,30 @@ def format_delta(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.4f}"
 
 
+NOT_SIGNIFICANT = "(n.s.)"
+NOT_SIGNIFICANT_NOTE = f"{NOT_SIGNIFICANT} = not significant: the paired bootstrap interval touches or spans 0."
+
+
+def delta_with_interval(delta: float | None, low: float | None, high: float | None) -> tuple[str, str]:
+    """The delta cell, marked NOT_SIGNIFICANT where its interval does not exclude 0, and the interval cell."""
+    if delta is None:
+        return format_delta(delta), "n/a"
+    marked = format_delta(delta) if is_significant(low, high) else f"{format_delta(delta)} {NOT_SIGNIFICANT}"
+    return marked, "n/a" if low is None or high is None else f"[{format_delta(low)}, {format_delta(high)}]"
+
+
+def delta_cells(deltas: dict[str, Any], name: str) -> tuple[str, str]:
+    """delta_with_interval from a compare.json block; a delta with no interval computed gets a blank interval."""
+    if f"{name}_delta_ci_low" not in deltas:
+        return format_delta(deltas.get(f"{name}_delta")), ""
+    return delta_with_interval(deltas.get(f"{name}_delta"), deltas.get(f"{name}_delta_ci_low"),
+                               deltas.get(f"{name}_delta_ci_high"))
+
+
+def format_p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2g}" if value < 0.001 else f"{value:.4f}"
+
+
 def prompt_excerpt(prompt: str) -> str:
     """The instruction (and input) of a templated prompt: the fixed preamble and the empty response header say
     nothing about the example and would push the instruction out of the truncated cell."""
@@ -129,23 +154,31 @@ def _context_lines(title_context: dict[str, Any]) -> list[str]:
 
 
 def _overall_table(base: dict[str, Any], finetuned: dict[str, Any], deltas: dict[str, Any]) -> list[str]:
-    lines = ["| metric | base | fine-tuned | delta | what it measures |", "| --- | ---: | ---: | ---: | --- |"]
+    lines = [f"| metric | base | fine-tuned | delta | {CONFIDENCE:.0%} interval | what it measures |",
+             "| --- | ---: | ---: | ---: | :---: | --- |"]
     for name in ("n_rows", "n_short_answer"):
-        lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | | rows |")
+        lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | | | rows |")
     for name in OVERALL_METRICS:
+        delta, interval = delta_cells(deltas, name)
         lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | "
-                     f"{format_delta(deltas.get(f'{name}_delta'))} | {METRIC_NOTES[name]} |")
+                     f"{delta} | {interval} | {METRIC_NOTES[name]} |")
+    if "exact_match_mcnemar_p" in deltas:
+        lines += ["", f"{NOT_SIGNIFICANT_NOTE} Exact McNemar p for exact_match: "
+                  f"{format_p(deltas['exact_match_mcnemar_p'])}."]
     return lines
 
 
 def _task_type_table(base: dict[str, Any], finetuned: dict[str, Any], deltas: dict[str, Any]) -> list[str]:
-    lines = ["| task type | rows | short-answer rows | base EM | fine-tuned EM | EM delta |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| task type | rows | short-answer rows | base EM | fine-tuned EM | EM delta | "
+             f"{CONFIDENCE:.0%} interval "
+             "| McNemar p |", "| --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
     for task_type in sorted(set(base) | set(finetuned)):
-        before, after, delta = base.get(task_type, {}), finetuned.get(task_type, {}), deltas.get(task_type, {})
+        before, after, block = base.get(task_type, {}), finetuned.get(task_type, {}), deltas.get(task_type, {})
+        delta, interval = delta_cells(block, "exact_match")
+        p_value = format_p(block.get("exact_match_mcnemar_p")) if after.get("n_short_answer") else "n/a"
         lines.append(f"| {table_cell(task_type)} | {format_value(after.get('n_rows'))} | "
                      f"{format_value(after.get('n_short_answer'))} | {format_value(before.get('exact_match'))} | "
-                     f"{format_value(after.get('exact_match'))} | {format_delta(delta.get('exact_match_delta'))} |")
+                     f"{format_value(after.get('exact_match'))} | {delta} | {interval} | {p_value} |")
     return lines
 
 

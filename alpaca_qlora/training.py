@@ -31,6 +31,13 @@ from alpaca_qlora import io
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import IGNORE_INDEX
 from alpaca_qlora.models import QuantizationPlan, load_model
+from alpaca_qlora.packing import (
+    PackedCollator,
+    PackedDataset,
+    packed_padding,
+    use_varlen_attention,
+    varlen_attention_available,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,72 +113,16 @@ class ResponseOnlyCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-@dataclass
-class PackedCollator:
-    """Padding-free micro-batches: rows packed into bins of at most `bin_tokens`, positions restarting at 0 per row.
-
-    With no attention mask, transformers reads the position resets as row boundaries and masks attention
-    block-diagonally, so no row attends to another (tests compare packed and unpacked logits). Every row starts
-    with prompt tokens labelled IGNORE_INDEX, so no loss term predicts one row's first token from the previous row.
-    Bins of max_seq_length tokens keep attention cost per bin, not per micro-batch: one long packed row would make
-    the attention kernel work on (all tokens)^2 under a materialized mask; a bin that holds one row needs no mask at
-    all. Bins shorter than the longest get a tail of padding, a segment of its own with no labelled token.
-    """
-
-    bin_tokens: int | None = None
-    pad_token_id: int = 0
-
-    def bins(self, features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        bins: list[list[dict[str, Any]]] = []
-        used = 0
-        for feature in features:
-            length = len(feature["input_ids"])
-            if not bins or (self.bin_tokens is not None and used + length > self.bin_tokens):
-                bins.append([])
-                used = 0
-            bins[-1].append(feature)
-            used += length
-        return bins
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        packed: list[tuple[list[int], list[int], list[int]]] = []
-        for group in self.bins(features):
-            input_ids: list[int] = []
-            labels: list[int] = []
-            position_ids: list[int] = []
-            for feature in group:
-                if feature["labels"][0] != IGNORE_INDEX:
-                    raise PipelineError("packing needs rows whose first token is not labelled (a prompt token).")
-                input_ids += feature["input_ids"]
-                labels += feature["labels"]
-                position_ids += range(len(feature["input_ids"]))
-            packed.append((input_ids, labels, position_ids))
-        width = max(len(ids) for ids, _, _ in packed)
-        batch = {name: torch.empty((len(packed), width), dtype=torch.long)
-                 for name in ("input_ids", "labels", "position_ids")}
-        for row, (input_ids, labels, position_ids) in enumerate(packed):
-            pad = width - len(input_ids)
-            batch["input_ids"][row] = torch.tensor(input_ids + [self.pad_token_id] * pad)
-            batch["labels"][row] = torch.tensor(labels + [IGNORE_INDEX] * pad)
-            batch["position_ids"][row] = torch.tensor(position_ids + list(range(pad)))
-        return batch
+def make_collator(packing: bool, pad_token_id: int) -> ResponseOnlyCollator | PackedCollator:
+    return PackedCollator(pad_token_id=pad_token_id) if packing else ResponseOnlyCollator(pad_token_id=pad_token_id)
 
 
-def packed_padding(labels: torch.Tensor, position_ids: torch.Tensor) -> int:
-    """Padding tokens of a packed batch: each bin's last segment if it has no labelled token (real rows all do)."""
-    padding = 0
-    for bin_labels, bin_positions in zip(labels, position_ids):
-        starts = (bin_positions == 0).nonzero().flatten()
-        tail = int(starts[-1]) if len(starts) else 0
-        if tail > 0 and bool((bin_labels[tail:] == IGNORE_INDEX).all()):
-            padding += len(bin_labels) - tail
-    return padding
-
-
-def make_collator(packing: bool, pad_token_id: int, max_seq_length: int) -> ResponseOnlyCollator | PackedCollator:
-    if packing:
-        return PackedCollator(bin_tokens=max_seq_length, pad_token_id=pad_token_id)
-    return ResponseOnlyCollator(pad_token_id=pad_token_id)
+def training_items(job: TrainingJob) -> torch.utils.data.Dataset:
+    """What the Trainer samples: rows, or with packing the bins they were packed into (micro_batch_size counts
+    bins then)."""
+    if job.train.packing:
+        return PackedDataset(job.dataset.rows, job.train.max_seq_length, job.train.seed)
+    return job.dataset
 
 
 @dataclass(frozen=True)
@@ -541,10 +492,11 @@ class TrainingJob:
     outputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # run_training's products besides metrics
 
 
-def build_training_arguments(job: TrainingJob) -> TrainingArguments:
+def build_training_arguments(job: TrainingJob, items: int | None = None) -> TrainingArguments:
+    """`items`: how many rows, or with packing bins, an epoch samples (the dataset's rows by default)."""
     train = job.train
     world_size = process_group().world_size
-    total_steps = optimizer_steps(len(job.dataset), train, world_size=world_size)
+    total_steps = optimizer_steps(len(job.dataset) if items is None else items, train, world_size=world_size)
     report_to = ["wandb"] if train.wandb else []
     distributed: dict[str, Any] = {}
     if world_size > 1:
@@ -588,8 +540,14 @@ def build_training_arguments(job: TrainingJob) -> TrainingArguments:
 
 def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
     """Train, resuming from the run's last checkpoint if asked and one exists; returns the run's measurements."""
-    collator = make_collator(job.train.packing, job.tokenizer.pad_token_id, job.train.max_seq_length)
+    collator = make_collator(job.train.packing, job.tokenizer.pad_token_id)
+    items = training_items(job)
     job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
+    # Packed bins on CUDA: a variable-length flash kernel, instead of sdpa under a materialized block mask.
+    attention = job.model.config._attn_implementation
+    if job.train.packing and varlen_attention_available(job.device):
+        use_varlen_attention(job.model)
+        attention = "varlen"
     local_counts = TokenCounts()
     counting = job.model.register_forward_pre_hook(local_counts, with_kwargs=True)
     progress = ThroughputProgress(local_counts)
@@ -598,8 +556,8 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
         os.environ.update(wandb_environment(job.train.wandb_project))
     trainer = Trainer(
         model=job.model,
-        args=build_training_arguments(job),
-        train_dataset=job.dataset,
+        args=build_training_arguments(job, len(items)),
+        train_dataset=items,
         data_collator=collator,
         processing_class=job.tokenizer,
         callbacks=[progress, losses, *job.extra_callbacks],
@@ -637,6 +595,7 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
         "tokens_per_s": round(counts.tokens / runtime, 2),
         "labelled_tokens_per_s": round(counts.labelled / runtime, 2),
         "padding_fraction": round(counts.padded / max(1, counts.padded + counts.tokens), 4),
+        "attention": attention,
         "processes": process_group().world_size,
         "trainable_params": int(trainable),
         "total_params": int(total),

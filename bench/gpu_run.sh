@@ -21,9 +21,10 @@ model=/tmp/mistral-7b-random
 export ALPACA_QLORA_MODEL_CACHE=/tmp/model-cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=/tmp/site:$PWD ALPACA_QLORA_MISTRAL_TOKENIZER=/tmp/tokenizer.model.v1
 # The Mistral profile, with what this machine lacks overridden: the random-init model for the hub's weights, the
-# bundled data for the hub's, no W&B; and the bench's own logging and checkpoint cadence.
+# bundled data for the hub's, no W&B; and the bench's own micro-batch (2 bins of 2048 tokens with packing), logging
+# and checkpoint cadence.
 stage_params=(--profile profiles/mistral-7b.yaml model.name="$model" data.source=bundled train.wandb=false
-  train.logging_steps=2 train.dvclive=false train.save_steps=1000)
+  train.micro_batch_size=2 train.logging_steps=2 train.dvclive=false train.save_steps=1000)
 
 train_stage() {  # NAME [extra params...]
   local name=$1; shift
