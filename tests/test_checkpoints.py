@@ -232,3 +232,23 @@ def test_kill_dash_nine_after_a_checkpoint_then_dvc_repro_gives_the_uninterrupte
     assert whole["resumed_from_step"] == 0
     assert_same_run(resumed, resumed_curves, whole, curves(project), rel=1e-5)
     assert [step for step, _ in curves(project)["loss"]] == [1, 2, 3, 4, 6, 8, 9, 10, 12]
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_ddp_run_resumes_to_the_uninterrupted_run(tmp_path, tiny_mistral_dir):
+    """Issue 17's resume ask on CPU: two gloo processes under accelerate, launcher and workers killed with SIGKILL."""
+    project = copy_project(tmp_path / "project", tiny_mistral_dir, max_steps=12, save_steps=3, logging_steps=2,
+                           distributed="ddp", num_processes=2)
+    for stage in ("fetch", "sample", "format"):
+        run([sys.executable, f"stages/{stage}.py"], cwd=project)
+
+    kill_train_after_checkpoint([sys.executable, "stages/train.py"], project, step=3)
+    run([sys.executable, "stages/train.py"], cwd=project)
+    resumed = json.loads((project / "metrics/train.json").read_text())
+    resumed_curves = curves(project)
+    assert 3 <= resumed["resumed_from_step"] <= 12 and resumed["processes"] == 2
+
+    run([sys.executable, "stages/train.py"], cwd=project)  # the finished run's checkpoints are gone: from step 0
+    whole = json.loads((project / "metrics/train.json").read_text())
+    assert whole["resumed_from_step"] == 0
+    assert_same_run(resumed, resumed_curves, whole, curves(project), rel=1e-4)
