@@ -28,6 +28,13 @@ from tqdm.auto import tqdm
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from alpaca_qlora import io
+from alpaca_qlora.checkpoints import (
+    HistoryCheckpointer,
+    carried_counters,
+    logged_losses,
+    mean_step_loss,
+    resumable_checkpoint,
+)
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import IGNORE_INDEX
 from alpaca_qlora.models import QuantizationPlan, load_model
@@ -86,6 +93,9 @@ class TokenCounts:
         self.tokens += real
         self.labelled += int((labels != IGNORE_INDEX).sum())
         self.padded += input_ids.numel() - real
+
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(self.tokens + other.tokens, self.labelled + other.labelled, self.padded + other.padded)
 
 
 @dataclass
@@ -387,13 +397,6 @@ def run_fingerprint(params: dict[str, Any], data_sha256: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = [path for path in run_dir.glob("checkpoint-*") if (path / "trainer_state.json").is_file()]
-    if not checkpoints:
-        return None
-    return max(checkpoints, key=lambda path: int(path.name.split("-")[-1]))
-
-
 def wandb_environment(project: str) -> dict[str, str]:
     """W&B settings that never block: offline unless the user configured a key (env or `wandb login`)."""
     env = {"WANDB_PROJECT": project}
@@ -439,7 +442,12 @@ class ThroughputProgress(TrainerCallback):
 
 
 class LossLogger(TrainerCallback):
-    """Keeps the loss curve; with DVCLive also writes loss and learning-rate curves for `dvc plots`."""
+    """With DVCLive, writes loss and learning-rate curves for `dvc plots`.
+
+    A resumed run first replays the log its checkpoint carries: DVC removed the old curves before rerunning the
+    stage, and those may run past the checkpoint anyway (DVCLive's own `resume=True` would continue them, steps
+    after the checkpoint twice).
+    """
 
     def __init__(self, directory: Path | None):
         self.live = None
@@ -447,15 +455,20 @@ class LossLogger(TrainerCallback):
             from dvclive import Live
 
             self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
-        self.loss_history: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for entry in state.log_history:
+            if "loss" in entry:
+                self.write(int(entry["step"]), entry)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        self.loss_history.append((state.global_step, float(logs["loss"])))
+        if state.is_world_process_zero and logs and "loss" in logs:
+            self.write(state.global_step, logs)
+
+    def write(self, step: int, logs: dict[str, Any]) -> None:
         if self.live is None:
             return
-        self.live.step = state.global_step
+        self.live.step = step
         self.live.log_metric("train/loss", float(logs["loss"]))
         if "learning_rate" in logs:
             self.live.log_metric("train/learning_rate", float(logs["learning_rate"]))
@@ -539,7 +552,11 @@ def build_training_arguments(job: TrainingJob, items: int | None = None) -> Trai
 
 
 def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
-    """Train, resuming from the run's last checkpoint if asked and one exists; returns the run's measurements."""
+    """Train, resuming from the run's last sound checkpoint if asked and one exists; returns the run's measurements.
+
+    A resumed run's measurements are the whole run's (losses from the log the checkpoint carries, token counts
+    from its run_history.json), except throughput and runtime, which are this call's.
+    """
     collator = make_collator(job.train.packing, job.tokenizer.pad_token_id)
     items = training_items(job)
     job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
@@ -548,10 +565,15 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
     if job.train.packing and varlen_attention_available(job.device):
         use_varlen_attention(job.model)
         attention = "varlen"
+    ranks = process_group()
+    checkpoint = resumable_checkpoint(job.run_dir, ranks.world_size, is_main=ranks.is_main) if resume else None
+    # Process 0 carries the counts up to the checkpoint; the others add only what they see from here.
+    carried = TokenCounts(**carried_counters(checkpoint)) if ranks.is_main else TokenCounts()
     local_counts = TokenCounts()
     counting = job.model.register_forward_pre_hook(local_counts, with_kwargs=True)
     progress = ThroughputProgress(local_counts)
     losses = LossLogger(job.log_dir if job.train.dvclive else None)
+    history = HistoryCheckpointer(lambda: dataclasses.asdict(carried + all_reduce_counts(local_counts)))
     if job.train.wandb:
         os.environ.update(wandb_environment(job.train.wandb_project))
     trainer = Trainer(
@@ -560,10 +582,9 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
         train_dataset=items,
         data_collator=collator,
         processing_class=job.tokenizer,
-        callbacks=[progress, losses, *job.extra_callbacks],
+        callbacks=[progress, losses, history, *job.extra_callbacks],
     )
     trainer.remove_callback(ProgressCallback)
-    checkpoint = last_checkpoint(job.run_dir) if resume else None
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     if job.device == "cuda":
@@ -579,24 +600,27 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
         # Sharded weights: every process takes part in gathering the full state dict (process 0 receives it);
         # a save from process 0 alone would wait forever for the others.
         job.outputs["state_dict"] = trainer.accelerator.get_state_dict(trainer.model)
-    counts = all_reduce_counts(local_counts)
+    this_call = all_reduce_counts(local_counts)
+    counts = carried + this_call
     trainable, total = job.model.get_nb_trainable_parameters()
-    last_losses = [loss for _, loss in losses.loss_history[-3:]]
+    loss_curve = logged_losses(trainer.state.log_history)
+    last_losses = [loss for _, loss in loss_curve[-3:]]
+    train_loss = mean_step_loss(trainer.state.log_history)
     return {
-        "train_loss": round(float(result.training_loss), 6),
+        "train_loss": round(train_loss, 6) if train_loss is not None else round(float(result.training_loss), 6),
         "final_loss": round(sum(last_losses) / len(last_losses), 6) if last_losses else None,
-        "first_loss": round(losses.loss_history[0][1], 6) if losses.loss_history else None,
+        "first_loss": round(loss_curve[0][1], 6) if loss_curve else None,
         "steps": int(trainer.state.global_step),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "epochs": round(float(trainer.state.epoch or 0), 4),
         "runtime_s": round(runtime, 2),
         "tokens": counts.tokens,
         "labelled_tokens": counts.labelled,
-        "tokens_per_s": round(counts.tokens / runtime, 2),
-        "labelled_tokens_per_s": round(counts.labelled / runtime, 2),
+        "tokens_per_s": round(this_call.tokens / runtime, 2),
+        "labelled_tokens_per_s": round(this_call.labelled / runtime, 2),
         "padding_fraction": round(counts.padded / max(1, counts.padded + counts.tokens), 4),
         "attention": attention,
-        "processes": process_group().world_size,
+        "processes": ranks.world_size,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "trainable_percent": round(100 * trainable / total, 4),
@@ -672,7 +696,7 @@ def remove_stale_runs(checkpoint_root: Path, keep: Path | None = None) -> None:
     if not checkpoint_root.is_dir():
         return
     for run_dir in checkpoint_root.iterdir():
-        if run_dir != keep:
+        if run_dir != keep and run_dir.is_dir():  # the root's lock file stays
             shutil.rmtree(run_dir, ignore_errors=True)
 
 

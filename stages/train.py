@@ -2,7 +2,8 @@
 
 Outs: models/adapter/ (adapter weights and config, tokenizer, model card), metrics/train.json and the
 DVCLive curves under metrics/train_log/. Checkpoints go to models/checkpoints/<run fingerprint>/ (not a DVC
-out): an interrupted run resumes from its last checkpoint on the next `dvc repro`.
+out): an interrupted run resumes from its last sound checkpoint on the next `dvc repro`, and reports the whole
+run's metrics. One trainer at a time: the stage locks models/checkpoints/ and refuses while another run holds it.
 
 With train.distributed = ddp | fsdp the stage re-executes itself under `accelerate launch` on
 train.num_processes processes (the DVC command stays `python stages/train.py`); only process 0 writes outs.
@@ -19,6 +20,7 @@ import torch
 from transformers import set_seed
 
 from alpaca_qlora import io
+from alpaca_qlora.checkpoints import lock_checkpoints, share_lock_with_workers
 from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
 from alpaca_qlora.models import load_tokenizer, plan_quantization, resolve_model_source
 from alpaca_qlora.stage import run_stage
@@ -54,10 +56,12 @@ def main() -> None:
         "lora": params_as_dict(params.lora, dataclass_fields(LoraParams)),
         "train": params_as_dict(params.train, dataclass_fields(TrainParams)),
     }
+    lock = lock_checkpoints(CHECKPOINTS)  # held until this process (and the workers it launches) exits
     device = "cuda" if torch.cuda.is_available() else "cpu"
     command = accelerate_command(params.train, __file__, device)
     if command is not None:
         log.info("train.distributed=%s: %s", params.train.distributed, " ".join(command))
+        share_lock_with_workers(lock, CHECKPOINTS)
         os.execv(command[0], command)
     ranks = process_group()
     if device == "cuda":

@@ -1,16 +1,21 @@
 """Training behaviour on a tiny random Mistral with the real Mistral tokenizer (CPU, seconds)."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import logging
 import math
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import TrainerCallback, set_seed
 
+from alpaca_qlora.checkpoints import checkpoint_problem
 from alpaca_qlora.config import LoraParams, TrainParams
 from alpaca_qlora.formatting import IGNORE_INDEX, tokenize_training_rows
 from alpaca_qlora.inference import load_for_inference
@@ -172,6 +177,100 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_mistral_dir, t
     metrics = run_training(second, resume=True)
     assert metrics["resumed_from_step"] == 4
     assert metrics["steps"] == 6
+
+
+def dvclive_curve(log_dir: Path, name: str) -> list[tuple[int, float]]:
+    with (log_dir / "plots" / "metrics" / "train" / f"{name}.tsv").open(encoding="utf-8") as handle:
+        return [(int(row["step"]), float(row[name])) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def test_a_resumed_run_reports_the_uninterrupted_runs_metrics_and_curves(tiny_mistral_dir, tokenized, tmp_path):
+    # Checkpoints at 3, 6 and 9 fall between the logs at even steps: the log window open at a checkpoint must not
+    # be lost by the resume.
+    settings = dict(max_steps=12, save_steps=3, logging_steps=2, dvclive=True)
+    whole_job = make_job(tiny_mistral_dir, tokenized, tmp_path / "whole", **settings)
+    whole = run_training(whole_job, resume=True)
+    interrupted = make_job(tiny_mistral_dir, tokenized, tmp_path / "parts", callbacks=[Interrupt(5)], **settings)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(interrupted, resume=True)
+    resumed_job = make_job(tiny_mistral_dir, tokenized, tmp_path / "parts", **settings)
+    resumed = run_training(resumed_job, resume=True)
+
+    assert resumed["resumed_from_step"] == 3 and whole["resumed_from_step"] == 0
+    for key in ("steps", "epochs", "tokens", "labelled_tokens", "padding_fraction", "first_loss"):
+        assert resumed[key] == whole[key], key
+    for key in ("train_loss", "final_loss"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key
+    for name in ("loss", "learning_rate", "grad_norm"):
+        whole_curve, resumed_curve = (dvclive_curve(job.log_dir, name) for job in (whole_job, resumed_job))
+        assert [step for step, _ in resumed_curve] == [step for step, _ in whole_curve], name
+        assert [value for _, value in resumed_curve] == pytest.approx([value for _, value in whole_curve], rel=1e-5)
+    assert [step for step, _ in dvclive_curve(whole_job.log_dir, "loss")] == [1, 2, 3, 4, 6, 8, 9, 10, 12]
+
+
+def test_train_loss_is_the_mean_step_loss_whatever_the_logging_interval(tiny_mistral_dir, tokenized, tmp_path):
+    every_step, every_third = (
+        run_training(make_job(tiny_mistral_dir, tokenized, tmp_path / str(interval), max_steps=7, save_steps=100,
+                              logging_steps=interval), resume=False)
+        for interval in (1, 3))
+    assert every_third["train_loss"] == pytest.approx(every_step["train_loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_mistral_dir, tokenized, tmp_path_factory) -> Path:
+    """A run of 6 steps interrupted at step 5, leaving checkpoint-2 and checkpoint-4 (save_total_limit 2)."""
+    path = tmp_path_factory.mktemp("interrupted")
+    job = make_job(tiny_mistral_dir, tokenized, path, max_steps=6, save_steps=2, callbacks=[Interrupt(5)])
+    with pytest.raises(KeyboardInterrupt):
+        run_training(job, resume=True)
+    assert sorted(p.name for p in (path / "run").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    return path / "run"
+
+
+DAMAGE = {
+    "truncated adapter": ("adapter_model.safetensors", lambda path: os.truncate(path, path.stat().st_size // 2)),
+    "empty trainer state": ("trainer_state.json", lambda path: path.write_text("")),
+    "truncated optimizer": ("optimizer.pt", lambda path: os.truncate(path, path.stat().st_size - 100)),
+    "missing scheduler": ("scheduler.pt", lambda path: path.unlink()),
+    "missing RNG state": ("rng_state.pth", lambda path: path.unlink()),
+    "missing run history": ("run_history.json", lambda path: path.unlink()),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_checkpoint_damage_is_found_and_named(interrupted_run, tmp_path, damage):
+    checkpoint = shutil.copytree(interrupted_run / "checkpoint-4", tmp_path / "checkpoint-4")
+    assert checkpoint_problem(checkpoint) is None
+    name, harm = DAMAGE[damage]
+    harm(checkpoint / name)
+    problem = checkpoint_problem(checkpoint)
+    assert problem is not None and (name in problem or "RNG" in problem or "scheduler" in problem), problem
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter", "empty trainer state"])
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tiny_mistral_dir, tokenized, interrupted_run, tmp_path,
+                                                           caplog, damage):
+    shutil.copytree(interrupted_run, tmp_path / "run")
+    name, harm = DAMAGE[damage]
+    harm(tmp_path / "run" / "checkpoint-4" / name)
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.checkpoints"):
+        metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2),
+                               resume=True)
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 6
+    assert any("checkpoint-4" in record.getMessage() and name in record.getMessage() for record in caplog.records)
+    assert (tmp_path / "run" / "damaged-checkpoint-4").is_dir()
+
+
+def test_with_no_sound_checkpoint_training_starts_over(tiny_mistral_dir, tokenized, interrupted_run, tmp_path,
+                                                        caplog):
+    shutil.copytree(interrupted_run, tmp_path / "run")
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        (tmp_path / "run" / checkpoint / "trainer_state.json").write_text("")
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.checkpoints"):
+        metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2),
+                               resume=True)
+    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 6
+    assert "starts over" in caplog.text
 
 
 def test_a_typo_in_target_modules_is_refused(tiny_mistral_dir, tokenized, tmp_path):
