@@ -14,7 +14,7 @@ MISTRAL := -S model.name=mistralai/Mistral-7B-Instruct-v0.2 -S model.quantizatio
 	-S lora.r=16 -S lora.alpha=16 -S train.max_seq_length=2048 -S train.epochs=1 \
 	-S train.learning_rate=2e-4 -S train.micro_batch_size=16 -S train.gradient_accumulation_steps=1 \
 	-S train.packing=true -S train.warmup_ratio=0.03 -S train.save_steps=100 \
-	-S train.wandb=true -S eval.max_new_tokens=128 -S eval.batch_size=32
+	-S train.wandb=true -S eval.max_new_tokens=auto -S eval.batch_size=32
 
 .PHONY: setup repro test mistral infer clean clean-all
 
