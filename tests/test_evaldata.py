@@ -225,3 +225,39 @@ def test_proxies_aggregate_per_task_type_and_difference():
     assert deltas["label_adherence_delta"] == 0.5
     assert deltas["unsupported_word_share_delta"] == pytest.approx(-5 / 18, abs=1e-6)
     assert "n_label_rows_delta" not in deltas
+
+
+# --- the path a user takes: a local real-format file through fetch, sample, format and evaluate ----------------------
+
+@pytest.mark.slow
+def test_local_real_format_file_through_sample_format_and_evaluate(tmp_path, tiny_mistral_dir):
+    """The random tiny model never emits EOS, so every answer runs into the limit: the cut rate must say so."""
+    project = tmp_path / "project"
+    write_alpaca_like(project / "data" / "external" / "alpaca_like.json", 400)
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(source="local", path="data/external/alpaca_like.json", eval_size=16)
+    params["model"].update(name=str(tiny_mistral_dir), quantization="none")
+    params["eval"].update(max_new_tokens="auto", max_new_tokens_cap=12, min_short_answer=6, batch_size=8)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", ALPACA_QLORA_LOG_LEVEL="INFO")
+    logs = ""
+    for stage in ("fetch", "sample", "format", "evaluate"):
+        arguments = ["base"] if stage == "evaluate" else []
+        result = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *arguments], cwd=project,
+                                env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        logs += result.stderr
+    eval_rows = [json.loads(line) for line in (project / "data" / "formatted" / "eval.jsonl").read_text().splitlines()]
+    assert all(row["reference_tokens"] > 0 for row in eval_rows)
+    metrics = json.loads((project / "metrics" / "eval_base.json").read_text())
+    run, overall = metrics["run"], metrics["overall"]
+    assert run["max_new_tokens_requested"] == "auto" and run["max_new_tokens"] == 12  # capped
+    assert run["covering_99pct"] > 12 and run["references_over_limit"] > 0.5
+    assert "cuts" in logs and "of the references short" in logs  # a capped limit is never silent
+    assert overall["n_short_answer"] >= 6
+    assert overall["cut_by_limit_rate"] == 1.0
+    predictions = [json.loads(line)
+                   for line in (project / "data" / "predictions" / "base.jsonl").read_text().splitlines()]
+    assert all(row["cut_by_limit"] and row["new_tokens"] == 12 for row in predictions)
+    assert all("unsupported_word_share" in row and "label_adherence" in row for row in predictions)
