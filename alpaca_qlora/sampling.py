@@ -72,9 +72,10 @@ def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int
                min_short_answer: int = 0, is_short: Callable[[dict[str, Any]], bool] | None = None) -> Split:
     """Draw the evaluation split first, then the training sample from what is left.
 
-    The eval split takes `min_short_answer` short-answer rows first (as `is_short` decides; all of them where the
-    data has fewer), stratified by task type, so exact match rests on enough rows even where short answers are
-    rare (about 5% of alpaca-cleaned); the rest of the split is drawn, stratified, from the remaining rows.
+    The eval split is stratified by short answer (as `is_short` decides) and, within each, by task type. Short-answer
+    rows get their proportional share or `min_short_answer`, whichever is larger (all of them where the data has
+    fewer), and are drawn first, so exact match rests on enough rows even where short answers are rare (about 5% of
+    alpaca-cleaned); data that has enough keeps its natural mix.
     It does not depend on `sample_frac`, so experiments that change the training sample are scored on the very
     same rows and their EM deltas compare like with like (and the base model's evaluation stays cached).
     Training rows that ask the same question as an eval row (same normalized instruction + input) are excluded.
@@ -86,13 +87,15 @@ def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int
         )
     rng = random.Random(seed)
     short_rows = [row for row in rows if is_short(row)] if is_short else []
+    short_ids = {row["id"] for row in short_rows}
+    other_rows = [row for row in rows if row["id"] not in short_ids]
     short_wanted = min(min_short_answer, eval_size) if is_short else 0
-    eval_rows = _stratified_draw(short_rows, min(short_wanted, len(short_rows)), rng)
-    drawn_ids = {row["id"] for row in eval_rows}
-    eval_rows += _stratified_draw([row for row in rows if row["id"] not in drawn_ids], eval_size - len(eval_rows),
-                                  rng)
+    proportional = proportional_allocation({"short": len(short_rows), "other": len(other_rows)}, eval_size)
+    short_count = min(len(short_rows), max(short_wanted, proportional["short"], eval_size - len(other_rows)))
+    eval_rows = _stratified_draw(short_rows, short_count, rng)
+    eval_rows += _stratified_draw(other_rows, eval_size - short_count, rng)
     eval_rows = _shuffled(eval_rows, rng)
-    eval_short = sum(is_short(row) for row in eval_rows) if is_short else None
+    eval_short = short_count if is_short else None
 
     eval_ids = {row["id"] for row in eval_rows}
     eval_keys = {prompt_key(row) for row in eval_rows}

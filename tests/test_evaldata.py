@@ -74,6 +74,17 @@ def test_short_rows_are_drawn_stratified_by_task_type_and_the_split_stays_seeded
     assert split.eval != split_rows(rows, sample_frac=0.1, **{**kwargs, "seed": 6}).eval
 
 
+def test_data_with_enough_short_answers_keeps_its_natural_mix():
+    # The bundled set is about 80% short-answer: a minimum of 150 of 200 must not crowd out its open-ended rows.
+    rows = with_ids(generate_rows())
+    plain = split_rows(rows, sample_frac=0.1, eval_size=200, seed=42)
+    split = split_rows(rows, sample_frac=0.1, eval_size=200, seed=42, min_short_answer=150, is_short=short_rule)
+    natural, drawn = plain.report["eval_rows_by_task_type"], split.report["eval_rows_by_task_type"]
+    assert drawn["open_ended"] == natural["open_ended"]
+    assert all(abs(drawn[name] - natural[name]) <= 1 for name in natural)  # rounding in two strata levels
+    assert split.report["eval_short_answer_rows"] == sum(map(short_rule, plain.eval)) >= 150
+
+
 def sample_project(tmp_path: Path, rows, **eval_params) -> Path:
     tmp_path.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
