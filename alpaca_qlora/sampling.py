@@ -49,23 +49,21 @@ def _shuffled(rows: list[dict[str, Any]], rng: random.Random) -> list[dict[str, 
     return ordered
 
 
-def _stratified_draw(rows: list[dict[str, Any]], count: int, rng: random.Random) -> list[dict[str, Any]]:
-    """`count` rows, each task type in proportion to its share of `rows`."""
+def _by_task_type(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[row.get("task_type") or NO_TASK_TYPE].append(row)
+    return groups
+
+
+def _stratified_draw(rows: list[dict[str, Any]], count: int, rng: random.Random) -> list[dict[str, Any]]:
+    """`count` rows, each task type in proportion to its share of `rows`."""
+    groups = _by_task_type(rows)
     allocation = proportional_allocation({name: len(group) for name, group in groups.items()}, count)
     drawn: list[dict[str, Any]] = []
     for name in sorted(groups):
         drawn.extend(_shuffled(groups[name], rng)[: allocation[name]])
     return drawn
-
-
-def _count_by_task_type(rows: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for row in rows:
-        counts[row.get("task_type") or NO_TASK_TYPE] += 1
-    return dict(sorted(counts.items()))
 
 
 def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int, seed: int,
@@ -115,7 +113,7 @@ def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int
         "train_rows": len(train_rows),
         "train_rows_requested": wanted,
         "eval_rows": len(eval_rows),
-        "eval_rows_by_task_type": _count_by_task_type(eval_rows),
+        "eval_rows_by_task_type": {name: len(group) for name, group in sorted(_by_task_type(eval_rows).items())},
         "short_answer_rows_available": len(short_rows) if is_short else None,
         "eval_short_answer_rows": eval_short,  # the rows exact match rests on
         "eval_short_answer_rows_wanted": short_wanted,
