@@ -67,16 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     template = get_template(params.data.template)
     loaded = load_for_inference(params.model.name, params.model.quantization,
                                 adapter_dir=None if arguments.base_only else arguments.adapter)
+    # auto sizes the limit by eval references; a lone instruction has none, so it gets the cap (EOS still stops it)
+    configured = params.eval.max_new_tokens
+    limit = arguments.max_new_tokens or (params.eval.max_new_tokens_cap if configured == "auto" else configured)
     if arguments.chat:
-        session = ChatSession(loaded.model, loaded.tokenizer, template,
-                              arguments.max_new_tokens or params.eval.max_new_tokens)
+        session = ChatSession(loaded.model, loaded.tokenizer, template, limit)
         interactive = sys.stdin.isatty()
         chat(session, sys.stdin, sys.stdout, compare=arguments.compare,
              prompt=lambda: interactive and (sys.stderr.write("> "), sys.stderr.flush()))
         return
     generations, _ = generate(
         loaded.model, loaded.tokenizer, [template.render(arguments.instruction, arguments.input)],
-        max_new_tokens=arguments.max_new_tokens or params.eval.max_new_tokens, batch_size=1,
+        max_new_tokens=limit, batch_size=1,
         stop_markers=template.stop_markers, progress=False,
     )
     sys.stdout.write(clean_generation(generations[0].raw, template.stop_markers) + "\n")

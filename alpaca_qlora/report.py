@@ -10,14 +10,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from alpaca_qlora.metrics import task_type_of
+from alpaca_qlora.metrics import LIMIT_METRICS, PROXY_METRICS, task_type_of
 from alpaca_qlora.significance import CONFIDENCE, is_significant
 
 log = logging.getLogger(__name__)
 
 # Per-row scores in the order they rank an example: a gained exact match beats any F1 change, F1 beats recall.
 RANKING_METRICS = ("exact_match", "f1", "key_fact_recall")
-OVERALL_METRICS = ("exact_match", "exact_match_strict", "f1", "f1_all", "verbosity", "stop_rate", "key_fact_recall")
+OVERALL_METRICS = ("exact_match", "exact_match_strict", "f1", "f1_all", "verbosity", "stop_rate", "key_fact_recall",
+                   *LIMIT_METRICS, *PROXY_METRICS)
 METRIC_NOTES = {
     "exact_match": "normalized exact match, short-answer rows",
     "exact_match_strict": "exact match after strip only, short-answer rows",
@@ -26,6 +27,9 @@ METRIC_NOTES = {
     "verbosity": "answer words / reference words",
     "stop_rate": "share of answers ended by EOS",
     "key_fact_recall": "share of the reference's content words in the answer",
+    "cut_by_limit_rate": "share of answers ended by the token limit (no EOS, no stop marker)",
+    "unsupported_word_share": "hallucination proxy: answer content words in neither prompt nor reference",
+    "label_adherence": "instruction-adherence proxy: label rows answered with exactly one offered label",
 }
 MODELS = ("base", "finetuned")
 TEXT_LIMIT = 400  # characters of a prompt or answer shown in the report; the predictions files have all of it
@@ -33,11 +37,14 @@ DELTA_DECIMALS = 6
 
 
 def _row_scores(row: dict[str, Any]) -> tuple[float, ...]:
-    """Missing scores count as 0 (e.g. no key facts in the reference): both models then score the same."""
-    return tuple(float(row.get(name) or 0) for name in RANKING_METRICS)
+    """Missing scores count as 0 (e.g. no key facts in the reference): both models then score the same. Exact match
+    counts only on short-answer rows, as in the aggregate: elsewhere a rewording would read as a win or a loss."""
+    return tuple(0.0 if name == "exact_match" and not row.get("short_answer") else float(row.get(name) or 0)
+                 for name in RANKING_METRICS)
 
 
 def _example(base: dict[str, Any], finetuned: dict[str, Any], delta: tuple[float, ...]) -> dict[str, Any]:
+    counted = [name for name in RANKING_METRICS if name != "exact_match" or finetuned.get("short_answer")]
     return {
         "id": finetuned["id"],
         "task_type": task_type_of(finetuned),
@@ -45,7 +52,7 @@ def _example(base: dict[str, Any], finetuned: dict[str, Any], delta: tuple[float
         "reference": finetuned.get("reference", ""),
         "base_answer": base.get("answer", ""),
         "finetuned_answer": finetuned.get("answer", ""),
-        "delta": dict(zip(RANKING_METRICS, delta)),
+        "delta": {name: value for name, value in zip(RANKING_METRICS, delta) if name in counted},
     }
 
 
@@ -153,6 +160,21 @@ def _context_lines(title_context: dict[str, Any]) -> list[str]:
     return [f"- **{name}**: {'none' if value is None else value}" for name, value in title_context.items()]
 
 
+def _rests_on_lines(base_metrics: dict[str, Any], finetuned_metrics: dict[str, Any]) -> list[str]:
+    """What the headline numbers rest on: the rows EM is counted on, and the token limit and how often it cut."""
+    overall = finetuned_metrics["overall"]
+    run = finetuned_metrics.get("run", {})
+    lines = [f"- **exact match rests on** {format_value(overall.get('n_short_answer'))} short-answer rows of "
+             f"{format_value(overall.get('n_rows'))}; label adherence on {format_value(overall.get('n_label_rows'))}."]
+    if "max_new_tokens" in run:
+        cut = ", ".join(f"{model} {format_value(metrics['overall'].get('cut_by_limit_rate'))}"
+                        for model, metrics in (("base", base_metrics), ("fine-tuned", finetuned_metrics)))
+        lines.append(f"- **token limit** {run['max_new_tokens']} new tokens (eval.max_new_tokens: "
+                     f"{run.get('max_new_tokens_requested', run['max_new_tokens'])}; references longer than the "
+                     f"limit: {format_value(run.get('references_over_limit'))}); answers cut by it: {cut}.")
+    return lines
+
+
 def _overall_table(base: dict[str, Any], finetuned: dict[str, Any], deltas: dict[str, Any]) -> list[str]:
     lines = [f"| metric | base | fine-tuned | delta | {CONFIDENCE:.0%} interval | what it measures |",
              "| --- | ---: | ---: | ---: | :---: | --- |"]
@@ -207,7 +229,7 @@ def render_report(
 ) -> str:
     """The markdown report (reports/compare.md): context, overall metrics, EM by task type, wins and losses."""
     lines = ["# Fine-tuned vs base model", "", *_context_lines(title_context), "",
-             "## Overall", "", *_overall_table(base_metrics["overall"], finetuned_metrics["overall"],
+             "## Overall", "", *_rests_on_lines(base_metrics, finetuned_metrics), "", *_overall_table(base_metrics["overall"], finetuned_metrics["overall"],
                                                deltas["overall"]), "",
              "## Exact match by task type", "", *_task_type_table(base_metrics["by_task_type"],
                                                                   finetuned_metrics["by_task_type"],

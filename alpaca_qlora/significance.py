@@ -57,6 +57,9 @@ PAIRED_METRICS: dict[str, PairedMetric] = {
     "stop_rate": PairedMetric(_field("stopped_by_eos")),
     "verbosity": PairedMetric(_field("answer_words"), weight=_field("reference_words")),
     "key_fact_recall": PairedMetric(_field("key_fact_recall")),
+    "label_adherence": PairedMetric(_field("label_adherence")),
+    "unsupported_word_share": PairedMetric(_field("unsupported_word_share")),
+    "cut_by_limit_rate": PairedMetric(_field("cut_by_limit")),
 }
 
 

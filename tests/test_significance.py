@@ -34,9 +34,12 @@ def predictions(seed: int, right: float, stop: float, n: int = 120) -> list[dict
         task_type = layout.choice(["factual", "open_ended"])
         answer = reference if answers.random() < right else answers.choice(WRONG)
         short = len(reference.split()) <= 5
+        proxies = {"label_adherence": answers.random() < right if task_type == "factual" else None,
+                   "unsupported_word_share": round(answers.random() * (1 - right), 6),
+                   "cut_by_limit": answers.random() < (1 - stop) / 2}
         rows.append({"id": f"row-{index:03d}", "task_type": task_type, "reference": reference, "answer": answer,
                      "prompt": f"### Instruction:\nQ{index}\n\n### Response:\n", "short_answer": short,
-                     "stopped_by_eos": answers.random() < stop, **score_row(answer, reference, short_answer=short)})
+                     "stopped_by_eos": answers.random() < stop, **score_row(answer, reference, short_answer=short), **proxies})
     return rows
 
 
