@@ -21,7 +21,7 @@ from transformers import set_seed
 from alpaca_qlora import io
 from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization, resolve_model_source
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import run_stage, split_timing, timing_path
 from alpaca_qlora.training import (
     TokenizedDataset,
     TrainingJob,
@@ -101,7 +101,9 @@ def main() -> None:
     )
     save_adapter(model, tokenizer, ADAPTER_OUT, card, base_model=params.model.name,
                  state_dict=job.outputs.get("state_dict"))
-    io.write_json(METRICS_OUT, metrics)
+    results, timing = split_timing(metrics)
+    io.write_json(timing_path("train"), timing)
+    io.write_json(METRICS_OUT, results)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
     log.info("loss %.4f -> %.4f in %d steps, %.0f tokens/s; adapter in %s", metrics["first_loss"] or 0,
              metrics["final_loss"] or 0, metrics["steps"], metrics["tokens_per_s"], ADAPTER_OUT)
