@@ -2,11 +2,12 @@
 
     python bench/cpu_determinism.py prepare DIR          # here: a tiny Mistral trained on the bundled data + LoRA
     python bench/cpu_determinism.py predict DIR OUT       # on each machine (CUDA hidden): predictions + environment
-    python bench/cpu_determinism.py compare A B RESULT    # the comparison JSON (bench/results/cpu_determinism.json)
+    python bench/cpu_determinism.py compare RESULT A B... # the comparison JSON (bench/results/cpu_determinism.json)
 
-`prepare` builds what can be carried to the GPU machine (its CPU has AVX512-BF16 and AMX): a 4-layer Mistral-shaped
-model with Mistral's tokenizer, trained briefly on the bundled rows so its answers are not trivial, an NF4 LoRA
-adapter trained on top, and held-out prompts. `predict` answers them three ways: the pipeline's CPU path
+`prepare` builds what can be carried to the GPU machine (its CPU has AVX512-BF16 and AMX): a random-init 4-layer
+Mistral-shaped model with Mistral's tokenizer (briefly trained, such a model collapses to repeating one token, whose
+answers no kernel could change; a random one has near-tied logits everywhere), a random non-zero LoRA adapter on its
+NF4 quantization, and bundled prompts. `predict` answers them three ways: the pipeline's CPU path
 (alpaca_qlora.inference: float64), and the path before it (bitsandbytes' 4-bit layers in fp32) with and without
 bitsandbytes' AVX512-BF16 repack, to show what the float64 path removes.
 """
@@ -17,6 +18,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -31,83 +33,42 @@ from alpaca_qlora.prompts import get_template  # noqa: E402
 
 log = logging.getLogger("cpu_determinism")
 TEMPLATE = get_template("alpaca")
-MAX_NEW_TOKENS = 48
-EVAL_ROWS = 96
+MAX_NEW_TOKENS = 32
+EVAL_ROWS = 64
+WEIGHT_SCALE = 4.0
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def _rows_as_examples(rows, tokenizer, max_length=128):
-    from alpaca_qlora.formatting import tokenize_training_rows
-
-    examples, _ = tokenize_training_rows(rows, tokenizer, TEMPLATE, max_length=max_length, overlong="truncate")
-    return examples
-
-
-def _batches(examples, size, rng):
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    for start in range(0, len(order) - size + 1, size):
-        chunk = [examples[i] for i in order[start : start + size]]
-        longest = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.zeros((size, longest), dtype=torch.long)
-        labels = torch.full((size, longest), -100, dtype=torch.long)
-        mask = torch.zeros((size, longest), dtype=torch.long)
-        for row, example in enumerate(chunk):
-            n = len(example["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = (torch.tensor(example["input_ids"]),
-                                                           torch.tensor(example["labels"]), 1)
-        yield ids, labels, mask
-
-
-def _train(model, examples, *, steps, lr, seed):
-    rng = random.Random(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    done = 0
-    while done < steps:
-        for ids, labels, mask in _batches(examples, 8, rng):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            done += 1
-            if done % 10 == 0:
-                log.info("step %d loss %.3f", done, loss.item())
-            if done >= steps:
-                break
-    return float(loss.item())
-
-
 def prepare(out: Path) -> None:
-    """Tiny base (full training) + LoRA adapter on its NF4 quantization (the pipeline's QLoRA on CPU) + eval rows."""
+    """A random-init base (its logits are nearly tied everywhere: the hardest case for determinism) and a LoRA
+    adapter with random non-zero weights on its NF4 quantization, plus held-out bundled prompts."""
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
     from alpaca_qlora.bundled import generate_rows
-    from alpaca_qlora.models import build_tiny_mistral, load_model, load_tokenizer, plan_quantization
+    from alpaca_qlora.models import build_tiny_mistral, load_model, plan_quantization
 
-    rows = [{**row, "id": str(index)} for index, row in enumerate(generate_rows())]
+    rows = generate_rows()
     random.Random(0).shuffle(rows)
-    eval_rows, train_rows = rows[:EVAL_ROWS], rows[EVAL_ROWS:]
-    base_dir, adapter_dir = out / "base", out / "adapter"
-    build_tiny_mistral(base_dir, num_hidden_layers=4, hidden_size=64, intermediate_size=192, seed=0)
-    tokenizer = load_tokenizer(str(base_dir))
-    examples = _rows_as_examples(train_rows, tokenizer)
-    torch.manual_seed(0)
-    base = MistralForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    base_loss = _train(base, examples, steps=100, lr=3e-3, seed=0)
-    base.save_pretrained(str(base_dir))
-    plan = plan_quantization("nf4", "cpu")
-    quantized = load_model(str(base_dir), plan, device="cpu")
+    build_tiny_mistral(out / "base", num_hidden_layers=4, hidden_size=64, intermediate_size=192, seed=0)
+    # matrices scaled up so the network is far from its near-identity init: answers vary per prompt and a small
+    # perturbation spreads (the harshest test)
+    base = MistralForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in base.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(WEIGHT_SCALE)
+    base.save_pretrained(str(out / "base"))
+    quantized = load_model(str(out / "base"), plan_quantization("nf4", "cpu"), device="cpu")
     torch.manual_seed(1)
-    peft_model = get_peft_model(quantized, LoraConfig(r=8, lora_alpha=16, target_modules=[
+    adapter = get_peft_model(quantized, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"))
-    adapter_loss = _train(peft_model, examples, steps=30, lr=2e-3, seed=1)
-    peft_model.save_pretrained(str(adapter_dir))
-    io.write_jsonl(out / "eval.jsonl", [{"id": row["id"], "prompt": TEMPLATE.render(row["instruction"],
-                                                                                    row.get("input", ""))}
-                                        for row in eval_rows])
-    log.info("base loss %.3f, adapter loss %.3f; written to %s", base_loss, adapter_loss, out)
+    adapter.peft_config["default"].base_model_name_or_path = "base"  # `predict` runs inside `out`
+    adapter.save_pretrained(str(out / "adapter"))
+    io.write_jsonl(out / "eval.jsonl", [{"id": str(index), "prompt": TEMPLATE.render(row["instruction"],
+                                                                                       row.get("input", ""))}
+                                        for index, row in enumerate(rows[:EVAL_ROWS])])
+    log.info("written to %s", out)
 
 
 def _legacy_load(base_dir: Path, adapter_dir: Path | None, *, repack: bool):
@@ -163,7 +124,10 @@ def environment() -> dict:
 def predict(work: Path, out: Path) -> None:
     from alpaca_qlora.inference import load_for_inference
 
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # the adapter names its base "base"
+    work = Path(".")
     prompts_rows = io.read_jsonl(work / "eval.jsonl")
     prompts = [row["prompt"] for row in prompts_rows]
     summary = {"environment": environment(), "inputs": {
@@ -174,7 +138,7 @@ def predict(work: Path, out: Path) -> None:
         adapter = work / "adapter" if which == "finetuned" else None
         for path in ("float64", "fp32-4bit-no-repack", "fp32-4bit-bnb-default"):
             if path == "float64":
-                loaded = load_for_inference(str(work / "base"), "nf4", adapter_dir=adapter, device="cpu")
+                loaded = load_for_inference("base", "nf4", adapter_dir=adapter, device="cpu")
                 model, tokenizer = loaded.model, loaded.tokenizer
                 summary.setdefault("numeric_path", loaded.numeric_path)
                 summary.setdefault("float64_weights_sha256", {})[which] = _float64_weights_sha256(model)
@@ -182,36 +146,40 @@ def predict(work: Path, out: Path) -> None:
                 model, tokenizer = _legacy_load(work / "base", adapter, repack=path.endswith("default"))
             generations, _ = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=16,
                                       stop_markers=TEMPLATE.stop_markers, progress=False)
-            name = f"{which}.{path}.jsonl"
-            io.write_jsonl(out / name, [{"id": row["id"], "raw": g.raw, "stopped_by_eos": g.stopped_by_eos,
-                                         "new_tokens": g.new_tokens} for row, g in zip(prompts_rows, generations)])
-            summary["predictions"][name] = io.sha256_file(out / name)
-            log.info("%s: %s", name, summary["predictions"][name][:16])
+            name = f"{which}.{path}"
+            rows = [{"id": row["id"], "raw": g.raw, "stopped_by_eos": g.stopped_by_eos, "new_tokens": g.new_tokens}
+                    for row, g in zip(prompts_rows, generations, strict=True)]
+            text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+            summary["predictions"][name] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": rows}
+            log.info("%s: %s", name, summary["predictions"][name]["sha256"][:16])
     io.write_json(out / "summary.json", summary)
 
 
-def compare(first: Path, second: Path, result: Path) -> None:
-    """Per prediction file: identical bytes or not, and how many rows differ."""
-    sides = {}
-    for folder in (first, second):
-        summary = io.read_json(folder / "summary.json")
-        sides[folder] = summary
-    a, b = sides[first], sides[second]
-    comparison = {}
-    for name in a["predictions"]:
-        rows_a, rows_b = io.read_jsonl(first / name), io.read_jsonl(second / name)
-        comparison[name] = {"identical_bytes": a["predictions"][name] == b["predictions"].get(name),
-                            "rows": len(rows_a),
-                            "rows_differing": sum(x != y for x, y in zip(rows_a, rows_b, strict=True)),
-                            "sha256": [a["predictions"][name], b["predictions"].get(name)]}
-    io.write_json(result, {"machines": [a["environment"], b["environment"]], "inputs_identical": a["inputs"] == b[
-        "inputs"], "inputs": a["inputs"], "float64_weights_identical": a.get("float64_weights_sha256") == b.get(
-        "float64_weights_sha256"), "float64_weights_sha256": [a.get("float64_weights_sha256"),
-                                                              b.get("float64_weights_sha256")],
-        "numeric_path": a.get("numeric_path"), "max_new_tokens": MAX_NEW_TOKENS, "comparison": comparison})
-    for name, entry in comparison.items():
-        log.info("%-36s identical %s (%d of %d rows differ)", name, entry["identical_bytes"], entry["rows_differing"],
-                 entry["rows"])
+def compare(folders: list[Path], result: Path) -> None:
+    """Every run against the first: per prediction set, identical bytes or not, and how many rows differ."""
+    runs = {folder.name: io.read_json(folder / "summary.json") for folder in folders}
+    reference_name, reference = next(iter(runs.items()))
+    comparisons = {}
+    for name, run in list(runs.items())[1:]:
+        entries = {}
+        for key, mine in reference["predictions"].items():
+            theirs = run["predictions"][key]
+            entries[key] = {"identical_bytes": mine["sha256"] == theirs["sha256"],
+                            "rows_differing": sum(x != y for x, y in zip(mine["rows"], theirs["rows"], strict=True)),
+                            "rows": len(mine["rows"])}
+            log.info("%s vs %s, %-30s identical %s (%d of %d rows differ)", reference_name, name, key,
+                     entries[key]["identical_bytes"], entries[key]["rows_differing"], entries[key]["rows"])
+        comparisons[f"{reference_name} vs {name}"] = {
+            "inputs_identical": run["inputs"] == reference["inputs"],
+            "float64_weights_identical": run["float64_weights_sha256"] == reference["float64_weights_sha256"],
+            "predictions": entries}
+    io.write_json(result, {
+        "what": "greedy answers of one model + adapter on several CPUs, CUDA hidden (bench/cpu_determinism.py)",
+        "max_new_tokens": MAX_NEW_TOKENS, "inputs": reference["inputs"], "numeric_path": reference["numeric_path"],
+        "runs": {name: {"environment": run["environment"], "float64_weights_sha256": run["float64_weights_sha256"],
+                        "predictions_sha256": {key: value["sha256"] for key, value in run["predictions"].items()}}
+                 for name, run in runs.items()},
+        "comparisons": comparisons})
 
 
 def main() -> None:
@@ -223,15 +191,15 @@ def main() -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("out", type=Path)
     c = sub.add_parser("compare")
-    for name in ("first", "second", "result"):
-        c.add_argument(name, type=Path)
+    c.add_argument("result", type=Path)
+    c.add_argument("folders", type=Path, nargs="+", help="runs' output folders; the first is the reference")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.dir)
     elif args.command == "predict":
         predict(args.dir, args.out)
     else:
-        compare(args.first, args.second, args.result)
+        compare(args.folders, args.result)
 
 
 if __name__ == "__main__":
