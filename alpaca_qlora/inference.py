@@ -1,9 +1,12 @@
-"""Loading a model for answering: the base as training loaded it, with the adapter attached at runtime (no merge)."""
+"""Loading a model for answering: the base as training loaded it, with the adapter attached at runtime (no merge).
+
+On CPU the loaded model is put on the float64 path (alpaca_qlora/numerics.py) before its first forward, so its
+answers are the same on every CPU; on CUDA it stays in the plan's compute dtype."""
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import torch
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models import QuantizationPlan, load_model, load_tokenizer, plan_quantization, resolve_model_source
+from alpaca_qlora.numerics import to_cpu_float64
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,7 @@ class LoadedModel:
     plan: QuantizationPlan
     device: str
     source: str
+    numeric_path: dict[str, Any] = field(default_factory=dict)  # CPU: how it was made CPU-independent
 
 
 def default_device() -> str:
@@ -60,4 +65,6 @@ def load_for_inference(model_name: str, quantization: str, adapter_dir: Path | N
                 f"the adapter in {adapter_dir} does not fit base model {model_name!r}: {error}"
             ) from error
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, device=device, source=source)
+    numeric_path = to_cpu_float64(model, quantized=plan.quantized) if torch.device(device).type == "cpu" else {}
+    return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, device=device, source=source,
+                       numeric_path=numeric_path)
