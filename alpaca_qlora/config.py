@@ -258,6 +258,8 @@ def declared_params(stage: str, dvc_file: str | Path = DVC_FILE) -> tuple[str, .
     for entry in body.get("params", []) or []:
         if isinstance(entry, str):
             keys.append(entry)
+        elif entry == {PARAMS_FILE: None}:  # the whole file (check_params)
+            keys.extend(f.name for f in dataclasses.fields(Params))
         elif isinstance(entry, dict):  # {other_file.yaml: [keys]} is not used by this project
             raise ConfigError(f"dvc.yaml stage '{stage}': params from other files are not supported: {entry}.")
     return tuple(keys)

@@ -66,8 +66,8 @@ def project(tmp_path_factory, tiny_mistral_dir) -> Path:
 
 def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
     first = dvc("repro", cwd=project)
-    assert stages_run(first) == {"fetch", "sample", "format", "train", "evaluate_base", "evaluate_finetuned",
-                                 "compare"}
+    assert stages_run(first) == {"check_params", "fetch", "sample", "format", "train", "evaluate_base",
+                                 "evaluate_finetuned", "compare"}
     for out in ("data/raw/rows.jsonl", "data/formatted/train.jsonl", "models/adapter/adapter_model.safetensors",
                 "models/adapter/README.md", "metrics/train.json", "metrics/eval_base.json",
                 "metrics/eval_finetuned.json", "metrics/compare.json", "reports/compare.md"):
@@ -86,7 +86,7 @@ def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
     assert "sample:" in status and "fetch:" not in status
     changed = dvc("repro", cwd=project)
     # The eval split does not depend on sample_frac, so the base evaluation stays cached.
-    assert stages_run(changed) == {"sample", "format", "train", "evaluate_finetuned", "compare"}
+    assert stages_run(changed) == {"check_params", "sample", "format", "train", "evaluate_finetuned", "compare"}
 
 
 def test_a_lora_experiment_reruns_train_and_downstream_only(project):
@@ -94,7 +94,7 @@ def test_a_lora_experiment_reruns_train_and_downstream_only(project):
     run(["git", "add", "-A"], cwd=project)
     run(["git", "commit", "-qm", "baseline"], cwd=project)
     experiment = dvc("exp", "run", "-S", "lora.r=32", cwd=project)
-    assert stages_run(experiment) == {"train", "evaluate_finetuned", "compare"}
+    assert stages_run(experiment) == {"check_params", "train", "evaluate_finetuned", "compare"}
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     assert "exact_match_delta" in json.dumps(shown)
     diff = dvc("metrics", "diff", "--all", cwd=project).stdout
@@ -130,3 +130,25 @@ def test_bad_input_fails_clearly_and_writes_nothing(project, tmp_path):
     finally:
         params_file.write_text(saved)
         bad.unlink()
+
+
+@pytest.mark.parametrize("section", ["data", "model", "lora", "train", "eval"])
+def test_an_unknown_key_in_any_section_stops_the_pipeline(project, section):
+    """No stage declares a misspelt key, so only a stage tracking the whole params file can notice it."""
+    dvc("repro", cwd=project)
+    run(["git", "add", "-A"], cwd=project)
+    run(["git", "commit", "-qm", "up to date", "--allow-empty"], cwd=project)
+    try:
+        experiment = dvc("exp", "run", "-S", f"+{section}.smaple_frac=0.5", cwd=project, check=False)
+        assert experiment.returncode != 0
+        assert f"unknown key(s) {section}.smaple_frac" in experiment.stdout + experiment.stderr
+
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params[section]["smaple_frac"] = 0.5
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        edited = dvc("repro", cwd=project, check=False)
+        assert edited.returncode != 0
+        assert f"unknown key(s) {section}.smaple_frac" in edited.stdout + edited.stderr
+    finally:
+        run(["git", "checkout", "--", "params.yaml"], cwd=project)
+    assert stages_run(dvc("repro", cwd=project)) == set()  # the failed check left dvc.lock as it was
