@@ -46,7 +46,7 @@ class DataParams:
         _require(0.0 < self.sample_frac <= 1.0, "data.sample_frac", self.sample_frac, "a fraction in (0, 1]")
         _require(self.eval_size >= 1, "data.eval_size", self.eval_size, "a positive row count")
         _require(self.source != "local" or bool(self.path), "data.path", self.path,
-                 "a file path or URL when data.source is 'local'")
+                 "a file under data/external/ when data.source is 'local'")
 
 
 @dataclass(frozen=True)
