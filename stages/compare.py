@@ -12,7 +12,7 @@ from alpaca_qlora import io
 from alpaca_qlora.config import stage_params
 from alpaca_qlora.metrics import metric_deltas
 from alpaca_qlora.report import plot_rows, render_report, select_examples
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import read_input_rows, run_stage
 
 BASE_METRICS = Path("metrics/eval_base.json")
 FINETUNED_METRICS = Path("metrics/eval_finetuned.json")
@@ -28,7 +28,8 @@ log = logging.getLogger("compare")
 def main() -> None:
     params = stage_params("compare")
     base, finetuned = io.read_json(BASE_METRICS), io.read_json(FINETUNED_METRICS)
-    base_rows, finetuned_rows = io.read_jsonl(BASE_PREDICTIONS), io.read_jsonl(FINETUNED_PREDICTIONS)
+    base_rows = read_input_rows(BASE_PREDICTIONS, "evaluate_base")
+    finetuned_rows = read_input_rows(FINETUNED_PREDICTIONS, "evaluate_finetuned")
     deltas = metric_deltas(base, finetuned)
     examples = select_examples(base_rows, finetuned_rows, params.eval.num_examples)
     report = render_report(base, finetuned, deltas, examples, title_context={

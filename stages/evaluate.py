@@ -17,7 +17,7 @@ from alpaca_qlora.generation import dequantize_for_generation, describe_weights,
 from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.metrics import aggregate, clean_generation, is_short_answer, score_row
 from alpaca_qlora.prompts import get_template
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import read_input_rows, run_stage
 
 EVAL_IN = Path("data/formatted/eval.jsonl")
 ADAPTER = Path("models/adapter")
@@ -29,7 +29,7 @@ log = logging.getLogger("evaluate")
 def evaluate(which: str) -> None:
     params = stage_params(f"evaluate_{which}")
     template = get_template(params.data.template)
-    rows = io.read_jsonl(EVAL_IN)
+    rows = read_input_rows(EVAL_IN, "format")
     started = time.perf_counter()
     loaded = load_for_inference(params.model.name, params.model.quantization,
                                 adapter_dir=ADAPTER if which == "finetuned" else None)

@@ -10,7 +10,7 @@ from pathlib import Path
 from alpaca_qlora import io
 from alpaca_qlora.config import stage_params
 from alpaca_qlora.sampling import split_rows
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import read_input_rows, require_rows, run_stage
 
 ROWS_IN = Path("data/raw/rows.jsonl")
 TRAIN_OUT = Path("data/sampled/train.jsonl")
@@ -22,9 +22,11 @@ log = logging.getLogger("sample")
 
 def main() -> None:
     params = stage_params("sample")
-    rows = io.read_jsonl(ROWS_IN)
+    rows = read_input_rows(ROWS_IN, "fetch")
     split = split_rows(rows, sample_frac=params.data.sample_frac, eval_size=params.data.eval_size,
                        seed=params.data.seed)
+    require_rows(split.train, "the training sample", f"all {len(rows) - len(split.eval)} rows left after the eval "
+                 "split ask an eval row's question; lower data.eval_size or use more data.")
     if split.report["train_rows"] < split.report["train_rows_requested"]:
         log.warning("only %d training rows available of %d requested", split.report["train_rows"],
                     split.report["train_rows_requested"])

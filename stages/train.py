@@ -21,7 +21,7 @@ from transformers import set_seed
 from alpaca_qlora import io
 from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization, resolve_model_source
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import read_input_rows, run_stage
 from alpaca_qlora.training import (
     TokenizedDataset,
     TrainingJob,
@@ -82,7 +82,7 @@ def main() -> None:
     log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
     data_sha256 = io.sha256_file(TRAIN_IN)
-    dataset = TokenizedDataset(io.read_jsonl(TRAIN_IN))
+    dataset = TokenizedDataset(read_input_rows(TRAIN_IN, "format"))
     run_dir = CHECKPOINTS / run_fingerprint(recorded, data_sha256)
     if ranks.is_main:
         remove_stale_runs(CHECKPOINTS, keep=run_dir)

@@ -152,3 +152,53 @@ def test_an_unknown_key_in_any_section_stops_the_pipeline(project, section):
     finally:
         run(["git", "checkout", "--", "params.yaml"], cwd=project)
     assert stages_run(dvc("repro", cwd=project)) == set()  # the failed check left dvc.lock as it was
+
+
+def _replace(path: Path, data: bytes) -> None:
+    path.unlink()  # never write through a link into DVC's cache
+    path.write_bytes(data)
+
+
+def test_no_stage_accepts_an_empty_input(project):
+    dvc("repro", cwd=project)
+    cases = [("sample.py", "data/raw/rows.jsonl"), ("format.py", "data/sampled/train.jsonl"),
+             ("format.py", "data/sampled/eval.jsonl"), ("train.py", "data/formatted/train.jsonl"),
+             ("evaluate.py base", "data/formatted/eval.jsonl"), ("compare.py", "data/predictions/finetuned.jsonl")]
+    for script, input_path in cases:
+        path = project / input_path
+        saved = path.read_bytes()
+        _replace(path, b"")
+        try:
+            result = run([sys.executable, *f"stages/{script}".split()], cwd=project, check=False)
+        finally:
+            _replace(path, saved)
+        assert result.returncode == 2, (script, result.stderr)
+        assert f"{input_path} has no rows" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert stages_run(dvc("repro", cwd=project)) == set()  # nothing was half-written
+
+
+def test_a_max_seq_length_that_keeps_no_row_stops_format(project):
+    dvc("repro", cwd=project)
+    params_file = project / "params.yaml"
+    saved = params_file.read_text()
+    uncached = {name: (project / name).read_bytes() for name in ("metrics/format.json",
+                                                                 "metrics/plots/token_lengths.json")}
+    params = yaml.safe_load(saved)
+    params["train"]["max_seq_length"] = 16
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = run([sys.executable, "stages/format.py"], cwd=project, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert re.search(r"train.max_seq_length = 16 keeps none of the \d+ training rows: the shortest prompt is "
+                         r"\d+ tokens", result.stderr), result.stderr
+        suggested = int(re.search(r"at least (\d+)", result.stderr).group(1))
+        params["train"]["max_seq_length"] = suggested
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        run([sys.executable, "stages/format.py"], cwd=project)
+        assert json.loads((project / "metrics/format.json").read_text())["rows_kept"] >= 1
+    finally:
+        params_file.write_text(saved)
+        dvc("checkout", "--force", cwd=project)
+        for name, data in uncached.items():
+            _replace(project / name, data)
+    assert stages_run(dvc("repro", cwd=project)) == set()
