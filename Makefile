@@ -7,16 +7,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # pip warns about every package the machine's extra local index lacks; keep the output readable.
 PIP := $(VENV)/bin/python -m pip install --quiet --quiet
 
-# The real run: Mistral-7B-Instruct-v0.2 on 10% of yahma/alpaca-cleaned, LoRA r=16 on the seven projections,
-# 2048 tokens, 1 epoch, W&B on. Needs a CUDA GPU and the Hugging Face hub.
-MISTRAL := -S model.name=mistralai/Mistral-7B-Instruct-v0.2 -S model.quantization=nf4 \
-	-S data.source=hub -S data.sample_frac=0.1 -S data.eval_size=500 \
-	-S lora.r=16 -S lora.alpha=16 -S train.max_seq_length=2048 -S train.epochs=1 \
-	-S train.learning_rate=2e-4 -S train.micro_batch_size=16 -S train.gradient_accumulation_steps=1 \
-	-S train.packing=true -S train.warmup_ratio=0.03 -S train.save_steps=100 \
-	-S train.wandb=true -S eval.max_new_tokens=128 -S eval.batch_size=32
 
-.PHONY: setup repro test mistral infer clean clean-all
+.PHONY: setup repro test mistral infer chat compare-revs push pull clean clean-all
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -33,13 +25,31 @@ repro: setup
 test: setup
 	python -m pytest -q
 
+# The real run, profiles/mistral-7b.yaml (Mistral-7B-Instruct-v0.2 on alpaca-cleaned; needs a CUDA GPU and the hub):
+# its keys over params.yaml, as `dvc exp run -S key=value` flags.
 mistral: setup
 	$(PIP) -r requirements-gpu.txt
-	dvc exp run --name mistral-7b $(MISTRAL)
+	python -m alpaca_qlora.profiles profiles/mistral-7b.yaml -- dvc exp run --name mistral-7b
 
 # Answer one instruction with the base model + models/adapter: make infer Q="..." [INPUT="..."]
 infer: setup
 	python -m alpaca_qlora.infer "$(Q)" $(if $(INPUT),--input "$(INPUT)")
+
+# Talk to the model: base and models/adapter loaded once; each line gets the base answer, then the fine-tuned one.
+chat: setup
+	python -m alpaca_qlora.infer --chat --compare
+
+# Share results through the default DVC remote (.dvc/config): push after `dvc repro` and a commit; a reviewer's
+# fresh clone pulls instead of retraining. Experiments: dvc exp push origin NAME / dvc exp pull origin NAME.
+push: setup
+	dvc push
+
+pull: setup
+	dvc pull
+
+# Fine-tuned predictions of two revisions or experiments, row by row, with intervals: make compare-revs A=main B=<exp>
+compare-revs: setup
+	python -m alpaca_qlora.compare_revisions "$(A)" "$(B)" $(if $(JSON),--json "$(JSON)")
 
 # Remove the pipeline's outputs (not the venv, not the converted base model in the model cache).
 clean:

@@ -8,6 +8,7 @@ Two guarantees matter for reproducibility:
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +126,11 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    max_new_tokens: int = 64
+    # auto: the 99th percentile of the eval references' token counts plus the stop margin, at most the cap
+    max_new_tokens: Literal["auto"] | int = "auto"
+    max_new_tokens_cap: int = 1024
+    # short-answer rows the eval split draws first, so EM rests on at least this many where the data has them
+    min_short_answer: int = 150
     batch_size: int = 16
     short_answer_max_words: int = 5
     short_answer_task_types: tuple[str, ...] = ("closed_qa", "factual", "classification")
@@ -135,13 +140,21 @@ class EvalParams:
     # the same outputs on GPU). merge_bf16 folds LoRA into the dequantized weights: changes precision, opt-in.
     generation: Literal["plain", "fast", "graphed"] = "plain"
     merge_bf16: bool = False
+    # compare's paired bootstrap intervals (alpaca_qlora/significance.py): resamples and the generator's seed
+    bootstrap_resamples: int = 10_000
+    bootstrap_seed: int = 42
 
     def validate(self) -> None:
-        _require(self.max_new_tokens > 0, "eval.max_new_tokens", self.max_new_tokens, "a positive integer")
+        _require(self.max_new_tokens == "auto" or self.max_new_tokens > 0, "eval.max_new_tokens",
+                 self.max_new_tokens, "auto or a positive integer")
+        _require(self.max_new_tokens_cap > 0, "eval.max_new_tokens_cap", self.max_new_tokens_cap, "a positive integer")
+        _require(self.min_short_answer >= 0, "eval.min_short_answer", self.min_short_answer, "zero or more rows")
         _require(self.batch_size > 0, "eval.batch_size", self.batch_size, "a positive integer")
         _require(self.short_answer_max_words > 0, "eval.short_answer_max_words", self.short_answer_max_words,
                  "a positive integer")
         _require(self.num_examples >= 0, "eval.num_examples", self.num_examples, "zero or more")
+        _require(self.bootstrap_resamples >= 10_000, "eval.bootstrap_resamples", self.bootstrap_resamples,
+                 "at least 10000 resamples (fewer make the 95% interval's ends noisy)")
 
 
 @dataclass(frozen=True)
@@ -158,9 +171,23 @@ def _require(condition: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"params: {key} = {value!r} is invalid: expected {expected}.")
 
 
+def _expected(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(map(repr, typing.get_args(annotation)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(annotation, "a value")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert a YAML value to the declared type; YAML 1.1 reads `2e-4` as a string, so numbers may come as text."""
     origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):  # e.g. auto or an integer: the first reading that fits
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"params: {key} = {value!r} is invalid: expected "
+                          f"{' or '.join(_expected(option) for option in typing.get_args(annotation))}.")
     if origin is Literal:
         choices = typing.get_args(annotation)
         if True in choices and isinstance(value, str) and value.lower() in ("true", "false"):

@@ -147,13 +147,49 @@ def require_training_examples(
     )
 
 
+def response_token_count(tokenizer: Any, response: str) -> int:
+    """Tokens a model must generate to say `response`, before its EOS: what the token limit has to cover."""
+    return len(encode_response(tokenizer, response)) - 1
+
+
+def stop_margin(tokenizer: Any, stop_markers: Iterable[str]) -> int:
+    """Tokens a finished answer still needs to end: its EOS, or a blank line and a stop marker's visible part."""
+    marker_tokens = [len(tokenizer(("\n\n" + marker).rstrip(), add_special_tokens=False)["input_ids"])
+                     for marker in stop_markers]
+    return max([1, *marker_tokens])
+
+
+def nearest_rank(ordered: list[int], q: float) -> int:
+    """The q-quantile of sorted values by the nearest-rank rule: at least a share q of the values are <= it."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+REFERENCE_COVERAGE = 0.99  # eval.max_new_tokens: auto leaves at most 1% of references longer than the limit
+
+
+def token_limit(requested: int | str, reference_tokens: list[int], *, margin: int, cap: int) -> dict[str, Any]:
+    """The generation limit for eval.max_new_tokens (an integer, or auto) and how many references it would cut.
+
+    auto lets at least 99% of the references finish, EOS or stop marker included, so the metrics measure the
+    model rather than the limit; `cap` bounds the cost, and the share of references a limit would cut is
+    reported either way, so a capped or hand-set limit that cuts answers is never silent.
+    """
+    if not reference_tokens:
+        raise ValueError("no eval references to size eval.max_new_tokens by; the eval split is empty.")
+    covering = nearest_rank(sorted(reference_tokens), REFERENCE_COVERAGE) + margin
+    limit = min(covering, cap) if requested == "auto" else int(requested)
+    over = sum(count + margin > limit for count in reference_tokens)
+    return {"max_new_tokens": limit, "max_new_tokens_requested": requested, "covering_99pct": covering,
+            "references_over_limit": round(over / len(reference_tokens), 6)}
+
+
 def length_stats(lengths: list[int]) -> dict[str, float]:
     if not lengths:
         return {"count": 0}
     ordered = sorted(lengths)
 
     def percentile(q: float) -> int:
-        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+        return nearest_rank(ordered, q)
 
     return {
         "count": len(ordered),

@@ -1,6 +1,7 @@
-"""Answer one instruction with the fine-tuned model, or export base + adapter merged into one fp16 model.
+"""Answer instructions with the fine-tuned model, talk to it, or export base + adapter merged into one fp16 model.
 
     python -m alpaca_qlora.infer "Name the chemical symbol of sodium." [--input TEXT]
+    python -m alpaca_qlora.infer --chat [--compare]     # one instruction per line (TAB, then an optional input)
     python -m alpaca_qlora.infer --merge models/merged
 
 The base model, quantization, template and token limit come from params.yaml, as the pipeline used them.
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from alpaca_qlora import io
+from alpaca_qlora.chat import ChatSession, chat
 from alpaca_qlora.config import load_params
 from alpaca_qlora.generation import generate
 from alpaca_qlora.inference import check_adapter_matches, check_adapter_weights, load_for_inference
@@ -52,19 +54,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-only", action="store_true", help="answer without the adapter")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--merge", type=Path, metavar="OUT", help="write a merged fp16 model to OUT and exit")
+    parser.add_argument("--chat", action="store_true", help="load once, then answer each line of standard input")
+    parser.add_argument("--compare", action="store_true", help="with --chat: the base answer (adapter off) first")
     arguments = parser.parse_args(argv)
     params = load_params(arguments.params)
     if arguments.merge:
         merge_adapter(params.model.name, arguments.adapter, arguments.merge)
         return
-    if not arguments.instruction:
-        parser.error("give an instruction to answer (or --merge OUT)")
+    if not arguments.instruction and not arguments.chat:
+        parser.error("give an instruction to answer (or --chat, or --merge OUT)")
+    if arguments.compare and (arguments.base_only or not arguments.chat):
+        parser.error("--compare goes with --chat and an adapter (not --base-only)")
     template = get_template(params.data.template)
     loaded = load_for_inference(params.model.name, params.model.quantization,
                                 adapter_dir=None if arguments.base_only else arguments.adapter)
+    # auto sizes the limit by eval references; a lone instruction has none, so it gets the cap (EOS still stops it)
+    configured = params.eval.max_new_tokens
+    limit = arguments.max_new_tokens or (params.eval.max_new_tokens_cap if configured == "auto" else configured)
+    if arguments.chat:
+        session = ChatSession(loaded.model, loaded.tokenizer, template, limit)
+        interactive = sys.stdin.isatty()
+        chat(session, sys.stdin, sys.stdout, compare=arguments.compare,
+             prompt=lambda: interactive and (sys.stderr.write("> "), sys.stderr.flush()))
+        return
     generations, _ = generate(
         loaded.model, loaded.tokenizer, [template.render(arguments.instruction, arguments.input)],
-        max_new_tokens=arguments.max_new_tokens or params.eval.max_new_tokens, batch_size=1,
+        max_new_tokens=limit, batch_size=1,
         stop_markers=template.stop_markers, progress=False,
     )
     sys.stdout.write(clean_generation(generations[0].raw, template.stop_markers) + "\n")

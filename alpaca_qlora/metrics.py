@@ -3,6 +3,9 @@
 Exact match is only meaningful where the reference is a short answer ("Paris", "positive"), so EM and F1 are
 averaged over short-answer rows; verbosity, stop rate, key-fact recall and `f1_all` cover every row, because
 instruction tuning mostly changes *how* a model answers (length, stopping) and that shows on long answers too.
+Two automatic proxies stand in for what a reader judges: unsupported words (hallucination) and whether a
+classification answer is exactly one of the labels the prompt offers (instruction adherence). The share of answers
+cut by the token limit says whether the other numbers measure the model or the limit.
 Every function here is pure; the evaluate stage feeds it rows and writes what it returns.
 """
 from __future__ import annotations
@@ -38,6 +41,13 @@ STOP_WORDS = frozenset(
     only own same both few more most s t im thats
     """.split()
 )
+
+
+# Metrics added for issue 11 (section 4), listed once so that reports and interval code can pick them up by name.
+PROXY_METRICS = ("unsupported_word_share", "label_adherence")
+LIMIT_METRICS = ("cut_by_limit_rate",)
+# Task types whose rows are label choices; rows without a task type qualify by their reference alone.
+LABEL_TASK_TYPES = frozenset({"classification"})
 
 
 class MetricsMismatchError(PipelineError, ValueError):
@@ -134,22 +144,101 @@ def clean_generation(raw: str, stop_markers: Sequence[str] = ("### ",)) -> str:
 def is_short_answer(
     task_type: str | None, reference: str, *, short_answer_task_types: Sequence[str], max_words: int
 ) -> bool:
-    """Whether EM is meaningful for the row.
+    """Whether EM is meaningful for the row: a reference of at most `max_words` words, and, where the data has task
+    types, one of the configured short-answer types.
 
-    With task types, the configured short-answer types decide (a one-word brainstorm reference is still an open
-    task). Without them (alpaca-cleaned), a reference of at most `max_words` words is the best available signal.
+    The word limit holds for every row (EM against a 30-word closed-QA reference measures wording, not facts); the
+    types only narrow it where they exist (a one-word brainstorm reference is still an open task). Rows without a
+    task type (alpaca-cleaned) are decided by the length of their reference alone.
     """
-    if task_type:
-        return task_type in short_answer_task_types
-    return word_count(reference) <= max_words
+    if word_count(reference) > max_words:
+        return False
+    return not task_type or task_type in short_answer_task_types
+
+
+def unsupported_word_share(answer: str, context: str, reference: str) -> float | None:
+    """Hallucination proxy: the share of the answer's distinct content words found in neither the prompt (its
+    instruction and input) nor the reference.
+
+    Words are normalized as for EM and stop words ignored, so rewording with function words costs nothing; a
+    synonym or another inflection of a supported word counts as unsupported, so this over-counts a little and is
+    read as a delta between models on the same rows. None when the answer has no content words.
+    """
+    words = {token for token in _tokens(answer) if token not in STOP_WORDS}
+    if not words:
+        return None
+    supported = set(_tokens(context)) | set(_tokens(reference))
+    return len(words - supported) / len(words)
+
+
+_CLAUSE_END = re.compile(r"[?!;\n]|\.(?!\d)|(:)")
+_OPTION_SEPARATOR = re.compile(r",|\b(?:or|either)\b", re.IGNORECASE)
+_OFFERS_CHOICE = re.compile(r"\b(?:or|either)\b", re.IGNORECASE)
+
+
+def stated_options(text: str) -> list[tuple[tuple[str, ...], ...]]:
+    """The choices a prompt offers, one tuple per clause: "Is it solid, liquid or gas?" gives the normalized word
+    runs ("is it solid",), ("liquid",), ("gas",).
+
+    A clause offers a choice when it says "or"/"either", or when a colon introduces a comma list of three or more
+    ("one of these families: halogen, noble gas, ..."). The first and last runs may carry the clause's own words
+    ("is it", "at room temperature"); is_stated_option allows for that.
+    """
+    clauses, start, after_colon = [], 0, False
+    for found in _CLAUSE_END.finditer(text + "\n"):
+        clauses.append((text[start:found.start()], after_colon))
+        start, after_colon = found.end(), found.group(1) is not None
+    options = []
+    for clause, introduced in clauses:
+        runs = tuple(run for run in (tuple(_tokens(part)) for part in _OPTION_SEPARATOR.split(clause)) if run)
+        if len(runs) >= 2 and (_OFFERS_CHOICE.search(clause) or (introduced and len(runs) >= 3)):
+            options.append(runs)
+    return options
+
+
+def is_stated_option(answer: str, text: str) -> bool:
+    """Whether the answer is exactly one of the options `text` offers: the end of a run before the last (a whole
+    middle option, "solid" of "is it solid"), or the start of the last run ("gas" of "gas at room temperature").
+    Extra words, or two options, fail."""
+    words = tuple(_tokens(answer))
+    if not words:
+        return False
+    for runs in stated_options(text):
+        if runs[-1][:len(words)] == words or any(run[-len(words):] == words for run in runs[:-1]):
+            return True
+    return False
+
+
+def is_label_row(task_type: str | None, context: str, reference: str) -> bool:
+    """Whether instruction adherence is measurable: the prompt offers options and the reference is one of them.
+
+    With task types only classification rows qualify; without them (alpaca-cleaned) any row whose reference is
+    exactly one option of its prompt ("Is this review positive or negative?" -> "Negative") does. Requiring the
+    reference to pass keeps rows out whose options the parser misreads.
+    """
+    if task_type and task_type not in LABEL_TASK_TYPES:
+        return False
+    return is_stated_option(reference, context)
+
+
+def cut_by_limit(raw: str, *, stopped_by_eos: bool, new_tokens: int, max_new_tokens: int,
+                 stop_markers: Sequence[str] = ("### ",)) -> bool:
+    """Whether the token limit, not the model, ended the answer: no EOS, no stop marker, all tokens used."""
+    if stopped_by_eos or new_tokens < max_new_tokens:
+        return False
+    return not any(_stop_pattern(marker).search(raw) for marker in stop_markers)
 
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, DECIMALS)
 
 
-def score_row(answer: str, reference: str, *, short_answer: bool) -> dict[str, Any]:
-    """Per-row metrics. Strict EM is only recorded on short-answer rows, where it is compared with EM."""
+def score_row(answer: str, reference: str, *, short_answer: bool, context: str | None = None,
+              task_type: str | None = None) -> dict[str, Any]:
+    """Per-row metrics. Strict EM is only recorded on short-answer rows, where it is compared with EM. `context` is
+    the prompt's instruction and input; without it the two proxies are not measured (None)."""
+    measured = context is not None
+    label_row = measured and is_label_row(task_type, context, reference)
     return {
         "exact_match": exact_match(answer, reference),
         "exact_match_strict": strict_exact_match(answer, reference) if short_answer else None,
@@ -157,6 +246,8 @@ def score_row(answer: str, reference: str, *, short_answer: bool) -> dict[str, A
         "key_fact_recall": _rounded(key_fact_recall(answer, reference)),
         "answer_words": word_count(answer),
         "reference_words": word_count(reference),
+        "unsupported_word_share": _rounded(unsupported_word_share(answer, context, reference)) if measured else None,
+        "label_adherence": is_stated_option(answer, context) if label_row else None,
     }
 
 
@@ -180,6 +271,10 @@ def _summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "verbosity": _rounded(answer_words / reference_words) if reference_words else None,
         "stop_rate": _mean(row["stopped_by_eos"] for row in rows),
         "key_fact_recall": _mean(row["key_fact_recall"] for row in rows),
+        "n_label_rows": sum(row.get("label_adherence") is not None for row in rows),
+        "label_adherence": _mean(row.get("label_adherence") for row in rows),
+        "unsupported_word_share": _mean(row.get("unsupported_word_share") for row in rows),
+        "cut_by_limit_rate": _mean(row.get("cut_by_limit") for row in rows),
     }
 
 
@@ -190,7 +285,9 @@ def task_type_of(row: dict[str, Any]) -> str:
 def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Overall and per-task-type summaries of scored rows.
 
-    Each row carries `task_type` (optional), score_row's keys, `short_answer` and `stopped_by_eos`. Verbosity is
+    Each row carries `task_type` (optional), score_row's keys, `short_answer`, `stopped_by_eos` and `cut_by_limit`
+    (optional: rows without it leave the cut rate unmeasured). `n_short_answer` is how many rows EM rests on and
+    `n_label_rows` how many label adherence rests on. Verbosity is
     total answer words over total reference words (the ratio of the means), so a few empty answers cannot
     divide by zero and long references weigh by their length.
     """

@@ -5,7 +5,8 @@ answers prompts built by those tools the same way (a single changed byte shifts 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,37 @@ class PromptTemplate:
         if input_text.strip():
             return self.with_input.format(instruction=instruction, input=input_text)
         return self.without_input.format(instruction=instruction)
+
+    def chat_template(self, prefix: str = "") -> str:
+        """A Jinja chat template that renders the last user message into this prompt, so a chat endpoint given
+        messages (vLLM, `pipeline("text-generation")`, `apply_chat_template`) prompts as training did. The message's
+        `content` is the instruction, an optional `input` key the context; `prefix` is the text of the tokens the
+        tokenizer puts first (BOS), which apply_chat_template does not add by itself."""
+        def literal(text: str) -> str:
+            return "{% raw %}" + text + "{% endraw %}"
+
+        def body(form: str) -> str:
+            pieces = []
+            for chunk in form.replace("{input}", "\0input\0").replace("{instruction}", "\0instruction\0").split("\0"):
+                if chunk in ("instruction", "input"):
+                    pieces.append("{{ message['content'] }}" if chunk == "instruction" else "{{ message['input'] }}")
+                elif chunk:
+                    pieces.append(literal(chunk))
+            return "".join(pieces)
+
+        return (
+            "{%- set message = messages[-1] -%}"
+            "{%- if message['role'] != 'user' -%}"
+            "{{ raise_exception('the " + self.name + " prompt answers one user message; the last message must be "
+            "the user\\'s') }}{%- endif -%}"
+            + literal(prefix)
+            + "{%- if message.get('input') and message['input'].strip() -%}" + body(self.with_input)
+            + "{%- else -%}" + body(self.without_input) + "{%- endif -%}"
+        )
+
+    def as_json(self) -> str:
+        """The template as data, saved next to an adapter so any tool can prompt as training did."""
+        return json.dumps(asdict(self), indent=2) + "\n"
 
 
 ALPACA = PromptTemplate(

@@ -10,13 +10,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from alpaca_qlora.metrics import task_type_of
+from alpaca_qlora.metrics import LIMIT_METRICS, PROXY_METRICS, task_type_of
+from alpaca_qlora.significance import CONFIDENCE, is_significant
 
 log = logging.getLogger(__name__)
 
 # Per-row scores in the order they rank an example: a gained exact match beats any F1 change, F1 beats recall.
 RANKING_METRICS = ("exact_match", "f1", "key_fact_recall")
-OVERALL_METRICS = ("exact_match", "exact_match_strict", "f1", "f1_all", "verbosity", "stop_rate", "key_fact_recall")
+OVERALL_METRICS = ("exact_match", "exact_match_strict", "f1", "f1_all", "verbosity", "stop_rate", "key_fact_recall",
+                   *LIMIT_METRICS, *PROXY_METRICS)
 METRIC_NOTES = {
     "exact_match": "normalized exact match, short-answer rows",
     "exact_match_strict": "exact match after strip only, short-answer rows",
@@ -25,6 +27,9 @@ METRIC_NOTES = {
     "verbosity": "answer words / reference words",
     "stop_rate": "share of answers ended by EOS",
     "key_fact_recall": "share of the reference's content words in the answer",
+    "cut_by_limit_rate": "share of answers ended by the token limit (no EOS, no stop marker)",
+    "unsupported_word_share": "hallucination proxy: answer content words in neither prompt nor reference",
+    "label_adherence": "instruction-adherence proxy: label rows answered with exactly one offered label",
 }
 MODELS = ("base", "finetuned")
 TEXT_LIMIT = 400  # characters of a prompt or answer shown in the report; the predictions files have all of it
@@ -32,11 +37,14 @@ DELTA_DECIMALS = 6
 
 
 def _row_scores(row: dict[str, Any]) -> tuple[float, ...]:
-    """Missing scores count as 0 (e.g. no key facts in the reference): both models then score the same."""
-    return tuple(float(row.get(name) or 0) for name in RANKING_METRICS)
+    """Missing scores count as 0 (e.g. no key facts in the reference): both models then score the same. Exact match
+    counts only on short-answer rows, as in the aggregate: elsewhere a rewording would read as a win or a loss."""
+    return tuple(0.0 if name == "exact_match" and not row.get("short_answer") else float(row.get(name) or 0)
+                 for name in RANKING_METRICS)
 
 
 def _example(base: dict[str, Any], finetuned: dict[str, Any], delta: tuple[float, ...]) -> dict[str, Any]:
+    counted = [name for name in RANKING_METRICS if name != "exact_match" or finetuned.get("short_answer")]
     return {
         "id": finetuned["id"],
         "task_type": task_type_of(finetuned),
@@ -44,7 +52,7 @@ def _example(base: dict[str, Any], finetuned: dict[str, Any], delta: tuple[float
         "reference": finetuned.get("reference", ""),
         "base_answer": base.get("answer", ""),
         "finetuned_answer": finetuned.get("answer", ""),
-        "delta": dict(zip(RANKING_METRICS, delta)),
+        "delta": {name: value for name, value in zip(RANKING_METRICS, delta) if name in counted},
     }
 
 
@@ -113,6 +121,30 @@ def format_delta(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.4f}"
 
 
+NOT_SIGNIFICANT = "(n.s.)"
+NOT_SIGNIFICANT_NOTE = f"{NOT_SIGNIFICANT} = not significant: the paired bootstrap interval touches or spans 0."
+
+
+def delta_with_interval(delta: float | None, low: float | None, high: float | None) -> tuple[str, str]:
+    """The delta cell, marked NOT_SIGNIFICANT where its interval does not exclude 0, and the interval cell."""
+    if delta is None:
+        return format_delta(delta), "n/a"
+    marked = format_delta(delta) if is_significant(low, high) else f"{format_delta(delta)} {NOT_SIGNIFICANT}"
+    return marked, "n/a" if low is None or high is None else f"[{format_delta(low)}, {format_delta(high)}]"
+
+
+def delta_cells(deltas: dict[str, Any], name: str) -> tuple[str, str]:
+    """delta_with_interval from a compare.json block; a delta with no interval computed gets a blank interval."""
+    if f"{name}_delta_ci_low" not in deltas:
+        return format_delta(deltas.get(f"{name}_delta")), ""
+    return delta_with_interval(deltas.get(f"{name}_delta"), deltas.get(f"{name}_delta_ci_low"),
+                               deltas.get(f"{name}_delta_ci_high"))
+
+
+def format_p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2g}" if value < 0.001 else f"{value:.4f}"
+
+
 def prompt_excerpt(prompt: str) -> str:
     """The instruction (and input) of a templated prompt: the fixed preamble and the empty response header say
     nothing about the example and would push the instruction out of the truncated cell."""
@@ -128,24 +160,47 @@ def _context_lines(title_context: dict[str, Any]) -> list[str]:
     return [f"- **{name}**: {'none' if value is None else value}" for name, value in title_context.items()]
 
 
+def _rests_on_lines(base_metrics: dict[str, Any], finetuned_metrics: dict[str, Any]) -> list[str]:
+    """What the headline numbers rest on: the rows EM is counted on, and the token limit and how often it cut."""
+    overall = finetuned_metrics["overall"]
+    run = finetuned_metrics.get("run", {})
+    lines = [f"- **exact match rests on** {format_value(overall.get('n_short_answer'))} short-answer rows of "
+             f"{format_value(overall.get('n_rows'))}; label adherence on {format_value(overall.get('n_label_rows'))}."]
+    if "max_new_tokens" in run:
+        cut = ", ".join(f"{model} {format_value(metrics['overall'].get('cut_by_limit_rate'))}"
+                        for model, metrics in (("base", base_metrics), ("fine-tuned", finetuned_metrics)))
+        lines.append(f"- **token limit** {run['max_new_tokens']} new tokens (eval.max_new_tokens: "
+                     f"{run.get('max_new_tokens_requested', run['max_new_tokens'])}; references longer than the "
+                     f"limit: {format_value(run.get('references_over_limit'))}); answers cut by it: {cut}.")
+    return lines
+
+
 def _overall_table(base: dict[str, Any], finetuned: dict[str, Any], deltas: dict[str, Any]) -> list[str]:
-    lines = ["| metric | base | fine-tuned | delta | what it measures |", "| --- | ---: | ---: | ---: | --- |"]
+    lines = [f"| metric | base | fine-tuned | delta | {CONFIDENCE:.0%} interval | what it measures |",
+             "| --- | ---: | ---: | ---: | :---: | --- |"]
     for name in ("n_rows", "n_short_answer"):
-        lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | | rows |")
+        lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | | | rows |")
     for name in OVERALL_METRICS:
+        delta, interval = delta_cells(deltas, name)
         lines.append(f"| {name} | {format_value(base.get(name))} | {format_value(finetuned.get(name))} | "
-                     f"{format_delta(deltas.get(f'{name}_delta'))} | {METRIC_NOTES[name]} |")
+                     f"{delta} | {interval} | {METRIC_NOTES[name]} |")
+    if "exact_match_mcnemar_p" in deltas:
+        lines += ["", f"{NOT_SIGNIFICANT_NOTE} Exact McNemar p for exact_match: "
+                  f"{format_p(deltas['exact_match_mcnemar_p'])}."]
     return lines
 
 
 def _task_type_table(base: dict[str, Any], finetuned: dict[str, Any], deltas: dict[str, Any]) -> list[str]:
-    lines = ["| task type | rows | short-answer rows | base EM | fine-tuned EM | EM delta |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| task type | rows | short-answer rows | base EM | fine-tuned EM | EM delta | "
+             f"{CONFIDENCE:.0%} interval "
+             "| McNemar p |", "| --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
     for task_type in sorted(set(base) | set(finetuned)):
-        before, after, delta = base.get(task_type, {}), finetuned.get(task_type, {}), deltas.get(task_type, {})
+        before, after, block = base.get(task_type, {}), finetuned.get(task_type, {}), deltas.get(task_type, {})
+        delta, interval = delta_cells(block, "exact_match")
+        p_value = format_p(block.get("exact_match_mcnemar_p")) if after.get("n_short_answer") else "n/a"
         lines.append(f"| {table_cell(task_type)} | {format_value(after.get('n_rows'))} | "
                      f"{format_value(after.get('n_short_answer'))} | {format_value(before.get('exact_match'))} | "
-                     f"{format_value(after.get('exact_match'))} | {format_delta(delta.get('exact_match_delta'))} |")
+                     f"{format_value(after.get('exact_match'))} | {delta} | {interval} | {p_value} |")
     return lines
 
 
@@ -174,7 +229,7 @@ def render_report(
 ) -> str:
     """The markdown report (reports/compare.md): context, overall metrics, EM by task type, wins and losses."""
     lines = ["# Fine-tuned vs base model", "", *_context_lines(title_context), "",
-             "## Overall", "", *_overall_table(base_metrics["overall"], finetuned_metrics["overall"],
+             "## Overall", "", *_rests_on_lines(base_metrics, finetuned_metrics), "", *_overall_table(base_metrics["overall"], finetuned_metrics["overall"],
                                                deltas["overall"]), "",
              "## Exact match by task type", "", *_task_type_table(base_metrics["by_task_type"],
                                                                   finetuned_metrics["by_task_type"],

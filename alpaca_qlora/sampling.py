@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +49,33 @@ def _shuffled(rows: list[dict[str, Any]], rng: random.Random) -> list[dict[str, 
     return ordered
 
 
-def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int, seed: int) -> Split:
-    """Draw the evaluation split first (stratified by task type), then the training sample from what is left.
+def _by_task_type(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[row.get("task_type") or NO_TASK_TYPE].append(row)
+    return groups
 
-    The eval split does not depend on `sample_frac`, so experiments that change the training sample are scored on
-    the very same rows and their EM deltas compare like with like (and the base model's evaluation stays cached).
+
+def _stratified_draw(rows: list[dict[str, Any]], count: int, rng: random.Random) -> list[dict[str, Any]]:
+    """`count` rows, each task type in proportion to its share of `rows`."""
+    groups = _by_task_type(rows)
+    allocation = proportional_allocation({name: len(group) for name, group in groups.items()}, count)
+    drawn: list[dict[str, Any]] = []
+    for name in sorted(groups):
+        drawn.extend(_shuffled(groups[name], rng)[: allocation[name]])
+    return drawn
+
+
+def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int, seed: int,
+               min_short_answer: int = 0, is_short: Callable[[dict[str, Any]], bool] | None = None) -> Split:
+    """Draw the evaluation split first, then the training sample from what is left.
+
+    The eval split is stratified by short answer (as `is_short` decides) and, within each, by task type. Short-answer
+    rows get their proportional share or `min_short_answer`, whichever is larger (all of them where the data has
+    fewer), and are drawn first, so exact match rests on enough rows even where short answers are rare (about 5% of
+    alpaca-cleaned); data that has enough keeps its natural mix.
+    It does not depend on `sample_frac`, so experiments that change the training sample are scored on the very
+    same rows and their EM deltas compare like with like (and the base model's evaluation stays cached).
     Training rows that ask the same question as an eval row (same normalized instruction + input) are excluded.
     """
     if eval_size >= len(rows):
@@ -61,14 +84,16 @@ def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int
             f"Lower data.eval_size or use more data."
         )
     rng = random.Random(seed)
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[row.get("task_type") or NO_TASK_TYPE].append(row)
-    allocation = proportional_allocation({name: len(group) for name, group in groups.items()}, eval_size)
-    eval_rows: list[dict[str, Any]] = []
-    for name in sorted(groups):
-        eval_rows.extend(_shuffled(groups[name], rng)[: allocation[name]])
+    short_rows = [row for row in rows if is_short(row)] if is_short else []
+    short_ids = {row["id"] for row in short_rows}
+    other_rows = [row for row in rows if row["id"] not in short_ids]
+    short_wanted = min(min_short_answer, eval_size) if is_short else 0
+    proportional = proportional_allocation({"short": len(short_rows), "other": len(other_rows)}, eval_size)
+    short_count = min(len(short_rows), max(short_wanted, proportional["short"], eval_size - len(other_rows)))
+    eval_rows = _stratified_draw(short_rows, short_count, rng)
+    eval_rows += _stratified_draw(other_rows, eval_size - short_count, rng)
     eval_rows = _shuffled(eval_rows, rng)
+    eval_short = short_count if is_short else None
 
     eval_ids = {row["id"] for row in eval_rows}
     eval_keys = {prompt_key(row) for row in eval_rows}
@@ -88,7 +113,10 @@ def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int
         "train_rows": len(train_rows),
         "train_rows_requested": wanted,
         "eval_rows": len(eval_rows),
-        "eval_rows_by_task_type": dict(sorted(allocation.items())),
+        "eval_rows_by_task_type": {name: len(group) for name, group in sorted(_by_task_type(eval_rows).items())},
+        "short_answer_rows_available": len(short_rows) if is_short else None,
+        "eval_short_answer_rows": eval_short,  # the rows exact match rests on
+        "eval_short_answer_rows_wanted": short_wanted,
         "excluded_as_eval_duplicates": len(overlapping),
         "eval_train_overlap": leaked,
     }

@@ -28,9 +28,23 @@ from tqdm.auto import tqdm
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from alpaca_qlora import io
+from alpaca_qlora.checkpoints import (
+    HistoryCheckpointer,
+    carried_counters,
+    logged_losses,
+    mean_step_loss,
+    resumable_checkpoint,
+)
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import IGNORE_INDEX
-from alpaca_qlora.models import QuantizationPlan
+from alpaca_qlora.models import QuantizationPlan, load_model
+from alpaca_qlora.packing import (
+    PackedCollator,
+    PackedDataset,
+    packed_padding,
+    use_varlen_attention,
+    varlen_attention_available,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +94,9 @@ class TokenCounts:
         self.labelled += int((labels != IGNORE_INDEX).sum())
         self.padded += input_ids.numel() - real
 
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(self.tokens + other.tokens, self.labelled + other.labelled, self.padded + other.padded)
+
 
 @dataclass
 class ResponseOnlyCollator:
@@ -106,72 +123,16 @@ class ResponseOnlyCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-@dataclass
-class PackedCollator:
-    """Padding-free micro-batches: rows packed into bins of at most `bin_tokens`, positions restarting at 0 per row.
-
-    With no attention mask, transformers reads the position resets as row boundaries and masks attention
-    block-diagonally, so no row attends to another (tests compare packed and unpacked logits). Every row starts
-    with prompt tokens labelled IGNORE_INDEX, so no loss term predicts one row's first token from the previous row.
-    Bins of max_seq_length tokens keep attention cost per bin, not per micro-batch: one long packed row would make
-    the attention kernel work on (all tokens)^2 under a materialized mask; a bin that holds one row needs no mask at
-    all. Bins shorter than the longest get a tail of padding, a segment of its own with no labelled token.
-    """
-
-    bin_tokens: int | None = None
-    pad_token_id: int = 0
-
-    def bins(self, features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        bins: list[list[dict[str, Any]]] = []
-        used = 0
-        for feature in features:
-            length = len(feature["input_ids"])
-            if not bins or (self.bin_tokens is not None and used + length > self.bin_tokens):
-                bins.append([])
-                used = 0
-            bins[-1].append(feature)
-            used += length
-        return bins
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        packed: list[tuple[list[int], list[int], list[int]]] = []
-        for group in self.bins(features):
-            input_ids: list[int] = []
-            labels: list[int] = []
-            position_ids: list[int] = []
-            for feature in group:
-                if feature["labels"][0] != IGNORE_INDEX:
-                    raise PipelineError("packing needs rows whose first token is not labelled (a prompt token).")
-                input_ids += feature["input_ids"]
-                labels += feature["labels"]
-                position_ids += range(len(feature["input_ids"]))
-            packed.append((input_ids, labels, position_ids))
-        width = max(len(ids) for ids, _, _ in packed)
-        batch = {name: torch.empty((len(packed), width), dtype=torch.long)
-                 for name in ("input_ids", "labels", "position_ids")}
-        for row, (input_ids, labels, position_ids) in enumerate(packed):
-            pad = width - len(input_ids)
-            batch["input_ids"][row] = torch.tensor(input_ids + [self.pad_token_id] * pad)
-            batch["labels"][row] = torch.tensor(labels + [IGNORE_INDEX] * pad)
-            batch["position_ids"][row] = torch.tensor(position_ids + list(range(pad)))
-        return batch
+def make_collator(packing: bool, pad_token_id: int) -> ResponseOnlyCollator | PackedCollator:
+    return PackedCollator(pad_token_id=pad_token_id) if packing else ResponseOnlyCollator(pad_token_id=pad_token_id)
 
 
-def packed_padding(labels: torch.Tensor, position_ids: torch.Tensor) -> int:
-    """Padding tokens of a packed batch: each bin's last segment if it has no labelled token (real rows all do)."""
-    padding = 0
-    for bin_labels, bin_positions in zip(labels, position_ids):
-        starts = (bin_positions == 0).nonzero().flatten()
-        tail = int(starts[-1]) if len(starts) else 0
-        if tail > 0 and bool((bin_labels[tail:] == IGNORE_INDEX).all()):
-            padding += len(bin_labels) - tail
-    return padding
-
-
-def make_collator(packing: bool, pad_token_id: int, max_seq_length: int) -> ResponseOnlyCollator | PackedCollator:
-    if packing:
-        return PackedCollator(bin_tokens=max_seq_length, pad_token_id=pad_token_id)
-    return ResponseOnlyCollator(pad_token_id=pad_token_id)
+def training_items(job: TrainingJob) -> torch.utils.data.Dataset:
+    """What the Trainer samples: rows, or with packing the bins they were packed into (micro_batch_size counts
+    bins then)."""
+    if job.train.packing:
+        return PackedDataset(job.dataset.rows, job.train.max_seq_length, job.train.seed)
+    return job.dataset
 
 
 @dataclass(frozen=True)
@@ -339,6 +300,21 @@ def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_
     return get_peft_model(model, config)
 
 
+def build_trainable_model(source: str, plan: QuantizationPlan, lora: Any, switches: SpeedSwitches, *, device: str,
+                          frozen_dtype: str = "compute", checkpoint_offload: bool = False,
+                          shardable: bool = False) -> Any:
+    """The train stage's model, built in one place so the bench measures the stage's own sequence: the base as the
+    plan says, Liger's kernels patched in before PEFT wraps the modules, then LoRA (and checkpointing) attached."""
+    model = load_model(source, plan, device=device, shardable=shardable)
+    if switches.liger_kernels:
+        apply_liger_kernels(model, device)
+    model = attach_lora(model, lora, quantized=plan.quantized, gradient_checkpointing=switches.gradient_checkpointing,
+                        frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    return model
+
+
 @dataclass(frozen=True)
 class ProcessGroup:
     """Where this process sits in a distributed run (torchrun / `accelerate launch` set these variables)."""
@@ -421,13 +397,6 @@ def run_fingerprint(params: dict[str, Any], data_sha256: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = [path for path in run_dir.glob("checkpoint-*") if (path / "trainer_state.json").is_file()]
-    if not checkpoints:
-        return None
-    return max(checkpoints, key=lambda path: int(path.name.split("-")[-1]))
-
-
 WANDB_DEFAULT_URL = "https://api.wandb.ai"  # wandb's default base_url
 WANDB_PROBE_TIMEOUT_S = 5.0
 
@@ -505,7 +474,12 @@ class ThroughputProgress(TrainerCallback):
 
 
 class LossLogger(TrainerCallback):
-    """Keeps the loss curve; with DVCLive also writes loss and learning-rate curves for `dvc plots`."""
+    """With DVCLive, writes loss and learning-rate curves for `dvc plots`.
+
+    A resumed run first replays the log its checkpoint carries: DVC removed the old curves before rerunning the
+    stage, and those may run past the checkpoint anyway (DVCLive's own `resume=True` would continue them, steps
+    after the checkpoint twice).
+    """
 
     def __init__(self, directory: Path | None):
         self.live = None
@@ -513,15 +487,20 @@ class LossLogger(TrainerCallback):
             from dvclive import Live
 
             self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
-        self.loss_history: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for entry in state.log_history:
+            if "loss" in entry:
+                self.write(int(entry["step"]), entry)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        self.loss_history.append((state.global_step, float(logs["loss"])))
+        if state.is_world_process_zero and logs and "loss" in logs:
+            self.write(state.global_step, logs)
+
+    def write(self, step: int, logs: dict[str, Any]) -> None:
         if self.live is None:
             return
-        self.live.step = state.global_step
+        self.live.step = step
         self.live.log_metric("train/loss", float(logs["loss"]))
         if "learning_rate" in logs:
             self.live.log_metric("train/learning_rate", float(logs["learning_rate"]))
@@ -558,10 +537,11 @@ class TrainingJob:
     outputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # run_training's products besides metrics
 
 
-def build_training_arguments(job: TrainingJob) -> TrainingArguments:
+def build_training_arguments(job: TrainingJob, items: int | None = None) -> TrainingArguments:
+    """`items`: how many rows, or with packing bins, an epoch samples (the dataset's rows by default)."""
     train = job.train
     world_size = process_group().world_size
-    total_steps = optimizer_steps(len(job.dataset), train, world_size=world_size)
+    total_steps = optimizer_steps(len(job.dataset) if items is None else items, train, world_size=world_size)
     report_to = ["wandb"] if train.wandb else []
     distributed: dict[str, Any] = {}
     if world_size > 1:
@@ -604,25 +584,39 @@ def build_training_arguments(job: TrainingJob) -> TrainingArguments:
 
 
 def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
-    """Train, resuming from the run's last checkpoint if asked and one exists; returns the run's measurements."""
-    collator = make_collator(job.train.packing, job.tokenizer.pad_token_id, job.train.max_seq_length)
+    """Train, resuming from the run's last sound checkpoint if asked and one exists; returns the run's measurements.
+
+    A resumed run's measurements are the whole run's (losses from the log the checkpoint carries, token counts
+    from its run_history.json), except throughput and runtime, which are this call's.
+    """
+    collator = make_collator(job.train.packing, job.tokenizer.pad_token_id)
+    items = training_items(job)
     job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
+    # Packed bins on CUDA: a variable-length flash kernel, instead of sdpa under a materialized block mask.
+    attention = job.model.config._attn_implementation
+    if job.train.packing and varlen_attention_available(job.device):
+        use_varlen_attention(job.model)
+        attention = "varlen"
+    ranks = process_group()
+    checkpoint = resumable_checkpoint(job.run_dir, ranks.world_size, is_main=ranks.is_main) if resume else None
+    # Process 0 carries the counts up to the checkpoint; the others add only what they see from here.
+    carried = TokenCounts(**carried_counters(checkpoint)) if ranks.is_main else TokenCounts()
     local_counts = TokenCounts()
     counting = job.model.register_forward_pre_hook(local_counts, with_kwargs=True)
     progress = ThroughputProgress(local_counts)
     losses = LossLogger(job.log_dir if job.train.dvclive else None)
+    history = HistoryCheckpointer(lambda: dataclasses.asdict(carried + all_reduce_counts(local_counts)))
     if job.train.wandb:
         os.environ.update(wandb_environment(job.train.wandb_project))
     trainer = Trainer(
         model=job.model,
-        args=build_training_arguments(job),
-        train_dataset=job.dataset,
+        args=build_training_arguments(job, len(items)),
+        train_dataset=items,
         data_collator=collator,
         processing_class=job.tokenizer,
-        callbacks=[progress, losses, *job.extra_callbacks],
+        callbacks=[progress, losses, history, *job.extra_callbacks],
     )
     trainer.remove_callback(ProgressCallback)
-    checkpoint = last_checkpoint(job.run_dir) if resume else None
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     if job.device == "cuda":
@@ -638,23 +632,27 @@ def run_training(job: TrainingJob, *, resume: bool) -> dict[str, Any]:
         # Sharded weights: every process takes part in gathering the full state dict (process 0 receives it);
         # a save from process 0 alone would wait forever for the others.
         job.outputs["state_dict"] = trainer.accelerator.get_state_dict(trainer.model)
-    counts = all_reduce_counts(local_counts)
+    this_call = all_reduce_counts(local_counts)
+    counts = carried + this_call
     trainable, total = job.model.get_nb_trainable_parameters()
-    last_losses = [loss for _, loss in losses.loss_history[-3:]]
+    loss_curve = logged_losses(trainer.state.log_history)
+    last_losses = [loss for _, loss in loss_curve[-3:]]
+    train_loss = mean_step_loss(trainer.state.log_history)
     return {
-        "train_loss": round(float(result.training_loss), 6),
+        "train_loss": round(train_loss, 6) if train_loss is not None else round(float(result.training_loss), 6),
         "final_loss": round(sum(last_losses) / len(last_losses), 6) if last_losses else None,
-        "first_loss": round(losses.loss_history[0][1], 6) if losses.loss_history else None,
+        "first_loss": round(loss_curve[0][1], 6) if loss_curve else None,
         "steps": int(trainer.state.global_step),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "epochs": round(float(trainer.state.epoch or 0), 4),
         "runtime_s": round(runtime, 2),
         "tokens": counts.tokens,
         "labelled_tokens": counts.labelled,
-        "tokens_per_s": round(counts.tokens / runtime, 2),
-        "labelled_tokens_per_s": round(counts.labelled / runtime, 2),
+        "tokens_per_s": round(this_call.tokens / runtime, 2),
+        "labelled_tokens_per_s": round(this_call.labelled / runtime, 2),
         "padding_fraction": round(counts.padded / max(1, counts.padded + counts.tokens), 4),
-        "processes": process_group().world_size,
+        "attention": attention,
+        "processes": ranks.world_size,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "trainable_percent": round(100 * trainable / total, 4),
@@ -730,7 +728,7 @@ def remove_stale_runs(checkpoint_root: Path, keep: Path | None = None) -> None:
     if not checkpoint_root.is_dir():
         return
     for run_dir in checkpoint_root.iterdir():
-        if run_dir != keep:
+        if run_dir != keep and run_dir.is_dir():  # the root's lock file stays
             shutil.rmtree(run_dir, ignore_errors=True)
 
 

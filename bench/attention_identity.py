@@ -1,7 +1,7 @@
 """Does sdpa give bitwise the same decode attention over a cache of exactly L keys (what generate()'s dynamic cache
 passes) as over a longer static cache whose tail is masked out (what the graphed loop passes)? Per backend.
 
-    python bench/attention_identity.py --out bench/results/attention_identity_h200.json
+    python -m bench.attention_identity --out bench/results/attention_identity_h200.json
 """
 from __future__ import annotations
 

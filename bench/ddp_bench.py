@@ -4,9 +4,9 @@ Each process holds the 4-bit base and its LoRA replica (the train stage's code p
 packing, bf16 frozen weights, gradient checkpointing); accelerate wraps the model in DDP, which all-reduces the
 LoRA gradients every step. Every process trains on its own micro-batches of 4 x 2048 tokens.
 
-    accelerate launch --multi_gpu --num_processes 1 bench/ddp_bench.py MODEL_DIR --out OUT/ddp_1.json
-    accelerate launch --multi_gpu --num_processes 2 bench/ddp_bench.py MODEL_DIR --out OUT/ddp_2.json
-    python bench/ddp_bench.py --summarize OUT/ddp_1.json OUT/ddp_2.json --out OUT/ddp_scaling.json
+    accelerate launch --num_processes 1 -m bench.ddp_bench MODEL_DIR --out OUT/ddp_1.json
+    accelerate launch --multi_gpu --num_processes 2 -m bench.ddp_bench MODEL_DIR --out OUT/ddp_2.json
+    python -m bench.ddp_bench --summarize OUT/ddp_1.json OUT/ddp_2.json --out OUT/ddp_scaling.json
 
 The summary prints a table last and writes `scaling_efficiency` = tokens/s(N) / (N x tokens/s(1)).
 """
@@ -22,10 +22,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import build_variant, collate, dense_batches  # noqa: E402
-
-from alpaca_qlora.stage import configure_logging  # noqa: E402
+from alpaca_qlora.stage import configure_logging
+from bench.train_bench import build_variant, collate, dense_batches
 
 log = logging.getLogger("ddp_bench")
 

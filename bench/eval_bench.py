@@ -1,12 +1,12 @@
 """Evaluation generation throughput: plain `generate()` against the project's fast path, in one run on the same
 4-bit model, adapter and prompts.
 
-    python bench/make_random_mistral.py /tmp/mistral-7b-random
-    python bench/eval_bench.py /tmp/mistral-7b-random --out bench/results/eval_h100.json \
+    python -m bench.make_random_mistral /tmp/mistral-7b-random
+    python -m bench.eval_bench /tmp/mistral-7b-random --out bench/results/eval_h100.json \
         [--batch-size 128 --max-new-tokens 128 --prompts 256 --variants plain,graphed,fast,graphed_dequantized]
 
 The model loads in NF4 (alpaca_qlora.models.load_model, plan_quantization("nf4", device)) with a freshly
-initialised, non-zero LoRA adapter on the seven projections (project LoraParams), as the fine-tuned evaluation
+initialised, non-zero LoRA adapter on the seven projections (the Mistral profile's LoRA), as the fine-tuned evaluation
 runs; prompts are Alpaca-formatted instructions of Alpaca length, tokenized by the model's tokenizer, greedy with
 the evaluation's stop rules. Variants, in this order on the same model object:
 - plain:               generation.generate(method="plain"): model.generate(), 4-bit bnb layers (the baseline);
@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from alpaca_qlora.config import LoraParams
 from alpaca_qlora.generation import dequantize_for_generation, generate, merge_lora_for_generation
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training import attach_lora
+from bench.train_bench import profile_lora
 
 log = logging.getLogger("eval_bench")
 VARIANTS = ("plain", "graphed", "fast", "graphed_dequantized", "merged_bf16")
@@ -86,7 +86,7 @@ def build_model(model_dir: str, device: str) -> Any:
             if isinstance(module, bitsandbytes.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
     torch.manual_seed(0)
-    model = attach_lora(model, LoraParams(), quantized=True, gradient_checkpointing=False)
+    model = attach_lora(model, profile_lora(), quantized=True, gradient_checkpointing=False)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a trained adapter is non-zero: perturb B (zero at init) the same way every run
         for name, parameter in model.named_parameters():

@@ -20,14 +20,15 @@ mkdir -p "$out"
 model=/tmp/mistral-7b-random
 export ALPACA_QLORA_MODEL_CACHE=/tmp/model-cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=/tmp/site:$PWD ALPACA_QLORA_MISTRAL_TOKENIZER=/tmp/tokenizer.model.v1
-stage_params=(model.name="$model" model.quantization=nf4 train.max_seq_length=2048 train.epochs=1
-  train.micro_batch_size=16 train.gradient_accumulation_steps=1 train.gradient_checkpointing=auto
-  train.packing=true train.liger_kernels=auto train.frozen_dtype=compute train.learning_rate=2e-4
-  train.logging_steps=2 train.dvclive=false train.save_steps=1000)
+# The Mistral profile, with what this machine lacks overridden: the random-init model for the hub's weights, the
+# bundled data for the hub's, no W&B; and the bench's own micro-batch (2 bins of 2048 tokens with packing), logging
+# and checkpoint cadence.
+stage_params=(--profile profiles/mistral-7b.yaml model.name="$model" data.source=bundled train.wandb=false
+  train.micro_batch_size=2 train.logging_steps=2 train.dvclive=false train.save_steps=1000)
 
 train_stage() {  # NAME [extra params...]
   local name=$1; shift
-  python bench/set_params.py "${stage_params[@]}" "$@" && \
+  python -m bench.set_params "${stage_params[@]}" "$@" && \
     timeout "${STAGE_TIMEOUT:-300}" python stages/train.py 2>&1 | tr '\r' '\n' | grep -v "it/s]\|step/s\|s/step" | tail -25 | tee "$out/$name.log"
   [ -f metrics/train.json ] && cp metrics/train.json "$out/$name.json" && rm -f metrics/train.json
 }
@@ -41,29 +42,29 @@ for phase in "$@"; do
       python3 -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('.whl/mistral_common-*.whl')[0]); \
 open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer.model.v1'))"
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-      [ -d "$model" ] || python bench/make_random_mistral.py "$model"
-      python bench/set_params.py "${stage_params[@]}"
+      [ -d "$model" ] || python -m bench.make_random_mistral "$model"
+      python -m bench.set_params "${stage_params[@]}"
       python stages/fetch.py && python stages/sample.py && python stages/format.py ;;
     stage) train_stage train_stage_1gpu train.distributed=none train.num_processes=1 ;;
     ddp) train_stage train_stage_ddp2 train.distributed=ddp train.num_processes=2 ;;
     ddpbench)
       for n in 1 2; do
         python -m accelerate.commands.launch $([ $n -gt 1 ] && echo --multi_gpu) --num_processes $n --num_machines 1 --mixed_precision no \
-          --dynamo_backend no bench/ddp_bench.py "$model" --out "$out/ddp_$n.json" --steps "${BENCH_STEPS:-8}" \
+          --dynamo_backend no -m bench.ddp_bench "$model" --out "$out/ddp_$n.json" --steps "${BENCH_STEPS:-8}" \
           2>&1 | tail -3
       done
-      python bench/ddp_bench.py --summarize "$out/ddp_1.json" "$out/ddp_2.json" --out "$out/ddp_scaling.json" ;;
+      python -m bench.ddp_bench --summarize "$out/ddp_1.json" "$out/ddp_2.json" --out "$out/ddp_scaling.json" ;;
     fsdp) train_stage train_stage_fsdp2 train.distributed=fsdp train.num_processes=2 ;;
     train)
-      CUDA_VISIBLE_DEVICES=0 timeout "${TRAIN_TIMEOUT:-420}" python bench/train_bench.py "$model" \
+      CUDA_VISIBLE_DEVICES=0 timeout "${TRAIN_TIMEOUT:-420}" python -m bench.train_bench "$model" \
         --out "$out/train_bench.json" --steps "${BENCH_STEPS:-10}" --warmup 2 ${TRAIN_ARGS:-} 2>&1 \
         | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
     eval)
-      CUDA_VISIBLE_DEVICES=0 timeout "${EVAL_TIMEOUT:-420}" python bench/eval_bench.py "$model" \
+      CUDA_VISIBLE_DEVICES=0 timeout "${EVAL_TIMEOUT:-420}" python -m bench.eval_bench "$model" \
         --out "$out/eval_bench.json" ${EVAL_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
     evalstage)
       for method in plain graphed; do
-        python bench/set_params.py "${stage_params[@]}" eval.generation=$method eval.batch_size=${EVAL_BATCH:-64} \
+        python -m bench.set_params "${stage_params[@]}" eval.generation=$method eval.batch_size=${EVAL_BATCH:-64} \
           eval.max_new_tokens=64 && timeout "${STAGE_TIMEOUT:-300}" python stages/evaluate.py base 2>&1 \
           | grep "INFO evaluate\|Error" | tail -3
         cp metrics/eval_base.json "$out/eval_stage_base_$method.json"
@@ -75,11 +76,11 @@ print('evalstage: %d of %d rows differ between plain and graphed' % (sum(a != b 
     unsloth)
       mkdir -p /tmp/unsloth-site && tar xzf .whl/unsloth-site.tar.gz -C /tmp/unsloth-site
       CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 \
-        timeout "${UNSLOTH_TIMEOUT:-420}" python bench/unsloth_bench.py "$model" --baseline "$out/train_bench.json" \
+        timeout "${UNSLOTH_TIMEOUT:-420}" python -m bench.unsloth_bench "$model" --baseline "$out/train_bench.json" \
         --out "$out/unsloth_bench.json" --steps "${BENCH_STEPS:-10}" --warmup 2 ${UNSLOTH_ARGS:-} 2>&1 \
         | grep -v "Warning\|Loading weights\|Measurement(" | tail -40 ;;
     profile)
-      CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_TIMEOUT:-300}" python bench/train_profile.py "$model" \
+      CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_TIMEOUT:-300}" python -m bench.train_profile "$model" \
         --out "$out/train_profile.json" ${PROFILE_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac

@@ -1,7 +1,7 @@
-"""Build a random-init Mistral-7B-shaped model (MistralConfig() defaults, 7.24B params) with the real Mistral
+"""Build a random-init Mistral-7B-shaped model (support.mistral.MISTRAL_7B_SHAPE, 7.24B params) with the real Mistral
 tokenizer and save it as a model directory: the stand-in for Mistral-7B-Instruct-v0.2 where no weights can reach.
 
-    python bench/make_random_mistral.py /tmp/mistral-7b-random [--layers N]
+    python -m bench.make_random_mistral /tmp/mistral-7b-random [--layers N]
 
 Initialised on the GPU when there is one (seconds), saved in bf16 (14.5 GB at full size).
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import MistralForCausalLM
 
-from alpaca_qlora.models import mistral_7b_config, mistral_tokenizer
 from alpaca_qlora.stage import configure_logging
+from support.mistral import mistral_7b_config, mistral_tokenizer
 
 log = logging.getLogger("make_random_mistral")
 

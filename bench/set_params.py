@@ -1,28 +1,38 @@
-"""Set params.yaml keys where `dvc exp run -S` is not available (the GPU machine has no DVC):
+"""Set params.yaml keys where `dvc exp run -S` is not available (the GPU machine has no DVC): a profile's keys, then
+key=value overrides, validated before anything is written.
 
-    python bench/set_params.py model.name=/tmp/mistral-7b-random train.liger_kernels=true
+    python -m bench.set_params [--profile profiles/mistral-7b.yaml] model.name=/tmp/mistral-7b-random
 
-Values are read as YAML, like `-S` reads them; the result is validated before it is written.
+Values are read as YAML, like `-S` reads them.
 """
 from __future__ import annotations
 
-import sys
+import argparse
 
 import yaml
 
 from alpaca_qlora import io
-from alpaca_qlora.config import params_from_mapping
+from alpaca_qlora.config import PARAMS_FILE, params_from_mapping
+from alpaca_qlora.profiles import merged, read_profile, read_yaml
 
 
-def main(assignments: list[str]) -> None:
-    params = yaml.safe_load(open("params.yaml", encoding="utf-8"))
-    for assignment in assignments:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", help="a profile to apply first, e.g. profiles/mistral-7b.yaml")
+    parser.add_argument("assignments", nargs="*", metavar="key=value")
+    arguments = parser.parse_args()
+    params = read_yaml(PARAMS_FILE)
+    if arguments.profile:
+        params = merged(params, read_profile(arguments.profile))
+    overrides: dict[str, dict] = {}
+    for assignment in arguments.assignments:
         key, _, value = assignment.partition("=")
         section, _, name = key.partition(".")
-        params.setdefault(section, {})[name] = yaml.safe_load(value)
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    params = merged(params, overrides)
     params_from_mapping(params)
-    io.write_text("params.yaml", yaml.safe_dump(params, sort_keys=False))
+    io.write_text(PARAMS_FILE, yaml.safe_dump(params, sort_keys=False))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

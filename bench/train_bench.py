@@ -1,21 +1,23 @@
 """Training throughput and memory on the GPU: the project's train-stage code path against a plain
 transformers + PEFT + bitsandbytes baseline, measured in the same run on the same model and batches.
 
-    python bench/make_random_mistral.py /tmp/mistral-7b-random
-    python bench/train_bench.py /tmp/mistral-7b-random --out bench/results/train_h100.json
+    python -m bench.make_random_mistral /tmp/mistral-7b-random
+    python -m bench.train_bench /tmp/mistral-7b-random --out bench/results/train_h100.json
 
 Workloads:
 - dense:  micro-batches of 4 x 2048 tokens, every token real;
 - alpaca: Alpaca-length rows (prompt + response lengths drawn from a log-normal fitted to alpaca-style data,
           median ~190 tokens, clipped to [48, 1024]); the baseline pads each micro-batch of 8 rows to its longest
-          row, the project packs rows padding-free. The figure that counts is useful (non-pad) tokens/s.
+          row, the project packs all rows once into 2048-token best-fit-decreasing bins and takes 4 bins per
+          micro-batch (as the train stage does), attention through torch's varlen flash kernel. The figure that
+          counts is useful (non-pad) tokens/s; `padding_share` is padding over computed tokens.
 Variants:
-- baseline: NF4 double-quant, LoRA r=16 on the seven projections, gradient checkpointing, sdpa, AdamW, bf16
-            autocast, padded batches;
+- baseline: NF4 double-quant, the Mistral profile's LoRA (r=16 on the seven projections), gradient
+            checkpointing, sdpa, AdamW, bf16 autocast, padded batches;
 - liger:    the train stage's code path with Liger kernels only (padded batches, PEFT's fp32 upcast);
-- project:  the train stage's code path (alpaca_qlora.models.load_model, training.apply_liger_kernels,
-            training.attach_lora, its collators) with its GPU defaults: Liger kernels, packing, frozen weights kept
-            in bf16 (train.frozen_dtype=compute), gradient checkpointing;
+- project:  the train stage's code path (its model from training.build_trainable_model, its collators) with its
+            GPU defaults: Liger kernels, packing, frozen weights kept in bf16 (train.frozen_dtype=compute),
+            gradient checkpointing;
 - unpacked: project without packing (padded micro-batches);
 - offload:  project + checkpoints offloaded to pinned host memory (train.checkpoint_offload);
 - nockpt:   project without gradient checkpointing (more memory, no recomputation).
@@ -39,14 +41,22 @@ from typing import Any
 
 import torch
 
-from alpaca_qlora.config import LoraParams
 from alpaca_qlora.formatting import IGNORE_INDEX
-from alpaca_qlora.models import load_model, plan_quantization
+from alpaca_qlora.models import plan_quantization
+from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training import PackedCollator, ResponseOnlyCollator, apply_liger_kernels, attach_lora
+from alpaca_qlora.packing import PackedCollator, PackedDataset, use_varlen_attention, varlen_attention_available
+from alpaca_qlora.training import ResponseOnlyCollator, SpeedSwitches, build_trainable_model
 
 log = logging.getLogger("train_bench")
 VOCAB_LOW, VOCAB_HIGH = 100, 31000
+ROOT = Path(__file__).resolve().parents[1]
+MISTRAL_PROFILE = ROOT / "profiles" / "mistral-7b.yaml"
+
+
+def profile_lora() -> Any:
+    """LoRA as the real run sets it (the Mistral profile over params.yaml), for every variant and script."""
+    return profile_params(MISTRAL_PROFILE, ROOT / "params.yaml").lora
 
 
 @dataclass
@@ -59,6 +69,7 @@ class Measurement:
     useful_tokens_per_s: float
     peak_memory_gib: float
     losses: list[float]
+    padding_share: float = 0.0
 
 
 def dense_batches(count: int, rows: int, length: int, seed: int) -> list[list[dict[str, list[int]]]]:
@@ -97,21 +108,19 @@ def baseline_model(model_dir: str, gradient_checkpointing: bool = True) -> Any:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = profile_lora()
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                        target_modules=list(lora.target_modules))
     return get_peft_model(model, config)
 
 
 def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, frozen_dtype: str = "compute",
                   checkpoint_offload: bool = False) -> Any:
-    """The train stage's code path (stages/train.py) with its GPU settings."""
-    plan = plan_quantization("nf4", "cuda")
-    model = load_model(model_dir, plan, device="cuda")
-    if liger:
-        apply_liger_kernels(model, "cuda")
-    model = attach_lora(model, LoraParams(), quantized=True, gradient_checkpointing=gradient_checkpointing,
-                        frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
-    model.config.use_cache = False
+    """The train stage's model (training.build_trainable_model) with the variant's switches."""
+    model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), profile_lora(),
+                                  SpeedSwitches(liger_kernels=liger, gradient_checkpointing=gradient_checkpointing),
+                                  device="cuda", frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
+    model.config.use_cache = False  # as training.run_training sets it
     return model
 
 
@@ -140,7 +149,10 @@ def build_variant(model_dir: str, variant: str) -> tuple[Any, bool]:
         return baseline_model(model_dir), False
     settings = dict(VARIANTS[variant])
     packing = settings.pop("packing")
-    return project_model(model_dir, **settings), packing
+    model = project_model(model_dir, **settings)
+    if packing and varlen_attention_available("cuda"):
+        use_varlen_attention(model)  # as the train stage does for packed bins on CUDA
+    return model, packing
 
 
 def train_step(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -177,15 +189,18 @@ def measure(model: Any, batches: list[dict[str, torch.Tensor]], *, variant: str,
     return Measurement(variant=variant, workload=workload, steps=steps, step_time_s=round(elapsed / steps, 4),
                        tokens_per_s=round(timed_tokens / elapsed, 1), useful_tokens_per_s=round(timed_useful / elapsed, 1),
                        peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                       losses=[round(value, 4) for value in losses])
+                       losses=[round(value, 4) for value in losses],
+                       padding_share=round(1 - timed_useful / timed_tokens, 4))
 
 
-def collate(rows_per_batch: list[list[dict[str, list[int]]]], packing: bool) -> tuple[list[dict], list[int]]:
-    collator = PackedCollator(bin_tokens=2048) if packing else ResponseOnlyCollator(pad_token_id=0)
+def collate(rows_per_batch: list[list[Any]], packing: bool) -> tuple[list[dict], list[int]]:
+    """Micro-batches of rows (padded, or with packing one 2048-token row per bin) or, with packing, of bins."""
+    collator = PackedCollator(pad_token_id=0) if packing else ResponseOnlyCollator(pad_token_id=0)
     batches, useful = [], []
-    for rows in rows_per_batch:
-        batches.append(collator(rows))
-        useful.append(sum(len(row["input_ids"]) for row in rows))
+    for items in rows_per_batch:
+        bins = [item if isinstance(item, list) else [item] for item in items]
+        batches.append(collator(bins) if packing else collator(items))
+        useful.append(sum(len(row["input_ids"]) for group in bins for row in group))
     return batches, useful
 
 
@@ -199,9 +214,30 @@ def workloads(steps: int, warmup: int) -> tuple[list[list[dict[str, list[int]]]]
             alpaca_rows(64 * (steps + warmup), seed=1))
 
 
-def alpaca_micro_batches(rows: list[dict], packing: bool, count: int) -> list[list[dict]]:
-    """Micro-batches of Alpaca-length rows: 32 rows packed into 2048-token bins, or 8 padded rows."""
-    return chunk(rows, 32 if packing else 8)[:count]
+def alpaca_micro_batches(rows: list[dict], packing: bool, count: int) -> list[list[Any]]:
+    """Micro-batches of Alpaca-length rows: 4 of the 2048-token bins all rows were packed into once (bins shuffled
+    as the Trainer's sampler does), or 8 padded rows."""
+    if not packing:
+        return chunk(rows, 8)[:count]
+    dataset = PackedDataset(rows, bin_tokens=2048, seed=0)
+    order = list(range(len(dataset)))
+    random.Random(0).shuffle(order)
+    return chunk([dataset[index] for index in order], 4)[:count]
+
+
+def varlen_loss_check(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The same packed micro-batch's loss under the varlen kernel and under sdpa's block-diagonal mask."""
+    losses = {}
+    base = model.get_base_model()
+    implementation = base.config._attn_implementation
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for name in (implementation, "sdpa"):
+            base.set_attn_implementation(name)
+            losses[name] = model(**{key: value.to("cuda") for key, value in batch.items()}).loss.item()
+    base.set_attn_implementation(implementation)
+    model.train()
+    return {"attention": implementation, **{f"loss_{name}": round(value, 6) for name, value in losses.items()}}
 
 
 def run(model_dir: str, steps: int, warmup: int, variants: list[str]) -> list[Measurement]:
@@ -221,6 +257,8 @@ def run(model_dir: str, steps: int, warmup: int, variants: list[str]) -> list[Me
             continue
         log.info("%s", results[-1])
         batches, useful = collate(alpaca_micro_batches(rows, packing, steps + warmup), packing)
+        if packing:
+            log.info("variant %s: packed loss check %s", variant, varlen_loss_check(model, batches[0]))
         results.append(measure(model, batches, variant=variant,
                                workload="alpaca_packed_32rows" if packing else "alpaca_padded_8rows",
                                warmup=warmup, useful_tokens=useful))
@@ -269,8 +307,11 @@ def ratios(results: list[Measurement], variant: str) -> dict[str, Any]:
         out["dense_loss_steps_compared"] = len(differences)
         out["dense_loss_max_abs_diff"] = round(max(differences), 4)
         out["dense_loss_mean_abs_diff"] = round(sum(differences) / len(differences), 5)
+    if dense and alpaca:
+        out["packed_vs_dense_tokens_per_s"] = round(alpaca.tokens_per_s / dense.tokens_per_s, 3)
     if base_alpaca and alpaca:
         out["useful_tokens_speedup"] = round(alpaca.useful_tokens_per_s / base_alpaca.useful_tokens_per_s, 3)
+        out["alpaca_padding_share"] = alpaca.padding_share
         out["alpaca_peak_memory_ratio"] = round(alpaca.peak_memory_gib / base_alpaca.peak_memory_gib, 3)
     return out
 

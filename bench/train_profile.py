@@ -6,7 +6,7 @@ elementwise kernels, and GPU idle time.
 train_bench.py says how fast each variant is; this says what holds the speedup back, so the README can name it.
 Same models, batches and step as train_bench.measure (dense 4 x 2048 workload, bf16 autocast, AdamW):
 
-    python bench/train_profile.py /tmp/mistral-7b-random --out bench/results/train_profile_h100.json
+    python -m bench.train_profile /tmp/mistral-7b-random --out bench/results/train_profile_h100.json
 
 Each variant: `--warmup` steps, `--steps` steps timed without the profiler, then `--steps` steps under
 torch.profiler (CPU + CUDA). Kernel times are summed per category by kernel name (first matching pattern wins).
@@ -28,10 +28,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import VARIANTS, build_variant, collate, dense_batches, release_memory, train_step  # noqa: E402
-
-from alpaca_qlora.stage import configure_logging  # noqa: E402
+from alpaca_qlora.stage import configure_logging
+from bench.train_bench import VARIANTS, build_variant, collate, dense_batches, release_memory, train_step
 
 log = logging.getLogger("train_profile")
 

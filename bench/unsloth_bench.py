@@ -1,8 +1,8 @@
 """Unsloth on train_bench's workloads: the anchor the speed issue names, measured in its own process (Unsloth patches
 transformers, PEFT and TRL when imported) on the same machine, in the same call, as train_bench's baseline.
 
-    python bench/train_bench.py /tmp/mistral-7b-random --out OUT/train_bench.json --steps 48
-    PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH python bench/unsloth_bench.py /tmp/mistral-7b-random \
+    python -m bench.train_bench /tmp/mistral-7b-random --out OUT/train_bench.json --steps 48
+    PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH python -m bench.unsloth_bench /tmp/mistral-7b-random \
         --baseline OUT/train_bench.json --out OUT/unsloth_bench.json --steps 48
 
 Same model directory, same batches (train_bench.workloads), same step
@@ -25,18 +25,15 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import (Measurement, alpaca_micro_batches, collate, measure, release_memory,  # noqa: E402
-                         workloads)
-
-from alpaca_qlora.config import LoraParams  # noqa: E402
 from alpaca_qlora.stage import configure_logging  # noqa: E402
+from bench.train_bench import (Measurement, alpaca_micro_batches, collate, measure, profile_lora,  # noqa: E402
+                               release_memory, workloads)
 
 log = logging.getLogger("unsloth_bench")
 
 
 def unsloth_model(model_dir: str, dropout: float) -> Any:
-    lora = LoraParams()
+    lora = profile_lora()
     model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=2048, dtype=torch.bfloat16,
                                                  load_in_4bit=True)
     return FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from alpaca_qlora import io
 from alpaca_qlora.config import stage_params
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.formatting import stop_margin, token_limit
 from alpaca_qlora.generation import dequantize_for_generation, describe_weights, generate, merge_lora_for_generation
 from alpaca_qlora.inference import load_for_inference
-from alpaca_qlora.metrics import aggregate, clean_generation, is_short_answer, score_row
+from alpaca_qlora.metrics import aggregate, clean_generation, cut_by_limit, is_short_answer, score_row
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import read_input_rows, run_stage
 
@@ -30,6 +32,9 @@ def evaluate(which: str) -> None:
     params = stage_params(f"evaluate_{which}")
     template = get_template(params.data.template)
     rows = read_input_rows(EVAL_IN, "format")
+    if any("reference_tokens" not in row for row in rows):
+        raise PipelineError(f"{EVAL_IN} has no reference token counts (written by an older format stage): rerun "
+                            "`dvc repro format` first.")
     started = time.perf_counter()
     loaded = load_for_inference(params.model.name, params.model.quantization,
                                 adapter_dir=ADAPTER if which == "finetuned" else None)
@@ -43,9 +48,18 @@ def evaluate(which: str) -> None:
         dequantize_for_generation(loaded.model)
     merged = merge and merge_lora_for_generation(loaded.model) > 0  # the base model has no adapter to merge
     weights = describe_weights(loaded.model, quantized=loaded.plan.quantized, dequantized=dequantized, merged=merged)
+    requested = params.eval.max_new_tokens
+    limit = token_limit(requested, [row["reference_tokens"] for row in rows],
+                        margin=stop_margin(loaded.tokenizer, template.stop_markers),
+                        cap=params.eval.max_new_tokens_cap)
+    if limit["references_over_limit"] > 0.01:
+        log.warning("eval.max_new_tokens = %d cuts %.1f%% of the references short (%d would cover 99%%): the "
+                    "metrics will partly measure the limit", limit["max_new_tokens"],
+                    100 * limit["references_over_limit"], limit["covering_99pct"])
+    max_new_tokens = limit["max_new_tokens"]
     generations, stats = generate(
         loaded.model, loaded.tokenizer, [row["prompt"] for row in rows],
-        max_new_tokens=params.eval.max_new_tokens, batch_size=params.eval.batch_size,
+        max_new_tokens=max_new_tokens, batch_size=params.eval.batch_size,
         stop_markers=template.stop_markers, method=method,
     )
     predictions = []
@@ -61,7 +75,11 @@ def evaluate(which: str) -> None:
             "stopped_by_eos": generation.stopped_by_eos,
             "new_tokens": generation.new_tokens,
             "short_answer": short,
-            **score_row(answer, row["reference"], short_answer=short),
+            "cut_by_limit": cut_by_limit(generation.raw, stopped_by_eos=generation.stopped_by_eos,
+                                         new_tokens=generation.new_tokens, max_new_tokens=max_new_tokens,
+                                         stop_markers=template.stop_markers),
+            **score_row(answer, row["reference"], short_answer=short,
+                        context=f"{row['instruction']}\n{row['input']}", task_type=row.get("task_type")),
         })
     metrics = aggregate(predictions)
     metrics["run"] = {
@@ -70,7 +88,7 @@ def evaluate(which: str) -> None:
         "quantized": loaded.plan.quantized,
         "quantization_reason": loaded.plan.reason,
         "device": loaded.device,
-        "max_new_tokens": params.eval.max_new_tokens,
+        **limit,
         "batch_size": params.eval.batch_size,
         "generation_requested": params.eval.generation,
         "weights": weights,
@@ -80,9 +98,10 @@ def evaluate(which: str) -> None:
     io.write_jsonl(Path(f"data/predictions/{which}.jsonl"), predictions)
     io.write_json(Path(f"metrics/eval_{which}.json"), metrics)
     overall = metrics["overall"]
-    log.info("%s: EM %s (strict %s), F1 %s, verbosity %s, stop rate %s, %s new tokens/s", which,
-             overall["exact_match"], overall["exact_match_strict"], overall["f1"], overall["verbosity"],
-             overall["stop_rate"], stats["new_tokens_per_s"])
+    log.info("%s: EM %s (strict %s) on %d short-answer rows, F1 %s, verbosity %s, stop rate %s, cut by the "
+             "%d-token limit %s, %s new tokens/s", which, overall["exact_match"], overall["exact_match_strict"],
+             overall["n_short_answer"], overall["f1"], overall["verbosity"], overall["stop_rate"], max_new_tokens,
+             overall["cut_by_limit_rate"], stats["new_tokens_per_s"])
 
 
 def main() -> None:

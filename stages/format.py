@@ -1,7 +1,7 @@
 """format: apply the prompt template, tokenize with the model's tokenizer, and mask the prompt out of the loss.
 
 Outs: data/formatted/train.jsonl ({id, input_ids, labels}), data/formatted/eval.jsonl (the prompts to answer,
-with references), metrics/format.json and the token-length histogram for `dvc plots`.
+with references and their token counts), metrics/format.json and the token-length histogram for `dvc plots`.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 from alpaca_qlora import io
 from alpaca_qlora.config import stage_params
-from alpaca_qlora.formatting import (format_report, length_histogram, require_training_examples, row_prompt,
-                                     tokenize_training_rows)
+from alpaca_qlora.formatting import (format_report, length_histogram, length_stats, require_training_examples,
+                                     response_token_count, row_prompt, tokenize_training_rows)
 from alpaca_qlora.models import load_tokenizer, resolve_model_source
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import read_input_rows, run_stage
@@ -41,11 +41,15 @@ def main() -> None:
             "id": row["id"],
             "task_type": row.get("task_type"),
             "prompt": row_prompt(template, row),
+            "instruction": row["instruction"],  # the prompt's own words, for the unsupported-words proxy
+            "input": row.get("input", ""),
             "reference": row["output"],
+            "reference_tokens": response_token_count(tokenizer, row["output"]),  # sizes eval.max_new_tokens: auto
         }
         for row in read_input_rows(EVAL_IN, "sample")
     ]
     report = format_report(examples, counts, rows_in=len(train_rows))
+    report["eval_reference_tokens"] = length_stats([row["reference_tokens"] for row in eval_prompts])
     io.write_jsonl(TRAIN_OUT, examples)
     io.write_jsonl(EVAL_OUT, eval_prompts)
     io.write_json(METRICS_OUT, report)

@@ -2,7 +2,8 @@
 
 Outs: models/adapter/ (adapter weights and config, tokenizer, model card), metrics/train.json and the
 DVCLive curves under metrics/train_log/. Checkpoints go to models/checkpoints/<run fingerprint>/ (not a DVC
-out): an interrupted run resumes from its last checkpoint on the next `dvc repro`.
+out): an interrupted run resumes from its last sound checkpoint on the next `dvc repro`, and reports the whole
+run's metrics. One trainer at a time: the stage locks models/checkpoints/ and refuses while another run holds it.
 
 With train.distributed = ddp | fsdp the stage re-executes itself under `accelerate launch` on
 train.num_processes processes (the DVC command stays `python stages/train.py`); only process 0 writes outs.
@@ -19,15 +20,15 @@ import torch
 from transformers import set_seed
 
 from alpaca_qlora import io
+from alpaca_qlora.checkpoints import lock_checkpoints, share_lock_with_workers
 from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization, resolve_model_source
+from alpaca_qlora.models import load_tokenizer, plan_quantization, resolve_model_source
 from alpaca_qlora.stage import read_input_rows, run_stage
 from alpaca_qlora.training import (
     TokenizedDataset,
     TrainingJob,
     accelerate_command,
-    apply_liger_kernels,
-    attach_lora,
+    build_trainable_model,
     dataclass_fields,
     params_as_dict,
     process_group,
@@ -55,10 +56,12 @@ def main() -> None:
         "lora": params_as_dict(params.lora, dataclass_fields(LoraParams)),
         "train": params_as_dict(params.train, dataclass_fields(TrainParams)),
     }
+    lock = lock_checkpoints(CHECKPOINTS)  # held until this process (and the workers it launches) exits
     device = "cuda" if torch.cuda.is_available() else "cpu"
     command = accelerate_command(params.train, __file__, device)
     if command is not None:
         log.info("train.distributed=%s: %s", params.train.distributed, " ".join(command))
+        share_lock_with_workers(lock, CHECKPOINTS)
         os.execv(command[0], command)
     ranks = process_group()
     if device == "cuda":
@@ -69,17 +72,13 @@ def main() -> None:
     source = resolve_model_source(params.model.name)
     tokenizer = load_tokenizer(source)
     set_seed(params.train.seed)  # LoRA initialisation and data order
-    model = load_model(source, plan, device=device, shardable=params.train.distributed == "fsdp")
     switches = resolve_speed_switches(params.train, device)
     log.info("liger kernels %s, gradient checkpointing %s", "on" if switches.liger_kernels else "off",
              "on" if switches.gradient_checkpointing else "off")
-    if switches.liger_kernels:
-        apply_liger_kernels(model, device)
-    model = attach_lora(model, params.lora, quantized=plan.quantized,
-                        gradient_checkpointing=switches.gradient_checkpointing,
-                        frozen_dtype=params.train.frozen_dtype, checkpoint_offload=params.train.checkpoint_offload)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    model = build_trainable_model(source, plan, params.lora, switches, device=device,
+                                  frozen_dtype=params.train.frozen_dtype,
+                                  checkpoint_offload=params.train.checkpoint_offload,
+                                  shardable=params.train.distributed == "fsdp")
 
     data_sha256 = io.sha256_file(TRAIN_IN)
     dataset = TokenizedDataset(read_input_rows(TRAIN_IN, "format"))

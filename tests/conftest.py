@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_qlora.models import EMBEDDED_SMOLLM2, build_tiny_mistral, resolve_model_source
+from alpaca_qlora.models import EMBEDDED_SMOLLM2, resolve_model_source
+from support.mistral import build_tiny_mistral
 
 
 @pytest.fixture(scope="session")

@@ -10,16 +10,10 @@ from pathlib import Path
 import periodictable
 import pytest
 
-from alpaca_qlora.bundled import (
-    BUNDLED_VERSION,
-    format_weight,
-    generate_rows,
-    group_of,
-    load_facts,
-    main,
-    period_of,
-    write_rows,
-)
+from alpaca_qlora.bundled import BUNDLED_VERSION, generate_rows, write_rows
+from alpaca_qlora.bundled.dataset import main
+from alpaca_qlora.bundled.facts import format_weight, group_of, load_facts, period_of
+from alpaca_qlora.bundled.questions import country_questions, country_reverse_questions, element_questions
 from alpaca_qlora.records import clean_rows, prompt_key
 
 EXACT_MATCH_TYPES = {"closed_qa", "factual", "classification"}
@@ -283,3 +277,22 @@ def test_output_does_not_depend_on_hash_seed():
         digests.add(result.stdout.strip())
     assert len(digests) == 1
     assert digests == {hashlib.sha256(json.dumps(generate_rows()).encode()).hexdigest()}
+
+
+def test_an_ask_is_asked_only_where_every_fact_it_names_is_known(facts):
+    """The question tables skip a question whose answer or wording needs a fact the subject lacks."""
+    countries = {country.name: country for country in facts.countries}
+    elements = {element.name: element for element in facts.elements}
+
+    def families(questions):
+        return {question.family for question in questions}
+
+    assert {"country_capital", "country_currency"} <= families(country_questions(countries["Norway"]))
+    assert "country_capital" not in families(country_questions(countries["Netherlands"]))
+    assert "country_currency" not in families(country_questions(countries["Panama"]))
+    assert "country_from_capital" not in families(country_reverse_questions(countries["Netherlands"]))
+    assert "element_group" in families(element_questions(elements["iron"]))
+    assert "element_group" not in families(element_questions(elements["cerium"]))  # a lanthanide: no group
+    assert "element_weight" not in families(element_questions(elements["technetium"]))  # no standard weight
+    for question in country_questions(countries["Norway"]) + element_questions(elements["cerium"]):
+        assert "None" not in question.statement and all("None" not in text for text in question.phrasings)

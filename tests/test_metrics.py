@@ -111,7 +111,9 @@ def test_clean_generation_cuts_at_the_earliest_of_several_markers():
 
 def test_is_short_answer():
     types = ("closed_qa", "factual")
-    assert is_short_answer("closed_qa", "a long reference " * 10, short_answer_task_types=types, max_words=5)
+    # the word limit holds with task types too: EM against a 30-word closed-QA reference measures wording
+    assert not is_short_answer("closed_qa", "a long reference " * 10, short_answer_task_types=types, max_words=5)
+    assert is_short_answer("closed_qa", "a short reference", short_answer_task_types=types, max_words=5)
     assert not is_short_answer("brainstorming", "Yes", short_answer_task_types=types, max_words=5)
     assert is_short_answer(None, "one two three four five", short_answer_task_types=types, max_words=5)
     assert not is_short_answer(None, "one two three four five six", short_answer_task_types=types, max_words=5)
@@ -121,7 +123,8 @@ def test_is_short_answer():
 def test_score_row():
     short = score_row("Paris.", "Paris", short_answer=True)
     assert short == {"exact_match": True, "exact_match_strict": False, "f1": 1.0, "key_fact_recall": 1.0,
-                     "answer_words": 1, "reference_words": 1}
+                     "answer_words": 1, "reference_words": 1, "unsupported_word_share": None,
+                     "label_adherence": None}
     long = score_row("Paris is nice", "Paris", short_answer=False)
     assert long["exact_match"] is False and long["exact_match_strict"] is None
     assert long["f1"] == 0.5 and long["answer_words"] == 3
@@ -143,7 +146,8 @@ def test_aggregate_overall_and_by_task_type():
     closed = result["by_task_type"]["closed_qa"]
     assert closed == {"n_rows": 3, "n_short_answer": 3, "exact_match": 0.666667, "exact_match_strict": 0.333333,
                       "f1": 0.666667, "f1_all": 0.666667, "verbosity": 1.0, "stop_rate": 0.666667,
-                      "key_fact_recall": 0.666667}
+                      "key_fact_recall": 0.666667, "n_label_rows": 0, "label_adherence": None,
+                      "unsupported_word_share": None, "cut_by_limit_rate": None}
     open_qa = result["by_task_type"]["open_qa"]
     # no short-answer rows: EM and F1 are not measured (None), not zero
     assert open_qa["exact_match"] is None and open_qa["exact_match_strict"] is None and open_qa["f1"] is None

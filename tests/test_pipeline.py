@@ -58,7 +58,7 @@ def project(tmp_path_factory, tiny_mistral_dir) -> Path:
     run(["git", "config", "user.email", "test@example.com"], cwd=path)
     run(["git", "config", "user.name", "test"], cwd=path)
     dvc("init", "-q", cwd=path)
-    dvc("config", "core.analytics", "false", cwd=path)
+    shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")  # the committed default remote
     run(["git", "add", "-A"], cwd=path)
     run(["git", "commit", "-qm", "project"], cwd=path)  # as in a clone; DVCLive needs a commit to start from
     return path
@@ -202,3 +202,34 @@ def test_a_max_seq_length_that_keeps_no_row_stops_format(project):
         for name, data in uncached.items():
             _replace(project / name, data)
     assert stages_run(dvc("repro", cwd=project)) == set()
+
+
+def test_results_pushed_then_pulled_into_a_fresh_clone_rerun_nothing(project, tmp_path_factory):
+    """A reviewer's path: push results to the default remote, clone, pull; nothing retrains, metrics unchanged.
+    The default remote is a directory beside the clone, so a sibling clone shares it."""
+    dvc("repro", cwd=project)
+    run(["git", "add", "-A"], cwd=project)
+    run(["git", "commit", "-qm", "results", "--allow-empty"], cwd=project)
+    dvc("push", cwd=project)
+    clone = tmp_path_factory.mktemp("clone")
+    assert clone.parent == project.parent  # so `../../alpaca-qlora-dvc-remote` names the same directory
+    run(["git", "clone", "-q", str(project), str(clone)], cwd=clone.parent)
+    assert not (clone / "models" / "adapter").exists()
+    dvc("pull", cwd=clone)
+    for out in ("data/raw/rows.jsonl", "data/predictions/finetuned.jsonl", "models/adapter/adapter_model.safetensors"):
+        assert (clone / out).read_bytes() == (project / out).read_bytes(), out
+    assert stages_run(dvc("repro", cwd=clone)) == set()
+    assert dvc("metrics", "diff", cwd=clone).stdout.strip() == ""
+
+    # An experiment made in the clone travels through the git remote and the DVC remote to another clone.
+    made = dvc("exp", "run", "-n", "shared-r8", "-S", "lora.r=8", cwd=clone)
+    assert "train" in stages_run(made)
+    dvc("exp", "push", "origin", "shared-r8", cwd=clone)
+    other = tmp_path_factory.mktemp("other")
+    run(["git", "clone", "-q", str(project), str(other)], cwd=other.parent)
+    dvc("exp", "pull", "origin", "shared-r8", cwd=other)
+    assert "shared-r8" in dvc("exp", "list", cwd=other).stdout
+    dvc("exp", "apply", "shared-r8", cwd=other)
+    adapter = "models/adapter/adapter_model.safetensors"
+    assert (other / adapter).read_bytes() == (clone / adapter).read_bytes()
+    assert yaml.safe_load((other / "params.yaml").read_text())["lora"]["r"] == 8

@@ -1,5 +1,7 @@
 import pytest
 
+from alpaca_qlora.formatting import encode_prompt, special_prefix
+from alpaca_qlora.models import load_tokenizer
 from alpaca_qlora.prompts import ALPACA, INSTRUCTION_CONTEXT, get_template
 
 ALPACA_WITH_INPUT = (
@@ -34,3 +36,25 @@ def test_braces_in_user_text_are_kept_verbatim():
 def test_unknown_template_names_the_choices():
     with pytest.raises(ValueError, match="alpaca, instruction_context"):
         get_template("chatml")
+
+
+@pytest.mark.parametrize("template", [ALPACA, INSTRUCTION_CONTEXT], ids=lambda t: t.name)
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": "Name {a} noble gas."},
+    {"role": "user", "content": "Summarize.", "input": "A {b} text\n### with a header"},
+    {"role": "user", "content": "No context.", "input": "   "},
+])
+def test_chat_template_renders_a_message_into_the_training_prompt_ids(template, message, tiny_mistral_dir):
+    tokenizer = load_tokenizer(str(tiny_mistral_dir))
+    tokenizer.chat_template = template.chat_template(tokenizer.decode(special_prefix(tokenizer)))
+    ids = tokenizer.apply_chat_template([message], tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert ids["input_ids"] == encode_prompt(tokenizer, template.render(message["content"], message.get("input", "")))
+    assert ids["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_chat_template_refuses_a_conversation_not_ending_with_the_user():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    with pytest.raises(Exception, match="last message must be the user"):
+        render_jinja_template([[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]],
+                              chat_template=ALPACA.chat_template())

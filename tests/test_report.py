@@ -115,3 +115,32 @@ def test_plot_rows():
     assert len(lengths) == 16
     assert {"id": "1", "model": "base", "answer_words": 4} in lengths
     assert {"id": "1", "model": "finetuned", "answer_words": 1} in lengths
+
+
+def test_exact_match_is_shown_and_ranked_only_where_it_is_counted():
+    # A long-answer row whose fine-tuned answer happens to equal the reference: EM is not counted there, so it
+    # must neither rank the row above a short-answer EM gain nor show as "exact_match +1" in the report.
+    long_base = prediction("9", "Rome is old and very large", "Rome is old", task_type="open_qa", short=False)
+    long_tuned = prediction("9", "Rome is old", "Rome is old", task_type="open_qa", short=False)
+    short_base, short_tuned = prediction("3", "no", "Fe"), prediction("3", "Fe", "Fe")
+    wins = select_examples([long_base, short_base], [long_tuned, short_tuned], 5)["wins"]
+    assert [item["id"] for item in wins] == ["3", "9"]
+    assert wins[0]["delta"]["exact_match"] == 1.0
+    assert "exact_match" not in wins[1]["delta"] and wins[1]["delta"]["f1"] > 0
+    base, tuned = aggregate([long_base, short_base]), aggregate([long_tuned, short_tuned])
+    report = render_report(base, tuned, metric_deltas(base, tuned), {"wins": wins, "losses": []},
+                           title_context={})
+    assert "`9` (open_qa): f1 +" in report and "`9` (open_qa): exact_match" not in report
+
+
+def test_report_says_what_em_rests_on_and_how_often_the_limit_cut():
+    base, tuned = aggregate(BASE), aggregate(TUNED)
+    for metrics, cut in ((base, 0.5), (tuned, 0.125)):
+        metrics["overall"]["cut_by_limit_rate"] = cut
+        metrics["run"] = {"max_new_tokens": 97, "max_new_tokens_requested": "auto", "references_over_limit": 0.01}
+    report = render_report(base, tuned, metric_deltas(base, tuned), {"wins": [], "losses": []}, title_context={})
+    assert "exact match rests on** 6 short-answer rows of 8" in report
+    assert "**token limit** 97 new tokens (eval.max_new_tokens: auto" in report
+    assert "answers cut by it: base 0.5000, fine-tuned 0.1250" in report
+    for name in ("cut_by_limit_rate", "unsupported_word_share", "label_adherence"):
+        assert f"| {name} |" in report

@@ -1,14 +1,21 @@
 """Training behaviour on a tiny random Mistral with the real Mistral tokenizer (CPU, seconds)."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import logging
+import math
+import os
+import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import TrainerCallback, set_seed
 
+from alpaca_qlora.checkpoints import checkpoint_problem
 from alpaca_qlora.config import LoraParams, TrainParams
 from alpaca_qlora.formatting import IGNORE_INDEX, tokenize_training_rows
 from alpaca_qlora.inference import load_for_inference
@@ -29,6 +36,7 @@ from alpaca_qlora.training import (
     save_adapter,
 )
 from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.packing import PackedDataset, best_fit_decreasing, sequence_boundaries
 
 ROWS = [
     {"id": "a", "instruction": "What is the chemical symbol of sodium?", "input": "", "output": "Na"},
@@ -171,6 +179,100 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_mistral_dir, t
     assert metrics["steps"] == 6
 
 
+def dvclive_curve(log_dir: Path, name: str) -> list[tuple[int, float]]:
+    with (log_dir / "plots" / "metrics" / "train" / f"{name}.tsv").open(encoding="utf-8") as handle:
+        return [(int(row["step"]), float(row[name])) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def test_a_resumed_run_reports_the_uninterrupted_runs_metrics_and_curves(tiny_mistral_dir, tokenized, tmp_path):
+    # Checkpoints at 3, 6 and 9 fall between the logs at even steps: the log window open at a checkpoint must not
+    # be lost by the resume.
+    settings = dict(max_steps=12, save_steps=3, logging_steps=2, dvclive=True)
+    whole_job = make_job(tiny_mistral_dir, tokenized, tmp_path / "whole", **settings)
+    whole = run_training(whole_job, resume=True)
+    interrupted = make_job(tiny_mistral_dir, tokenized, tmp_path / "parts", callbacks=[Interrupt(5)], **settings)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(interrupted, resume=True)
+    resumed_job = make_job(tiny_mistral_dir, tokenized, tmp_path / "parts", **settings)
+    resumed = run_training(resumed_job, resume=True)
+
+    assert resumed["resumed_from_step"] == 3 and whole["resumed_from_step"] == 0
+    for key in ("steps", "epochs", "tokens", "labelled_tokens", "padding_fraction", "first_loss"):
+        assert resumed[key] == whole[key], key
+    for key in ("train_loss", "final_loss"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key
+    for name in ("loss", "learning_rate", "grad_norm"):
+        whole_curve, resumed_curve = (dvclive_curve(job.log_dir, name) for job in (whole_job, resumed_job))
+        assert [step for step, _ in resumed_curve] == [step for step, _ in whole_curve], name
+        assert [value for _, value in resumed_curve] == pytest.approx([value for _, value in whole_curve], rel=1e-5)
+    assert [step for step, _ in dvclive_curve(whole_job.log_dir, "loss")] == [1, 2, 3, 4, 6, 8, 9, 10, 12]
+
+
+def test_train_loss_is_the_mean_step_loss_whatever_the_logging_interval(tiny_mistral_dir, tokenized, tmp_path):
+    every_step, every_third = (
+        run_training(make_job(tiny_mistral_dir, tokenized, tmp_path / str(interval), max_steps=7, save_steps=100,
+                              logging_steps=interval), resume=False)
+        for interval in (1, 3))
+    assert every_third["train_loss"] == pytest.approx(every_step["train_loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_mistral_dir, tokenized, tmp_path_factory) -> Path:
+    """A run of 6 steps interrupted at step 5, leaving checkpoint-2 and checkpoint-4 (save_total_limit 2)."""
+    path = tmp_path_factory.mktemp("interrupted")
+    job = make_job(tiny_mistral_dir, tokenized, path, max_steps=6, save_steps=2, callbacks=[Interrupt(5)])
+    with pytest.raises(KeyboardInterrupt):
+        run_training(job, resume=True)
+    assert sorted(p.name for p in (path / "run").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    return path / "run"
+
+
+DAMAGE = {
+    "truncated adapter": ("adapter_model.safetensors", lambda path: os.truncate(path, path.stat().st_size // 2)),
+    "empty trainer state": ("trainer_state.json", lambda path: path.write_text("")),
+    "truncated optimizer": ("optimizer.pt", lambda path: os.truncate(path, path.stat().st_size - 100)),
+    "missing scheduler": ("scheduler.pt", lambda path: path.unlink()),
+    "missing RNG state": ("rng_state.pth", lambda path: path.unlink()),
+    "missing run history": ("run_history.json", lambda path: path.unlink()),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_checkpoint_damage_is_found_and_named(interrupted_run, tmp_path, damage):
+    checkpoint = shutil.copytree(interrupted_run / "checkpoint-4", tmp_path / "checkpoint-4")
+    assert checkpoint_problem(checkpoint) is None
+    name, harm = DAMAGE[damage]
+    harm(checkpoint / name)
+    problem = checkpoint_problem(checkpoint)
+    assert problem is not None and (name in problem or "RNG" in problem or "scheduler" in problem), problem
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter", "empty trainer state"])
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tiny_mistral_dir, tokenized, interrupted_run, tmp_path,
+                                                           caplog, damage):
+    shutil.copytree(interrupted_run, tmp_path / "run")
+    name, harm = DAMAGE[damage]
+    harm(tmp_path / "run" / "checkpoint-4" / name)
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.checkpoints"):
+        metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2),
+                               resume=True)
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 6
+    assert any("checkpoint-4" in record.getMessage() and name in record.getMessage() for record in caplog.records)
+    assert (tmp_path / "run" / "damaged-checkpoint-4").is_dir()
+
+
+def test_with_no_sound_checkpoint_training_starts_over(tiny_mistral_dir, tokenized, interrupted_run, tmp_path,
+                                                        caplog):
+    shutil.copytree(interrupted_run, tmp_path / "run")
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        (tmp_path / "run" / checkpoint / "trainer_state.json").write_text("")
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.checkpoints"):
+        metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2),
+                               resume=True)
+    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 6
+    assert "starts over" in caplog.text
+
+
 def test_a_typo_in_target_modules_is_refused(tiny_mistral_dir, tokenized, tmp_path):
     with pytest.raises(PipelineError, match=r"\['qproj'\] do not exist"):
         make_job(tiny_mistral_dir, tokenized, tmp_path, lora=LoraParams(target_modules=("qproj", "v_proj")))
@@ -178,7 +280,7 @@ def test_a_typo_in_target_modules_is_refused(tiny_mistral_dir, tokenized, tmp_pa
 
 def test_packed_rows_never_attend_across_row_boundaries(tiny_mistral_dir, tokenized):
     model = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu").eval()
-    packed = PackedCollator()(tokenized)
+    packed = PackedCollator()([tokenized])  # one bin holding every row
     with torch.no_grad():
         # Row boundaries are read from the position resets only without a KV cache, as in training.
         packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
@@ -208,10 +310,10 @@ def test_packed_and_padded_batches_give_the_same_gradient(tiny_mistral_dir, toke
 def test_packing_into_bins_keeps_rows_apart_and_pads_only_the_tail(tiny_mistral_dir, tokenized):
     model = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu").eval()
     lengths = [len(row["input_ids"]) for row in tokenized]
-    collator = PackedCollator(bin_tokens=max(lengths) + 1, pad_token_id=0)
-    groups = collator.bins(tokenized)
+    dataset = PackedDataset(tokenized, bin_tokens=max(lengths) + 1, seed=0)
+    groups = [dataset[index] for index in range(len(dataset))]
     assert len(groups) > 1 and all(sum(len(r["input_ids"]) for r in g) <= max(lengths) + 1 for g in groups)
-    batch = collator(tokenized)
+    batch = PackedCollator(pad_token_id=0)(groups)
     assert batch["input_ids"].shape[0] == len(groups)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -222,6 +324,59 @@ def test_packing_into_bins_keeps_rows_apart_and_pads_only_the_tail(tiny_mistral_
                 torch.testing.assert_close(logits[index, start : start + len(alone)], alone, rtol=1e-4, atol=1e-4)
                 start += len(alone)
             assert (batch["labels"][index, start:] == IGNORE_INDEX).all()
+
+
+def alpaca_like_rows(count: int, seed: int) -> list[dict]:
+    """Rows with Alpaca's length spread (log-normal, median ~190 tokens, 48 to 1024), prompt tokens unlabelled."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        length = int(min(1024, max(48, rng.lognormvariate(math.log(190), 0.6))))
+        rows.append({"id": str(index), "input_ids": [1] + [index % 30000 + 3] * (length - 1),
+                     "labels": [IGNORE_INDEX] * (length // 2) + [5] * (length - length // 2)})
+    return rows
+
+
+@pytest.mark.parametrize("bin_tokens", [512, 2048])
+def test_best_fit_bins_pad_at_most_two_percent_and_hold_every_row_once(bin_tokens):
+    rows = [row for row in alpaca_like_rows(3000, seed=7) if len(row["input_ids"]) <= bin_tokens]
+    dataset = PackedDataset(rows, bin_tokens=bin_tokens, seed=42)
+    assert dataset.padding_share(bins_per_micro_batch=4) <= 0.02
+    packed_ids = sorted(row["id"] for index in range(len(dataset)) for row in dataset[index])
+    assert packed_ids == sorted(row["id"] for row in rows)
+    assert all(sum(len(row["input_ids"]) for row in dataset[index]) <= bin_tokens for index in range(len(dataset)))
+    assert PackedDataset(rows, bin_tokens=bin_tokens, seed=42).bins == dataset.bins  # seeded: the same bins
+
+
+def test_a_row_longer_than_a_bin_is_refused():
+    with pytest.raises(PipelineError, match="more than a bin"):
+        best_fit_decreasing([10, 700], capacity=512, seed=0)
+
+
+def test_an_epoch_of_packed_training_sees_every_row_exactly_once(tiny_mistral_dir, tokenized, tmp_path):
+    rows = tokenized * 3
+    seen: list[tuple[int, ...]] = []
+
+    def record(module, args, kwargs):
+        for ids, positions, labels in zip(kwargs["input_ids"], kwargs["position_ids"], kwargs["labels"]):
+            starts = [*(positions == 0).nonzero().flatten().tolist(), len(ids)]
+            for start, end in zip(starts, starts[1:]):
+                if bool((labels[start:end] != IGNORE_INDEX).any()):  # a padding tail has no labelled token
+                    seen.append(tuple(ids[start:end].tolist()))
+
+    job = make_job(tiny_mistral_dir, rows, tmp_path, packing=True, max_steps=-1, epochs=1, micro_batch_size=2,
+                   max_seq_length=100)
+    hook = job.model.register_forward_pre_hook(record, with_kwargs=True)
+    metrics = run_training(job, resume=False)
+    hook.remove()
+    assert sorted(seen) == sorted(tuple(row["input_ids"]) for row in rows)
+    assert metrics["attention"] == "sdpa"  # CPU keeps sdpa under the block-diagonal mask
+
+
+def test_segment_boundaries_follow_position_resets_and_bin_starts():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    boundaries, longest = sequence_boundaries(positions, batch=2, length=6)
+    assert boundaries.tolist() == [0, 3, 5, 6, 10, 12] and longest == 4
 
 
 def test_liger_kernels_are_refused_without_cuda(tiny_mistral_dir):

@@ -1,0 +1,3 @@
+from alpaca_qlora.bundled.dataset import main
+
+main()

@@ -1,0 +1,254 @@
+"""The train stage's checkpoints: one trainer at a time, and a run killed with SIGKILL resumes to the same results."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alpaca_qlora import io
+from alpaca_qlora.checkpoints import (
+    LOCK_HANDED_TO_WORKERS,
+    LOCK_NAME,
+    CheckpointsBusy,
+    lock_checkpoints,
+    share_lock_with_workers,
+)
+from alpaca_qlora.formatting import tokenize_training_rows
+from alpaca_qlora.models import load_tokenizer
+from alpaca_qlora.prompts import ALPACA
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_METRICS = ("steps", "epochs", "tokens", "labelled_tokens", "padding_fraction", "first_loss", "train_loss",
+               "final_loss")
+HOLDER = """
+import sys, time
+from pathlib import Path
+from alpaca_qlora.checkpoints import lock_checkpoints
+lock = lock_checkpoints(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def environment(cwd: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", LOCK_HANDED_TO_WORKERS)}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(cwd),
+               ALPACA_QLORA_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return env
+
+
+def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=environment(cwd), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def hold_lock(root: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], env=environment(ROOT),
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_trainer_is_refused_naming_the_holder_until_the_holder_dies(tmp_path):
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(CheckpointsBusy, match=rf"in use by another training run: process {holder.pid} .*"
+                                                  rf"`kill {holder.pid}`"):
+            lock_checkpoints(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    handle = lock_checkpoints(tmp_path)  # the OS released the killed holder's lock
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    handle.close()
+
+
+def test_the_launchers_workers_share_its_lock_and_a_new_run_stays_out(tmp_path, monkeypatch):
+    for name in ("LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(LOCK_HANDED_TO_WORKERS, "")  # restored after the launcher below sets it
+    launcher = lock_checkpoints(tmp_path)
+    share_lock_with_workers(launcher, tmp_path)
+    assert os.get_inheritable(launcher.fileno())  # survives the launcher's os.execv into accelerate
+    workers = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        monkeypatch.setenv("RANK", rank)
+        workers.append(lock_checkpoints(tmp_path))  # shared: no deadlock on their own launcher's lock
+    assert all(worker is not None for worker in workers)
+    launcher.close()  # a killed launcher: its workers still hold the lock
+    monkeypatch.delenv(LOCK_HANDED_TO_WORKERS)
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(CheckpointsBusy):
+        lock_checkpoints(tmp_path)
+    for worker in workers:
+        worker.close()
+    lock_checkpoints(tmp_path).close()
+
+
+def test_under_an_outside_launcher_only_rank_zero_takes_the_lock(tmp_path, monkeypatch):
+    monkeypatch.delenv(LOCK_HANDED_TO_WORKERS, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "1")  # the second machine's first process
+    assert lock_checkpoints(tmp_path) is None
+    monkeypatch.setenv("RANK", "0")
+    handle = lock_checkpoints(tmp_path)
+    with pytest.raises(CheckpointsBusy):
+        lock_checkpoints(tmp_path)
+    handle.close()
+
+
+def copy_project(path: Path, model_dir: Path, **train: object) -> Path:
+    for name in ("alpaca_qlora", "stages"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "data/external/README.md"):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, path / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(sample_frac=0.02, eval_size=12)
+    params["model"].update(name=str(model_dir), quantization="none")
+    params["lora"].update(dropout=0.0)
+    params["train"].update(micro_batch_size=4, max_seq_length=256, learning_rate=1e-3, **train)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_the_train_stage_refuses_while_another_run_holds_the_lock(tmp_path, tiny_mistral_dir):
+    project = copy_project(tmp_path / "project", tiny_mistral_dir, max_steps=2, logging_steps=1, save_steps=100,
+                           dvclive=False)
+    rows = [{"id": str(n), "instruction": f"Add {n} and {n}.", "input": "", "output": str(2 * n)} for n in range(8)]
+    examples, _ = tokenize_training_rows(rows, load_tokenizer(str(tiny_mistral_dir)), ALPACA, max_length=256,
+                                         overlong="truncate")
+    io.write_jsonl(project / "data/formatted/train.jsonl", examples)
+    other_run = project / "models/checkpoints/0123456789abcdef/checkpoint-3"
+    other_run.mkdir(parents=True)
+    (other_run / "trainer_state.json").write_text('{"global_step": 3}')
+    holder = hold_lock(project / "models/checkpoints")
+    try:
+        refused = run([sys.executable, "stages/train.py"], cwd=project, check=False)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert refused.returncode == 2, refused.stderr
+    assert f"process {holder.pid}" in refused.stderr and "in use by another training run" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert (other_run / "trainer_state.json").read_text() == '{"global_step": 3}'  # nothing touched
+    assert not (project / "metrics/train.json").exists()
+
+    run([sys.executable, "stages/train.py"], cwd=project)  # the holder is gone: the stage runs
+    assert json.loads((project / "metrics/train.json").read_text())["steps"] == 2
+    assert (project / "models/checkpoints" / LOCK_NAME).is_file()
+
+
+def descendants(pid: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def kill_train_after_checkpoint(command: list[str], cwd: Path, step: int) -> None:
+    """Start `command`, and once checkpoint-`step` is saved, SIGKILL the stages/train.py process and its workers."""
+    with (cwd / "killed.log").open("w") as log:
+        parent = subprocess.Popen(command, cwd=cwd, env=environment(cwd), stdout=log, stderr=log)
+    deadline = time.monotonic() + 300
+    while not list(cwd.glob(f"models/checkpoints/*/checkpoint-{step}/trainer_state.json")):
+        assert parent.poll() is None, f"{command} ended before checkpoint-{step}:\n{(cwd / 'killed.log').read_text()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.1)
+    train = [pid for pid in [parent.pid, *descendants(parent.pid)] if "stages/train.py" in cmdline(pid)][:1]
+    assert train and parent.poll() is None, "the run finished before it could be killed"
+    for pid in [*train, *descendants(train[0])]:
+        os.kill(pid, signal.SIGKILL)
+    parent.wait()
+
+
+def curves(project: Path) -> dict[str, list[tuple[int, float]]]:
+    result = {}
+    for name in ("loss", "learning_rate", "grad_norm"):
+        path = project / "metrics/train_log/plots/metrics/train" / f"{name}.tsv"
+        with path.open(encoding="utf-8") as handle:
+            result[name] = [(int(row["step"]), float(row[name])) for row in csv.DictReader(handle, delimiter="\t")]
+    return result
+
+
+def assert_same_run(resumed: dict, resumed_curves: dict, whole: dict, whole_curves: dict, rel: float) -> None:
+    for key in RUN_METRICS:
+        assert resumed[key] == pytest.approx(whole[key], rel=rel), key
+    for name, curve in whole_curves.items():
+        assert [step for step, _ in resumed_curves[name]] == [step for step, _ in curve], name
+        assert [value for _, value in resumed_curves[name]] == pytest.approx([value for _, value in curve], rel=rel)
+
+
+@pytest.mark.slow
+def test_kill_dash_nine_after_a_checkpoint_then_dvc_repro_gives_the_uninterrupted_run(tmp_path, tiny_mistral_dir):
+    project = copy_project(tmp_path / "project", tiny_mistral_dir, max_steps=12, save_steps=3, logging_steps=2)
+    dvc = [sys.executable, "-m", "dvc"]
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                    ["git", "config", "user.name", "t"], [*dvc, "init", "-q"],
+                    [*dvc, "config", "core.analytics", "false"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "project"], [*dvc, "repro", "format"]):
+        run(command, cwd=project)
+
+    kill_train_after_checkpoint([*dvc, "repro", "train"], project, step=3)
+    run([*dvc, "repro", "train"], cwd=project)
+    resumed = json.loads((project / "metrics/train.json").read_text())
+    resumed_curves = curves(project)
+    assert 3 <= resumed["resumed_from_step"] <= 12
+
+    run([*dvc, "repro", "--force", "train"], cwd=project)
+    whole = json.loads((project / "metrics/train.json").read_text())
+    assert whole["resumed_from_step"] == 0
+    assert_same_run(resumed, resumed_curves, whole, curves(project), rel=1e-5)
+    assert [step for step, _ in curves(project)["loss"]] == [1, 2, 3, 4, 6, 8, 9, 10, 12]
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_ddp_run_resumes_to_the_uninterrupted_run(tmp_path, tiny_mistral_dir):
+    """Issue 17's resume ask on CPU: two gloo processes under accelerate, launcher and workers killed with SIGKILL."""
+    project = copy_project(tmp_path / "project", tiny_mistral_dir, max_steps=12, save_steps=3, logging_steps=2,
+                           distributed="ddp", num_processes=2)
+    for stage in ("fetch", "sample", "format"):
+        run([sys.executable, f"stages/{stage}.py"], cwd=project)
+
+    kill_train_after_checkpoint([sys.executable, "stages/train.py"], project, step=3)
+    run([sys.executable, "stages/train.py"], cwd=project)
+    resumed = json.loads((project / "metrics/train.json").read_text())
+    resumed_curves = curves(project)
+    assert 3 <= resumed["resumed_from_step"] <= 12 and resumed["processes"] == 2
+
+    run([sys.executable, "stages/train.py"], cwd=project)  # the finished run's checkpoints are gone: from step 0
+    whole = json.loads((project / "metrics/train.json").read_text())
+    assert whole["resumed_from_step"] == 0
+    assert_same_run(resumed, resumed_curves, whole, curves(project), rel=1e-4)

@@ -1,0 +1,38 @@
+"""The train stage's model builder, which the bench calls too: the base, Liger if switched on, then LoRA."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from alpaca_qlora.config import load_params
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.models import load_model, plan_quantization
+from alpaca_qlora.training import SpeedSwitches, attach_lora, build_trainable_model
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = load_params(ROOT / "params.yaml").lora  # the embedded profile's LoRA: r=16 on the seven projections
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_builder_gives_the_load_then_lora_sequence_bit_for_bit(tiny_mistral_dir, checkpointing):
+    plan = plan_quantization("none", "cpu")
+    torch.manual_seed(0)
+    built = build_trainable_model(str(tiny_mistral_dir), plan, LORA, SpeedSwitches(False, checkpointing),
+                                  device="cpu")
+    torch.manual_seed(0)
+    by_hand = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"), LORA, quantized=False,
+                          gradient_checkpointing=checkpointing)
+    assert built.state_dict().keys() == by_hand.state_dict().keys()
+    assert all(torch.equal(value, by_hand.state_dict()[key]) for key, value in built.state_dict().items())
+    trainable = {name for name, parameter in built.named_parameters() if parameter.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert {name.split(".")[-4] for name in trainable} == set(LORA.target_modules)
+    assert built.base_model.model.model.gradient_checkpointing is checkpointing
+
+
+def test_the_builder_honours_the_liger_switch(tiny_mistral_dir):
+    with pytest.raises(PipelineError, match="liger_kernels"):
+        build_trainable_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), LORA,
+                              SpeedSwitches(liger_kernels=True, gradient_checkpointing=False), device="cpu")
