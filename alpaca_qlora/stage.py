@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from alpaca_qlora import io
 from alpaca_qlora.errors import PipelineError
 
 log = logging.getLogger("alpaca_qlora")
@@ -30,6 +31,23 @@ def split_timing(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 def timing_path(stage: str) -> Path:
     return TIMING_DIR / f"{stage}.json"
+
+
+class EmptyInputError(PipelineError):
+    """A stage's input holds no rows: its work (and every later stage's) would be empty or fail obscurely."""
+
+
+def require_rows(rows: list[Any], what: str, fix: str) -> list[Any]:
+    """`rows` unchanged, or an error saying that `what` is empty and how to fix it."""
+    if not rows:
+        raise EmptyInputError(f"{what} has no rows: {fix}")
+    return rows
+
+
+def read_input_rows(path: Path, made_by: str) -> list[dict[str, Any]]:
+    """The rows of an input file that an earlier stage wrote, refusing an empty one."""
+    return require_rows(io.read_jsonl(path), str(path),
+                        f"rerun `dvc repro {made_by}` and read its log (it may have dropped every row).")
 
 
 def configure_logging() -> None:

@@ -20,7 +20,7 @@ from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.metrics import aggregate, clean_generation, cut_by_limit, is_short_answer, score_row
 from alpaca_qlora.numerics import base_weights_fingerprint, describe_cuda_path
 from alpaca_qlora.prompts import get_template
-from alpaca_qlora.stage import run_stage, split_timing, timing_path
+from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
 
 EVAL_IN = Path("data/formatted/eval.jsonl")
 ADAPTER = Path("models/adapter")
@@ -32,7 +32,7 @@ log = logging.getLogger("evaluate")
 def evaluate(which: str) -> None:
     params = stage_params(f"evaluate_{which}")
     template = get_template(params.data.template)
-    rows = io.read_jsonl(EVAL_IN)
+    rows = read_input_rows(EVAL_IN, "format")
     if any("reference_tokens" not in row for row in rows):
         raise PipelineError(f"{EVAL_IN} has no reference token counts (written by an older format stage): rerun "
                             "`dvc repro format` first.")

@@ -23,7 +23,7 @@ from alpaca_qlora import io
 from alpaca_qlora.checkpoints import lock_checkpoints, share_lock_with_workers
 from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
 from alpaca_qlora.models import load_tokenizer, plan_quantization, resolve_model_source
-from alpaca_qlora.stage import run_stage, split_timing, timing_path
+from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
 from alpaca_qlora.training import (
     TokenizedDataset,
     TrainingJob,
@@ -81,7 +81,7 @@ def main() -> None:
                                   shardable=params.train.distributed == "fsdp")
 
     data_sha256 = io.sha256_file(TRAIN_IN)
-    dataset = TokenizedDataset(io.read_jsonl(TRAIN_IN))
+    dataset = TokenizedDataset(read_input_rows(TRAIN_IN, "format"))
     run_dir = CHECKPOINTS / run_fingerprint(recorded, data_sha256)
     if ranks.is_main:
         remove_stale_runs(CHECKPOINTS, keep=run_dir)
