@@ -22,6 +22,7 @@ PARAMS_FILE = "params.yaml"
 DVC_FILE = "dvc.yaml"
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_MODEL_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model whose Q4_1 GGUF it converts
 SEVEN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Switch = Literal["auto", True, False]  # a speed setting: auto picks it by device, true / false force it
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from alpaca_qlora.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ORIGIN
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models import QuantizationPlan, load_model, load_tokenizer, plan_quantization, resolve_model_source
 from alpaca_qlora.numerics import to_cpu_float64
@@ -41,7 +42,8 @@ def check_adapter_matches(adapter_dir: Path, source: str, model_name: str) -> No
     if not config_file.is_file():
         raise PipelineError(f"{adapter_dir} holds no adapter (no adapter_config.json); run `dvc repro train` first.")
     trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    if trained_on and trained_on not in (source, model_name):
+    hub_origin = EMBEDDED_MODEL_ORIGIN if model_name == EMBEDDED_MODEL else None  # what a saved adapter names
+    if trained_on and trained_on not in (source, model_name, hub_origin):
         raise PipelineError(
             f"the adapter in {adapter_dir} was trained on base model {trained_on!r}, not {model_name!r} "
             f"({source}). Use the matching model.name or retrain the adapter."

@@ -37,7 +37,7 @@ from alpaca_qlora.generation import dequantize_for_generation, generate, merge_l
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training import attach_lora
+from alpaca_qlora.training.model import attach_lora
 from bench.train_bench import profile_lora
 
 log = logging.getLogger("eval_bench")

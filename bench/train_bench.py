@@ -15,7 +15,7 @@ Variants:
 - baseline: NF4 double-quant, the Mistral profile's LoRA (r=16 on the seven projections), gradient
             checkpointing, sdpa, AdamW, bf16 autocast, padded batches;
 - liger:    the train stage's code path with Liger kernels only (padded batches, PEFT's fp32 upcast);
-- project:  the train stage's code path (its model from training.build_trainable_model, its collators) with its
+- project:  the train stage's code path (its model from training.model.build_trainable_model, its collators) with its
             GPU defaults: Liger kernels, packing, frozen weights kept in bf16 (train.frozen_dtype=compute),
             gradient checkpointing;
 - unpacked: project without packing (padded micro-batches);
@@ -45,8 +45,9 @@ from alpaca_qlora.formatting import IGNORE_INDEX
 from alpaca_qlora.models import plan_quantization
 from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.packing import PackedCollator, PackedDataset, use_varlen_attention, varlen_attention_available
-from alpaca_qlora.training import ResponseOnlyCollator, SpeedSwitches, build_trainable_model
+from alpaca_qlora.training.data import ResponseOnlyCollator
+from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model
+from alpaca_qlora.training.packing import PackedCollator, PackedDataset, use_varlen_attention, varlen_attention_available
 
 log = logging.getLogger("train_bench")
 VOCAB_LOW, VOCAB_HIGH = 100, 31000
@@ -116,11 +117,11 @@ def baseline_model(model_dir: str, gradient_checkpointing: bool = True) -> Any:
 
 def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, frozen_dtype: str = "compute",
                   checkpoint_offload: bool = False) -> Any:
-    """The train stage's model (training.build_trainable_model) with the variant's switches."""
+    """The train stage's model (training.model.build_trainable_model) with the variant's switches."""
     model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), profile_lora(),
                                   SpeedSwitches(liger_kernels=liger, gradient_checkpointing=gradient_checkpointing),
                                   device="cuda", frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
-    model.config.use_cache = False  # as training.run_training sets it
+    model.config.use_cache = False  # as training.trainer.run_training sets it
     return model
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from alpaca_qlora.packing import PackedCollator, use_varlen_attention
+from alpaca_qlora.training.packing import PackedCollator, use_varlen_attention
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """train: QLoRA fine-tuning of the base model on the format stage's ids and labels (loss on responses only).
 
-Outs: models/adapter/ (adapter weights and config, tokenizer, model card), metrics/train.json and the
+Outs: models/adapter/ (adapter weights and config, the tokenizer with the training prompt as its chat template,
+prompt_template.json, model card), metrics/train.json and the
 DVCLive curves under metrics/train_log/. Checkpoints go to models/checkpoints/<run fingerprint>/ (not a DVC
 out): an interrupted run resumes from its last sound checkpoint on the next `dvc repro`, and reports the whole
 run's metrics. One trainer at a time: the stage locks models/checkpoints/ and refuses while another run holds it.
@@ -15,32 +16,26 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import set_seed
 
 from alpaca_qlora import io
-from alpaca_qlora.checkpoints import lock_checkpoints, share_lock_with_workers
-from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
+from alpaca_qlora.adapter import render_model_card, save_adapter
+from alpaca_qlora.config import LoraParams, ModelParams, StageParams, TrainParams, stage_params
 from alpaca_qlora.models import load_tokenizer, plan_quantization, resolve_model_source
+from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
-from alpaca_qlora.training import (
-    TokenizedDataset,
-    TrainingJob,
-    accelerate_command,
-    build_trainable_model,
-    dataclass_fields,
-    params_as_dict,
-    process_group,
-    remove_stale_runs,
-    render_model_card,
-    resolve_speed_switches,
-    run_fingerprint,
-    run_training,
-    save_adapter,
-)
+from alpaca_qlora.training.checkpoints import (lock_checkpoints, remove_stale_runs, run_fingerprint,
+                                               share_lock_with_workers)
+from alpaca_qlora.training.data import TokenizedDataset
+from alpaca_qlora.training.distributed import accelerate_command, process_group
+from alpaca_qlora.training.model import build_trainable_model, resolve_speed_switches
+from alpaca_qlora.training.trainer import TrainingJob, run_training
 
 TRAIN_IN = Path("data/formatted/train.jsonl")
+DATA_SOURCE = Path("metrics/data.json")  # fetch's description of where the rows came from, for the model card
 ADAPTER_OUT = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")
 METRICS_OUT = Path("metrics/train.json")
@@ -49,13 +44,16 @@ LOG_DIR = Path("metrics/train_log")
 log = logging.getLogger("train")
 
 
+def recorded_params(params: StageParams) -> dict[str, dict[str, Any]]:
+    """The sections the card and the run fingerprint record, as plain values (the stage's view hides the rest)."""
+    sections = {"model": ModelParams, "lora": LoraParams, "train": TrainParams}
+    return {name: {field.name: getattr(getattr(params, name), field.name) for field in dataclasses.fields(cls)}
+            for name, cls in sections.items()}
+
+
 def main() -> None:
     params = stage_params("train")
-    recorded = {
-        "model": params_as_dict(params.model, dataclass_fields(ModelParams)),
-        "lora": params_as_dict(params.lora, dataclass_fields(LoraParams)),
-        "train": params_as_dict(params.train, dataclass_fields(TrainParams)),
-    }
+    recorded = recorded_params(params)
     lock = lock_checkpoints(CHECKPOINTS)  # held until this process (and the workers it launches) exits
     device = "cuda" if torch.cuda.is_available() else "cpu"
     command = accelerate_command(params.train, __file__, device)
@@ -87,20 +85,23 @@ def main() -> None:
         remove_stale_runs(CHECKPOINTS, keep=run_dir)
     job = TrainingJob(model=model, tokenizer=tokenizer, dataset=dataset, train=params.train, plan=plan,
                       device=device, run_dir=run_dir, log_dir=LOG_DIR)
-    metrics = {**run_training(job, resume=params.train.resume == "auto"), **dataclasses.asdict(switches)}
+    result = run_training(job, resume=params.train.resume == "auto")
+    metrics = {**result.metrics, **dataclasses.asdict(switches)}
     if not ranks.is_main:
         return
 
     results, timing = split_timing(metrics)  # the card, inside the adapter out, gets no machine-dependent figure
+    template = get_template(params.data.template)
     card = render_model_card(
-        base_model=params.model.name,
-        template=params.data.template,
+        model_name=params.model.name,
+        template=template,
         params=recorded,
         metrics=results,
-        data={"train_file": str(TRAIN_IN), "train_rows": len(dataset), "train_file_sha256": data_sha256},
+        data=io.read_json(DATA_SOURCE),
+        training_data={"train_file": str(TRAIN_IN), "train_rows": len(dataset), "train_file_sha256": data_sha256},
     )
-    save_adapter(model, tokenizer, ADAPTER_OUT, card, base_model=params.model.name,
-                 state_dict=job.outputs.get("state_dict"))
+    save_adapter(model, tokenizer, ADAPTER_OUT, card, model_name=params.model.name, template=template,
+                 state_dict=result.state_dict)
     io.write_json(timing_path("train"), timing)
     io.write_json(METRICS_OUT, results)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run

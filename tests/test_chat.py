@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from alpaca_qlora import infer, inference
+from alpaca_qlora.adapter import save_adapter
 from alpaca_qlora.chat import AnswerStreamer, questions
 from alpaca_qlora.config import LoraParams
 from alpaca_qlora.errors import PipelineError
@@ -15,7 +16,7 @@ from alpaca_qlora.generation import generate
 from alpaca_qlora.metrics import clean_generation
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.prompts import ALPACA
-from alpaca_qlora.training import attach_lora, save_adapter
+from alpaca_qlora.training.model import attach_lora
 
 QUESTIONS = ["What is the capital of France?", "Name a noble gas.\tAnswer in one word."]
 
@@ -32,7 +33,7 @@ def project(tmp_path_factory, tiny_mistral_dir):
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)
     save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), root / "adapter", "card",
-                 base_model=str(tiny_mistral_dir))
+                 model_name=str(tiny_mistral_dir), template=ALPACA)
     params = {"model": {"name": str(tiny_mistral_dir), "quantization": "none"}, "eval": {"max_new_tokens": 12}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root

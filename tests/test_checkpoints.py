@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from alpaca_qlora import io
-from alpaca_qlora.checkpoints import (
+from alpaca_qlora.training.checkpoints import (
     LOCK_HANDED_TO_WORKERS,
     LOCK_NAME,
     CheckpointsBusy,
@@ -32,7 +32,7 @@ RUN_METRICS = ("steps", "epochs", "tokens", "labelled_tokens", "padding_fraction
 HOLDER = """
 import sys, time
 from pathlib import Path
-from alpaca_qlora.checkpoints import lock_checkpoints
+from alpaca_qlora.training.checkpoints import lock_checkpoints
 lock = lock_checkpoints(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(600)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from alpaca_qlora.config import ConfigError, TrainParams, params_from_mapping
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.training import accelerate_command
+from alpaca_qlora.training.distributed import accelerate_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

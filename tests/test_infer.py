@@ -12,10 +12,12 @@ import torch
 import yaml
 
 from alpaca_qlora import infer
+from alpaca_qlora.adapter import save_adapter
 from alpaca_qlora.config import LoraParams
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
-from alpaca_qlora.training import attach_lora, save_adapter
+from alpaca_qlora.prompts import ALPACA
+from alpaca_qlora.training.model import attach_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +33,7 @@ def project(tmp_path_factory, tiny_mistral_dir):
             if "lora_B" in name:
                 parameter.fill_(0.01)
     save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), root / "adapter", "card",
-                 base_model=str(tiny_mistral_dir))
+                 model_name=str(tiny_mistral_dir), template=ALPACA)
     params = {"model": {"name": str(tiny_mistral_dir), "quantization": "none"}, "eval": {"max_new_tokens": 4}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root

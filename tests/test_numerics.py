@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from alpaca_qlora.adapter import save_adapter
 from alpaca_qlora.config import LoraParams
 from alpaca_qlora.generation import generate
 from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.numerics import Float64RMSNorm, base_weights_fingerprint, float64_norms
-from alpaca_qlora.prompts import get_template
-from alpaca_qlora.training import attach_lora, save_adapter
+from alpaca_qlora.prompts import ALPACA, get_template
+from alpaca_qlora.training.model import attach_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = get_template("alpaca")
@@ -39,7 +40,8 @@ def adapter_dir(tmp_path_factory, tiny_mistral_dir) -> Path:
             if "lora_B" in name:
                 parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
     out = tmp_path_factory.mktemp("numerics") / "adapter"
-    save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), out, "card", base_model=str(tiny_mistral_dir))
+    save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), out, "card", model_name=str(tiny_mistral_dir),
+                 template=ALPACA)
     return out
 
 

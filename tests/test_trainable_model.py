@@ -9,7 +9,7 @@ import torch
 from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models import load_model, plan_quantization
-from alpaca_qlora.training import SpeedSwitches, attach_lora, build_trainable_model
+from alpaca_qlora.training.model import SpeedSwitches, attach_lora, build_trainable_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = load_params(ROOT / "params.yaml").lora  # the embedded profile's LoRA: r=16 on the seven projections

@@ -15,28 +15,20 @@ import pytest
 import torch
 from transformers import TrainerCallback, set_seed
 
-from alpaca_qlora.checkpoints import checkpoint_problem
+from alpaca_qlora.adapter import save_adapter
 from alpaca_qlora.config import LoraParams, TrainParams
 from alpaca_qlora.formatting import IGNORE_INDEX, tokenize_training_rows
 from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.prompts import ALPACA
-from alpaca_qlora.training import (
-    OffloadedCheckpoint,
-    PackedCollator,
-    prepare_quantized_model,
-    ResponseOnlyCollator,
-    SpeedSwitches,
-    apply_liger_kernels,
-    TokenizedDataset,
-    TrainingJob,
-    attach_lora,
-    resolve_speed_switches,
-    run_training,
-    save_adapter,
-)
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.packing import PackedDataset, best_fit_decreasing, sequence_boundaries
+from alpaca_qlora.training.checkpoints import checkpoint_problem
+from alpaca_qlora.training.data import ResponseOnlyCollator, TokenizedDataset
+from alpaca_qlora.training.model import (SpeedSwitches, apply_liger_kernels, attach_lora, prepare_quantized_model,
+                                         resolve_speed_switches)
+from alpaca_qlora.training.offload import OffloadedCheckpoint
+from alpaca_qlora.training.packing import PackedCollator, PackedDataset, best_fit_decreasing, sequence_boundaries
+from alpaca_qlora.training.trainer import TrainingJob, run_training
 
 ROWS = [
     {"id": "a", "instruction": "What is the chemical symbol of sodium?", "input": "", "output": "Na"},
@@ -75,10 +67,11 @@ def make_job(model_dir: Path, rows, tmp_path: Path, *, quantization: str = "none
 
 def test_two_steps_then_the_saved_adapter_reloads_with_the_same_logits(tiny_mistral_dir, tokenized, tmp_path):
     job = make_job(tiny_mistral_dir, tokenized, tmp_path)
-    metrics = run_training(job, resume=False)
+    metrics = run_training(job, resume=False).metrics
     assert metrics["steps"] == 2 and metrics["quantized"] is False
     assert 0 < metrics["trainable_percent"] < 100
-    save_adapter(job.model, job.tokenizer, tmp_path / "adapter", "card")
+    save_adapter(job.model, job.tokenizer, tmp_path / "adapter", "card", model_name=str(tiny_mistral_dir),
+                 template=ALPACA)
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= {
         p.name for p in (tmp_path / "adapter").iterdir()}
     batch = ResponseOnlyCollator(job.tokenizer.pad_token_id)(tokenized[:2])
@@ -96,7 +89,7 @@ def test_four_bit_training_runs_on_cpu(tiny_mistral_dir, tokenized, tmp_path):
     plan = plan_quantization("auto", "cpu")
     if not plan.quantized:
         pytest.skip(f"bitsandbytes 4-bit unavailable on this CPU: {plan.reason}")
-    metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, quantization="auto"), resume=False)
+    metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, quantization="auto"), resume=False).metrics
     assert metrics["quantized"] is True and metrics["steps"] == 2
 
 
@@ -107,7 +100,7 @@ def test_loss_falls_on_a_memorisable_set(tiny_mistral_dir, tokenized, tmp_path):
                                                                    "down_proj", "lm_head"))
     job = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=30, learning_rate=1e-2, micro_batch_size=4,
                    lora=lora)
-    metrics = run_training(job, resume=False)
+    metrics = run_training(job, resume=False).metrics
     assert metrics["final_loss"] < 0.3 * metrics["first_loss"]
 
 
@@ -175,7 +168,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_mistral_dir, t
         run_training(first, resume=True)
     assert (tmp_path / "run" / "checkpoint-4").is_dir()
     second = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2)
-    metrics = run_training(second, resume=True)
+    metrics = run_training(second, resume=True).metrics
     assert metrics["resumed_from_step"] == 4
     assert metrics["steps"] == 6
 
@@ -190,12 +183,12 @@ def test_a_resumed_run_reports_the_uninterrupted_runs_metrics_and_curves(tiny_mi
     # be lost by the resume.
     settings = dict(max_steps=12, save_steps=3, logging_steps=2, dvclive=True)
     whole_job = make_job(tiny_mistral_dir, tokenized, tmp_path / "whole", **settings)
-    whole = run_training(whole_job, resume=True)
+    whole = run_training(whole_job, resume=True).metrics
     interrupted = make_job(tiny_mistral_dir, tokenized, tmp_path / "parts", callbacks=[Interrupt(5)], **settings)
     with pytest.raises(KeyboardInterrupt):
         run_training(interrupted, resume=True)
     resumed_job = make_job(tiny_mistral_dir, tokenized, tmp_path / "parts", **settings)
-    resumed = run_training(resumed_job, resume=True)
+    resumed = run_training(resumed_job, resume=True).metrics
 
     assert resumed["resumed_from_step"] == 3 and whole["resumed_from_step"] == 0
     for key in ("steps", "epochs", "tokens", "labelled_tokens", "padding_fraction", "first_loss"):
@@ -254,9 +247,9 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tiny_mistral_dir, tok
     shutil.copytree(interrupted_run, tmp_path / "run")
     name, harm = DAMAGE[damage]
     harm(tmp_path / "run" / "checkpoint-4" / name)
-    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.training.checkpoints"):
         metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2),
-                               resume=True)
+                               resume=True).metrics
     assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 6
     assert any("checkpoint-4" in record.getMessage() and name in record.getMessage() for record in caplog.records)
     assert (tmp_path / "run" / "damaged-checkpoint-4").is_dir()
@@ -267,9 +260,9 @@ def test_with_no_sound_checkpoint_training_starts_over(tiny_mistral_dir, tokeniz
     shutil.copytree(interrupted_run, tmp_path / "run")
     for checkpoint in ("checkpoint-2", "checkpoint-4"):
         (tmp_path / "run" / checkpoint / "trainer_state.json").write_text("")
-    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.training.checkpoints"):
         metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2),
-                               resume=True)
+                               resume=True).metrics
     assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 6
     assert "starts over" in caplog.text
 
@@ -301,7 +294,7 @@ def test_packed_and_padded_batches_give_the_same_gradient(tiny_mistral_dir, toke
         capture = GradientsAtStep()
         job = make_job(tiny_mistral_dir, tokenized, tmp_path / str(packing), max_steps=1, micro_batch_size=4,
                        packing=packing, max_grad_norm=0.0, callbacks=[capture], max_seq_length=max_seq_length)
-        metrics.append(run_training(job, resume=False))
+        metrics.append(run_training(job, resume=False).metrics)
         gradients.append(capture.gradients)
     assert_same_gradients(gradients)
     # Padding never counts as a token seen: both layouts report the rows' own tokens.
@@ -368,7 +361,7 @@ def test_an_epoch_of_packed_training_sees_every_row_exactly_once(tiny_mistral_di
     job = make_job(tiny_mistral_dir, rows, tmp_path, packing=True, max_steps=-1, epochs=1, micro_batch_size=2,
                    max_seq_length=100)
     hook = job.model.register_forward_pre_hook(record, with_kwargs=True)
-    metrics = run_training(job, resume=False)
+    metrics = run_training(job, resume=False).metrics
     hook.remove()
     assert sorted(seen) == sorted(tuple(row["input_ids"]) for row in rows)
     assert metrics["attention"] == "sdpa"  # CPU keeps sdpa under the block-diagonal mask
@@ -397,7 +390,8 @@ def test_collator_keeps_eos_labels_when_pad_is_eos():
 def test_an_adapter_names_its_base_model_and_a_mismatch_is_refused(tiny_mistral_dir, tokenized, tmp_path):
     job = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=1)
     run_training(job, resume=False)
-    save_adapter(job.model, job.tokenizer, tmp_path / "adapter", "card", base_model="org/other-model")
+    save_adapter(job.model, job.tokenizer, tmp_path / "adapter", "card", model_name="org/other-model",
+                 template=ALPACA)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "org/other-model"
     with pytest.raises(PipelineError, match="trained on base model 'org/other-model'"):

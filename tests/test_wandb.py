@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from alpaca_qlora.training import wandb_environment
+from alpaca_qlora.training.tracking import wandb_environment
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -37,7 +37,7 @@ def keyed(monkeypatch):
 def test_an_unreachable_server_means_offline_with_how_to_sync(keyed, closed_port, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port}")
     started = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.training"):
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.training.tracking"):
         env = wandb_environment("alpaca-qlora")
     assert time.perf_counter() - started < 10
     assert env["WANDB_MODE"] == "offline"

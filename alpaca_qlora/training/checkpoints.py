@@ -1,5 +1,8 @@
 """Checkpoints of an interrupted run: one trainer at a time, only sound ones resumed, the run's history carried.
 
+- Fingerprint: a run's checkpoints live under models/checkpoints/<fingerprint of params and data>/, so only a
+  run with the same params and the same training data resumes from them; other runs' directories are removed.
+
 - Lock: two trainers sharing a checkpoint directory (an orphan of a killed `dvc repro` and the next one) would
   resume from each other's half-written checkpoints. The stage holds an flock on the checkpoint root while it runs;
   the OS drops it when the holder exits, however it exits.
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +42,19 @@ SET_ASIDE_PREFIX = "damaged-"
 
 class CheckpointsBusy(PipelineError):
     """Another training run holds the checkpoint directory."""
+
+
+def run_fingerprint(params: dict[str, Any], data_sha256: str) -> str:
+    payload = json.dumps({"params": params, "data": data_sha256}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def remove_stale_runs(checkpoint_root: Path, keep: Path | None = None) -> None:
+    if not checkpoint_root.is_dir():
+        return
+    for run_dir in checkpoint_root.iterdir():
+        if run_dir != keep and run_dir.is_dir():  # the root's lock file stays
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def lock_checkpoints(root: Path) -> IO[str] | None:

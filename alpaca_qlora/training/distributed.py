@@ -1,0 +1,71 @@
+"""Training on several processes: where this process sits, the `accelerate launch` that starts the others, and
+the token counts summed over all of them."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.training.data import TokenCounts
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """Where this process sits in a distributed run (torchrun / `accelerate launch` set these variables)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process_group() -> ProcessGroup:
+    return ProcessGroup(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                        world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def accelerate_command(train: Any, script: str, device: str) -> list[str] | None:
+    """The `accelerate launch` command that reruns `script` on train.num_processes processes.
+
+    None when no launch is needed: train.distributed is none, or this process was already started by a launcher.
+    The DVC stage's command stays `python stages/train.py`; the stage re-executes itself under accelerate.
+    """
+    if train.distributed == "none" or "LOCAL_RANK" in os.environ:
+        return None
+    if train.distributed == "fsdp" and device != "cuda":
+        raise PipelineError("train.distributed=fsdp needs CUDA GPUs; use ddp (gloo) on CPU, or none.")
+    if device == "cuda" and torch.cuda.device_count() < train.num_processes:
+        raise PipelineError(f"train.num_processes={train.num_processes} but this machine has "
+                            f"{torch.cuda.device_count()} GPU(s); lower it or use a machine with more GPUs.")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+               "--num_processes", str(train.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if train.distributed == "fsdp":
+        # FSDP + QLoRA as accelerate and PEFT document it: the 4-bit weights are stored as bf16-typed tensors so
+        # FSDP can flatten and shard them with the rest (see models.bnb_config's quant_storage).
+        command += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
+                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+                    "--fsdp_cpu_ram_efficient_loading", "true", "--fsdp_sync_module_states", "true",
+                    "--fsdp_use_orig_params", "false", "--fsdp_offload_params", "false"]
+    elif train.num_processes > 1:
+        command += ["--multi_gpu"]  # torchrun under the hood: gloo on CPU, NCCL on GPUs
+    return command + [script]
+
+
+def all_reduce_counts(counts: TokenCounts) -> TokenCounts:
+    """Tokens seen by all processes together (each process counts only its own micro-batches)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return counts
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only, gloo CPU tensors
+    totals = torch.tensor([counts.tokens, counts.labelled, counts.padded], dtype=torch.long,
+                          device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    torch.distributed.all_reduce(totals)
+    tokens, labelled, padded = (int(value) for value in totals.tolist())
+    return TokenCounts(tokens=tokens, labelled=labelled, padded=padded)
+

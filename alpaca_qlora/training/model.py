@@ -1,0 +1,147 @@
+"""The model the train stage trains: the base as the quantization plan says, Liger's kernels, then LoRA.
+
+Built in one function (`build_trainable_model`) so the bench measures the stage's own sequence.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.models import QuantizationPlan, load_model
+from alpaca_qlora.training.offload import enable_checkpoint_offload
+
+log = logging.getLogger(__name__)
+
+# Liger's kernels for the decoder. The fused linear cross-entropy never materializes the (tokens x vocabulary)
+# logits, the largest activation of a 7B model's training step; with it, Liger's plain cross-entropy is unused.
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                 "fused_linear_cross_entropy": True}
+
+
+@dataclass(frozen=True)
+class SpeedSwitches:
+    liger_kernels: bool
+    gradient_checkpointing: bool
+
+
+def resolve_speed_switches(train: Any, device: str, *, liger_installed: bool | None = None) -> SpeedSwitches:
+    """`auto` turns Liger kernels and gradient checkpointing on for CUDA, where bench/train_bench.py measured them
+    paying (README, "GPU numbers"), and off on CPU, where a small model needs no checkpointing and Triton does
+    not run. Liger on auto also needs liger-kernel installed; without it training goes on unfused, with a warning."""
+    on_cuda = device == "cuda"
+    checkpointing = on_cuda if train.gradient_checkpointing == "auto" else bool(train.gradient_checkpointing)
+    liger = bool(train.liger_kernels)
+    if train.liger_kernels == "auto":
+        if liger_installed is None:
+            liger_installed = importlib.util.find_spec("liger_kernel") is not None
+        liger = on_cuda and liger_installed
+        if on_cuda and not liger_installed:
+            log.warning("train.liger_kernels=auto: liger-kernel is not installed, so training runs without its fused "
+                        "kernels (pip install liger-kernel: faster, and less memory)")
+    if train.checkpoint_offload and not checkpointing:
+        raise PipelineError("train.checkpoint_offload=true moves gradient checkpoints to host memory, but gradient "
+                            f"checkpointing is off on {device} (train.gradient_checkpointing="
+                            f"{train.gradient_checkpointing}); set train.gradient_checkpointing=true.")
+    return SpeedSwitches(liger_kernels=liger, gradient_checkpointing=checkpointing)
+
+
+def apply_liger_kernels(model: torch.nn.Module, device: str) -> None:
+    """Liger's Triton kernels patched into the model, through transformers' own Liger integration.
+
+    Not `TrainingArguments(use_liger_kernel=True)`, which calls the same function with the same config: it patches
+    only inside `Trainer.train()`, so the model this module builds (and the bench measures) would not be the one
+    trained. CUDA only: asked for elsewhere it is an error, never a silent no-op.
+    """
+    if device != "cuda":
+        raise PipelineError("train.liger_kernels=true needs a CUDA GPU (Triton kernels); set it to false here.")
+    from transformers.integrations.liger import apply_liger_kernel
+
+    try:
+        apply_liger_kernel(model, LIGER_KERNELS)
+    except ImportError as error:
+        raise PipelineError(f"train.liger_kernels=true but liger-kernel is not importable ({error}).") from error
+
+
+def validate_target_modules(model: torch.nn.Module, target_modules: Sequence[str]) -> None:
+    """Every requested LoRA target must exist, or a typo would silently train fewer modules."""
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")}
+    missing = [name for name in target_modules if name not in linear_names]
+    if missing:
+        raise PipelineError(
+            f"lora.target_modules {missing} do not exist in this model; its linear layers are: "
+            f"{', '.join(sorted(linear_names))}."
+        )
+
+
+def prepare_quantized_model(model: torch.nn.Module, *, gradient_checkpointing: bool, frozen_dtype: str) -> Any:
+    """Freeze the base and make its inputs carry gradients, as QLoRA needs.
+
+    frozen_dtype="fp32" is PEFT's `prepare_model_for_kbit_training`: it upcasts every frozen non-4-bit weight
+    (embeddings, norms, lm_head) to fp32, which makes the residual stream fp32 and doubles the checkpointed
+    activations. "compute" keeps them in the compute dtype (what Unsloth does): less memory, bf16 residuals.
+    """
+    if frozen_dtype == "fp32":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing per decoder layer; the embeddings' output must carry gradients for it."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_checkpointing: bool,
+                frozen_dtype: str = "compute", checkpoint_offload: bool = False) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    validate_target_modules(model, lora.target_modules)
+    if quantized:
+        model = prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing,
+                                        frozen_dtype=frozen_dtype)
+    elif gradient_checkpointing:
+        enable_checkpointing(model)
+    if checkpoint_offload:
+        log.info("checkpoint offload: %d decoder layers keep their checkpoints in host memory",
+                 enable_checkpoint_offload(model))
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def build_trainable_model(source: str, plan: QuantizationPlan, lora: Any, switches: SpeedSwitches, *, device: str,
+                          frozen_dtype: str = "compute", checkpoint_offload: bool = False,
+                          shardable: bool = False) -> Any:
+    """The train stage's model, built in one place so the bench measures the stage's own sequence: the base as the
+    plan says, Liger's kernels patched in before PEFT wraps the modules, then LoRA (and checkpointing) attached."""
+    model = load_model(source, plan, device=device, shardable=shardable)
+    if switches.liger_kernels:
+        apply_liger_kernels(model, device)
+    model = attach_lora(model, lora, quantized=plan.quantized, gradient_checkpointing=switches.gradient_checkpointing,
+                        frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    return model
+
