@@ -182,7 +182,9 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path, model_card: str, *, 
     tokenizer.chat_template = training_chat_template(template, tokenizer)
     try:
         with io.atomic_dir(out_dir) as tmp:
-            model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
+            # The vocabulary is never resized, so no embedding copy: PEFT's "auto" would ask the hub to find out.
+            model.save_pretrained(str(tmp), save_embedding_layers=False,
+                                  **({"state_dict": state_dict} if state_dict is not None else {}))
             tokenizer.save_pretrained(str(tmp))
             (tmp / PROMPT_TEMPLATE_FILE).write_text(template.as_json(), encoding="utf-8")
             (tmp / CARD_FILE).write_text(model_card, encoding="utf-8")
