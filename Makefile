@@ -53,7 +53,7 @@ compare-revs: setup
 
 # Remove the pipeline's outputs (not the venv, not the converted base model in the model cache).
 clean:
-	rm -rf data/raw data/sampled data/formatted data/predictions models/adapter models/checkpoints \
+	rm -rf data/raw data/sampled data/formatted data/predictions models/adapter models/release models/checkpoints \
 		metrics/*.json metrics/plots metrics/train_log reports
 
 clean-all: clean

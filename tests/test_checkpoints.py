@@ -123,6 +123,8 @@ def copy_project(path: Path, model_dir: Path, **train: object) -> Path:
     params["lora"].update(dropout=0.0)
     params["train"].update(micro_batch_size=4, max_seq_length=256, learning_rate=1e-3, **train)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # fetch's description of the source, which the adapter's card cites; these tests write the formatted rows directly
+    io.write_json(path / "metrics/data.json", {"source": "local", "path": "data/external/rows.jsonl"})
     return path
 
 

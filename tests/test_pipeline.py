@@ -67,7 +67,7 @@ def project(tmp_path_factory, tiny_mistral_dir) -> Path:
 def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
     first = dvc("repro", cwd=project)
     assert stages_run(first) == {"check_params", "fetch", "sample", "format", "train", "evaluate_base",
-                                 "evaluate_finetuned", "compare"}
+                                 "evaluate_finetuned", "compare", "package"}
     for out in ("data/raw/rows.jsonl", "data/formatted/train.jsonl", "models/adapter/adapter_model.safetensors",
                 "models/adapter/README.md", "metrics/train.json", "metrics/eval_base.json",
                 "metrics/eval_finetuned.json", "metrics/compare.json", "reports/compare.md"):
@@ -81,6 +81,9 @@ def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
     assert run_info["numeric_path"]["compute_dtype"] == "float64"
     assert set(run_info["base_weights_sha256"]) >= {"model.safetensors", "tokenizer.json"}
     assert "exact_match_delta" in json.loads((project / "metrics/compare.json").read_text())["overall"]
+    card = (project / "models/release/README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "## Evaluation" in card
+    assert (project / "models/release/prompt_template.json").is_file()
 
     again = dvc("repro", cwd=project)
     assert stages_run(again) == set()
@@ -93,7 +96,8 @@ def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
     assert "sample:" in status and "fetch:" not in status
     changed = dvc("repro", cwd=project)
     # The eval split does not depend on sample_frac, so the base evaluation stays cached.
-    assert stages_run(changed) == {"check_params", "sample", "format", "train", "evaluate_finetuned", "compare"}
+    assert stages_run(changed) == {"check_params", "sample", "format", "train", "evaluate_finetuned", "compare",
+                                   "package"}
 
 
 def test_a_lora_experiment_reruns_train_and_downstream_only(project):
@@ -101,7 +105,7 @@ def test_a_lora_experiment_reruns_train_and_downstream_only(project):
     run(["git", "add", "-A"], cwd=project)
     run(["git", "commit", "-qm", "baseline"], cwd=project)
     experiment = dvc("exp", "run", "-S", "lora.r=32", cwd=project)
-    assert stages_run(experiment) == {"check_params", "train", "evaluate_finetuned", "compare"}
+    assert stages_run(experiment) == {"check_params", "train", "evaluate_finetuned", "compare", "package"}
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     assert "exact_match_delta" in json.dumps(shown)
     diff = dvc("metrics", "diff", "--all", cwd=project).stdout

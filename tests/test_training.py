@@ -205,7 +205,7 @@ def test_a_resumed_run_reports_the_uninterrupted_runs_metrics_and_curves(tiny_mi
 def test_train_loss_is_the_mean_step_loss_whatever_the_logging_interval(tiny_mistral_dir, tokenized, tmp_path):
     every_step, every_third = (
         run_training(make_job(tiny_mistral_dir, tokenized, tmp_path / str(interval), max_steps=7, save_steps=100,
-                              logging_steps=interval), resume=False)
+                              logging_steps=interval), resume=False).metrics
         for interval in (1, 3))
     assert every_third["train_loss"] == pytest.approx(every_step["train_loss"], rel=1e-6)
 
