@@ -47,7 +47,7 @@ class DataParams:
         _require(0.0 < self.sample_frac <= 1.0, "data.sample_frac", self.sample_frac, "a fraction in (0, 1]")
         _require(self.eval_size >= 1, "data.eval_size", self.eval_size, "a positive row count")
         _require(self.source != "local" or bool(self.path), "data.path", self.path,
-                 "a file path or URL when data.source is 'local'")
+                 "a file under data/external/ when data.source is 'local'")
 
 
 @dataclass(frozen=True)
@@ -285,6 +285,8 @@ def declared_params(stage: str, dvc_file: str | Path = DVC_FILE) -> tuple[str, .
     for entry in body.get("params", []) or []:
         if isinstance(entry, str):
             keys.append(entry)
+        elif entry == {PARAMS_FILE: None}:  # the whole file (check_params)
+            keys.extend(f.name for f in dataclasses.fields(Params))
         elif isinstance(entry, dict):  # {other_file.yaml: [keys]} is not used by this project
             raise ConfigError(f"dvc.yaml stage '{stage}': params from other files are not supported: {entry}.")
     return tuple(keys)

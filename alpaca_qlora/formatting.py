@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.prompts import PromptTemplate
 
 IGNORE_INDEX = -100
@@ -111,6 +112,39 @@ def tokenize_training_rows(
         counts["kept"] += 1
         examples.append({"id": row["id"], "input_ids": example.input_ids, "labels": example.labels})
     return examples, counts
+
+
+def require_training_examples(
+    examples: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    template: PromptTemplate,
+    *,
+    max_length: int,
+    overlong: Literal["truncate", "drop"],
+) -> None:
+    """Refuse a max_length that keeps no row, naming the length that would keep some (train would fail obscurely)."""
+    if examples or not rows:
+        return
+    lengths = []
+    for row in rows:
+        prompt = len(encode_prompt(tokenizer, row_prompt(template, row)))
+        lengths.append((prompt, prompt + len(encode_response(tokenizer, row["output"]))))
+    shortest_prompt = min(prompt for prompt, _ in lengths)
+    keeps_all = max(total for _, total in lengths)
+    lost = f"train.max_seq_length = {max_length} keeps none of the {len(rows)} training rows"
+    if overlong == "truncate":
+        raise PipelineError(
+            f"{lost}: the shortest prompt is {shortest_prompt} tokens, leaving no room for any response token. "
+            f"Set train.max_seq_length to at least {shortest_prompt + 1} to keep rows ({keeps_all} keeps every "
+            f"row whole)."
+        )
+    shortest_row = min(lengths, key=lambda pair: pair[1])
+    raise PipelineError(
+        f"{lost} with data.overlong = drop: the shortest row is {shortest_row[1]} tokens (its prompt "
+        f"{shortest_row[0]}). Set train.max_seq_length to at least {shortest_row[1]} ({keeps_all} keeps every row), "
+        f"or data.overlong = truncate to keep rows whose prompt is shorter than the limit."
+    )
 
 
 def response_token_count(tokenizer: Any, response: str) -> int:

@@ -19,7 +19,7 @@ from alpaca_qlora import io
 from alpaca_qlora.chat import ChatSession, chat
 from alpaca_qlora.config import load_params
 from alpaca_qlora.generation import generate
-from alpaca_qlora.inference import check_adapter_matches, load_for_inference
+from alpaca_qlora.inference import check_adapter_matches, check_adapter_weights, load_for_inference
 from alpaca_qlora.models import QuantizationPlan, load_model, load_tokenizer, resolve_model_source
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import run_stage
@@ -34,6 +34,7 @@ def merge_adapter(model_name: str, adapter_dir: Path, out_dir: Path) -> None:
 
     source = resolve_model_source(model_name)
     check_adapter_matches(adapter_dir, source, model_name)
+    check_adapter_weights(adapter_dir)
     plan = QuantizationPlan(quantized=False, reason="merging needs full-precision weights",
                             compute_dtype=torch.float16)
     model = PeftModel.from_pretrained(load_model(source, plan, device="cpu"), str(adapter_dir))

@@ -1,9 +1,12 @@
-"""Loading a model for answering: the base as training loaded it, with the adapter attached at runtime (no merge)."""
+"""Loading a model for answering: the base as training loaded it, with the adapter attached at runtime (no merge).
+
+On CPU the loaded model is put on the float64 path (alpaca_qlora/numerics.py) before its first forward, so its
+answers are the same on every CPU; on CUDA it stays in the plan's compute dtype."""
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +14,11 @@ import torch
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models import QuantizationPlan, load_model, load_tokenizer, plan_quantization, resolve_model_source
+from alpaca_qlora.numerics import to_cpu_float64
 
 log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,7 @@ class LoadedModel:
     plan: QuantizationPlan
     device: str
     source: str
+    numeric_path: dict[str, Any] = field(default_factory=dict)  # CPU: how it was made CPU-independent
 
 
 def default_device() -> str:
@@ -41,6 +48,33 @@ def check_adapter_matches(adapter_dir: Path, source: str, model_name: str) -> No
         )
 
 
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """Refuse damaged adapter weights before PEFT loads them.
+
+    Non-finite weights load without complaint and make every answer empty; a truncated file fails inside PEFT
+    with an error that names neither the file nor the fix.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    fix = (f"restore it with `dvc checkout {adapter_dir}` (the copy DVC cached when train finished) or rerun "
+           f"`dvc repro train`")
+    if not weights.is_file():
+        raise PipelineError(f"{weights} is missing: {fix}.")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = list(handle.keys())
+            non_finite = [name for name in names if not torch.isfinite(handle.get_tensor(name)).all()]
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise PipelineError(f"{weights} is damaged ({type(error).__name__}: {error}): {fix}.") from error
+    if non_finite:
+        raise PipelineError(
+            f"{weights} holds NaN or infinite weights in {len(non_finite)} of {len(names)} tensors (e.g. "
+            f"{non_finite[0]}), which would make every answer empty: {fix}. If training wrote it so, its loss "
+            f"diverged: lower train.learning_rate."
+        )
+
+
 def load_for_inference(model_name: str, quantization: str, adapter_dir: Path | None = None,
                        device: str | None = None) -> LoadedModel:
     device = device or default_device()
@@ -48,6 +82,7 @@ def load_for_inference(model_name: str, quantization: str, adapter_dir: Path | N
     source = resolve_model_source(model_name)
     if adapter_dir is not None:
         check_adapter_matches(adapter_dir, source, model_name)
+        check_adapter_weights(adapter_dir)
     tokenizer = load_tokenizer(source, padding_side="left")
     model = load_model(source, plan, device=device)
     if adapter_dir is not None:
@@ -60,4 +95,6 @@ def load_for_inference(model_name: str, quantization: str, adapter_dir: Path | N
                 f"the adapter in {adapter_dir} does not fit base model {model_name!r}: {error}"
             ) from error
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, device=device, source=source)
+    numeric_path = to_cpu_float64(model, quantized=plan.quantized) if torch.device(device).type == "cpu" else {}
+    return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, device=device, source=source,
+                       numeric_path=numeric_path)

@@ -9,11 +9,56 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _scratch_beside(target: Path, create: Callable[[Path], None]) -> Path:
+    """A new, uniquely named scratch path beside `target`, created with the umask's modes as a plain write would.
+
+    tempfile.mkstemp/mkdtemp create owner-only (0600/0700) entries, which the rename would carry into the outs.
+    """
+    for _ in range(100):
+        candidate = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a scratch file beside {target}")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (setting it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _open_to_umask(tree: Path) -> None:
+    """Give what a library wrote owner-only (safetensors writes 0600) the permissions the umask allows a plain write.
+
+    Bits are only added, never removed, so executables stay executable.
+    """
+    allowed = 0o777 & ~current_umask()
+    for root, dirs, files in os.walk(tree):
+        for name, default in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files] + [("", 0o777)]:
+            entry = Path(root, name)
+            if entry.is_symlink():
+                continue
+            current = entry.stat().st_mode & 0o7777
+            wanted = current | (default & allowed)
+            if wanted != current:
+                entry.chmod(wanted)
 
 
 @contextlib.contextmanager
@@ -21,9 +66,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it onto `path` only if the block finishes."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _scratch_beside(target, lambda name: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
     try:
         yield tmp
         os.replace(tmp, target)
@@ -37,9 +80,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; swap it in for `path` only if the block finishes."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _scratch_beside(target, lambda name: os.mkdir(name, 0o777))
     try:
         yield tmp
+        _open_to_umask(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from alpaca_qlora.config import EMBEDDED_MODEL
 from alpaca_qlora.errors import PipelineError
@@ -193,7 +194,16 @@ def embedded_model_dir() -> Path:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    """A hub id is owner/name; `models/my-base` has that shape too, so a first part naming a local folder decides."""
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        return True
+    owner, slash, _ = name.partition("/")
+    return bool(slash) and Path(owner).is_dir()
+
+
+def _listing(path: Path, limit: int = 8) -> str:
+    names = sorted(entry.name for entry in path.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "") or "nothing"
 
 
 def resolve_model_source(name: str) -> str:
@@ -204,9 +214,16 @@ def resolve_model_source(name: str) -> str:
         raise PipelineError(f"unknown embedded model {name!r}; the embedded model is {EMBEDDED_SMOLLM2}.")
     path = Path(name).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PipelineError(
+                f"model.name {name!r} is a directory but not a model: it has no config.json (it holds "
+                f"{_listing(path)}). Point model.name at a directory that save_pretrained wrote (config.json, "
+                f"weights, tokenizer files), or use a hub id (owner/name) or {EMBEDDED_SMOLLM2}."
+            )
         return str(path.resolve())
     if _looks_like_path(name):
-        raise PipelineError(f"model.name {name!r} looks like a local path but is not a directory: fix the path, "
+        problem = "is a file, not a model directory" if path.exists() else "does not exist"
+        raise PipelineError(f"model.name {name!r} is a local path, and {path.resolve()} {problem}: fix the path, "
                             f"or use a hub id (owner/name) or {EMBEDDED_SMOLLM2}.")
     return name
 
@@ -214,7 +231,8 @@ def resolve_model_source(name: str) -> str:
 def _load_error(source: str, error: Exception) -> PipelineError:
     if Path(source).is_dir():
         return PipelineError(f"could not load the model directory {source} ({type(error).__name__}: {error}); "
-                             f"it needs config.json, weights and tokenizer files (save_pretrained writes them).")
+                             f"it needs config.json, weights and tokenizer files (save_pretrained writes them); "
+                             f"it holds {_listing(Path(source))}.")
     return PipelineError(
         f"could not load {source!r} from the Hugging Face hub ({type(error).__name__}: {error}). Without network "
         f"access (or with HF_HUB_OFFLINE=1 and no cached copy) use an offline model: set model.name to "
@@ -238,6 +256,10 @@ def load_tokenizer(source: str, *, padding_side: str = "right") -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
+        raise _load_error(source, error) from error
+    except Exception as error:  # missing or damaged tokenizer files raise ValueError, tokenizers' Exception, ...
+        if not Path(source).is_dir():
+            raise
         raise _load_error(source, error) from error
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
@@ -340,6 +362,23 @@ def bnb_config(plan: QuantizationPlan, *, shardable: bool = False) -> Any:
     )
 
 
+def _damaged_weights_error(source: str, error: Exception) -> PipelineError:
+    """Name the weights file that fails to open: safetensors' own message names none."""
+    from safetensors import safe_open
+
+    damaged = []
+    for weights in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []:
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError):
+            damaged.append(str(weights))
+    where = ", ".join(damaged) if damaged else f"a weights file of {source}"
+    fix = (f"delete {source} and it is converted again from the GGUF" if (Path(source) / CONVERSION_MARKER).is_file()
+           else "download or save the model again (save_pretrained)")
+    return PipelineError(f"{where} is damaged ({type(error).__name__}: {error}): {fix}.")
+
+
 def load_model(source: str, plan: QuantizationPlan, *, device: str, shardable: bool = False) -> Any:
     """The base causal LM as the plan says; k-bit training preparation is left to the train stage."""
     from transformers import AutoModelForCausalLM
@@ -353,6 +392,8 @@ def load_model(source: str, plan: QuantizationPlan, *, device: str, shardable: b
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
         raise _load_error(source, error) from error
+    except SafetensorError as error:
+        raise _damaged_weights_error(source, error) from error
     log.info("loaded %s (%s, %s) in %.1f s", source, "NF4" if plan.quantized else "unquantized",
              str(plan.compute_dtype).removeprefix("torch."), time.perf_counter() - started)
     return model

@@ -41,7 +41,7 @@ def read_rows(path: str | Path) -> list[Any]:
             return parquet.read_table(path).to_pylist()
         except Exception as error:  # pyarrow raises several unrelated types for a bad file
             raise DataFormatError(f"{path}: not a readable parquet file ({error}).") from error
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some Windows editors write, is not data
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -84,15 +84,17 @@ def check_alpaca_shape(rows: list[Any], source: str) -> None:
 
 
 def row_problem(row: Any) -> str | None:
-    """Why a row can't be used (a metrics key), or None if it is fine."""
+    """Why a row can't be used (a metrics key naming the field at fault), or None if it is fine."""
     if not isinstance(row, dict):
         return "not_an_object"
-    if any(name not in row for name in REQUIRED_FIELDS):
-        return "missing_field"
-    if any(not isinstance(row[name], str) for name in REQUIRED_FIELDS):
-        return "non_string_field"
+    for name in REQUIRED_FIELDS:
+        if name not in row:
+            return f"missing_{name}"
+    for name in REQUIRED_FIELDS:
+        if not isinstance(row[name], str) and not (name == "input" and row[name] is None):
+            return f"non_string_{name}"
     if "task_type" in row and row["task_type"] is not None and not isinstance(row["task_type"], str):
-        return "non_string_field"
+        return "non_string_task_type"
     if not row["instruction"].strip():
         return "empty_instruction"
     if not row["output"].strip():
@@ -118,6 +120,7 @@ def clean_rows(rows: Iterable[Any]) -> tuple[list[dict[str, str]], ValidationRep
             report.dropped[problem] += 1
             continue
         clean = {name: row[name] for name in REQUIRED_FIELDS}
+        clean["input"] = clean["input"] or ""  # null input means none, as alpaca-cleaned's consumers read it
         if row.get("task_type"):
             clean["task_type"] = row["task_type"]
         identifier = row_id(clean)

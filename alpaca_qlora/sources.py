@@ -1,12 +1,9 @@
-"""Where rows come from: the bundled set, the Hugging Face hub (the real profile), or a local file or URL."""
+"""Where rows come from: the bundled set, the Hugging Face hub (the real profile), or a file in data/external/."""
 from __future__ import annotations
 
 import logging
+import os
 import re
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ OFFLINE_ALTERNATIVES = (
     "placed in data/external/)."
 )
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+EXTERNAL_DIR = "data/external"  # a dependency of the fetch stage in dvc.yaml
 
 
 class SourceUnavailableError(PipelineError):
@@ -53,26 +51,32 @@ def hub_file(hub_id: str, filename: str, revision: str) -> SourceFile:
     return SourceFile(local, {"source": "hub", "hub_id": hub_id, "revision": revision, "resolved_commit": commit})
 
 
-def local_file(path_or_url: str, download_dir: Path) -> SourceFile:
-    """A local path (relative to the project root) or an http(s) URL, downloaded whole before it is read."""
-    if re.match(r"^https?://", path_or_url):
-        suffix = Path(path_or_url.split("?", 1)[0]).suffix or ".json"
-        download_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=download_dir, suffix=suffix, delete=False) as handle:
-            target = Path(handle.name)
-        try:
-            with urllib.request.urlopen(path_or_url, timeout=60) as response, target.open("wb") as out:
-                shutil.copyfileobj(response, out)
-        except (urllib.error.URLError, OSError) as error:
-            target.unlink(missing_ok=True)
-            raise SourceUnavailableError(f"could not download {path_or_url}: {error}. {OFFLINE_ALTERNATIVES}") from error
-        return SourceFile(target, {"source": "url", "url": path_or_url})
-    path = Path(path_or_url)
-    if not path.is_file():
+def local_file(path: str) -> SourceFile:
+    """A file under data/external/, the folder the fetch stage declares as a dependency.
+
+    DVC reruns fetch only when a dependency changes, and it can see neither a URL nor a file elsewhere: such a
+    source would be read once and its later changes ignored. `dvc import-url` makes either a DVC-tracked file
+    here, and `dvc update` rechecks it.
+    """
+    if re.match(r"^[a-z][a-z0-9+.-]*://", path, flags=re.IGNORECASE):
+        name = Path(path.split("?", 1)[0]).name or "rows.json"
         raise SourceUnavailableError(
-            f"data.path={path_or_url!r} is not a file. Give a path relative to the project root (files under "
-            f"data/external/ are tracked by DVC) or an http(s) URL."
+            f"data.path={path!r} is a URL, whose changes DVC cannot see (fetch would keep the first rows it read). "
+            f"Import it as a tracked file and point data.path at that: `dvc import-url {path} "
+            f"{EXTERNAL_DIR}/{name}` then `-S data.path={EXTERNAL_DIR}/{name}`; `dvc update "
+            f"{EXTERNAL_DIR}/{name}.dvc` rechecks the URL later."
         )
-    if not path.resolve().is_relative_to(Path("data/external").resolve()):
-        log.warning("%s lies outside data/external/: DVC will not notice when its content changes.", path)
-    return SourceFile(path, {"source": "local", "path": path_or_url})
+    if not Path(os.path.abspath(path)).is_relative_to(os.path.abspath(EXTERNAL_DIR)):
+        name = Path(path).name
+        raise SourceUnavailableError(
+            f"data.path={path!r} lies outside {EXTERNAL_DIR}/, where DVC cannot see it change (fetch would keep "
+            f"the first rows it read). Copy it there (`cp {path} {EXTERNAL_DIR}/`) or import it, which also lets "
+            f"`dvc update` recheck it: `dvc import-url {path} {EXTERNAL_DIR}/{name}`; then "
+            f"`-S data.path={EXTERNAL_DIR}/{name}`."
+        )
+    if not Path(path).is_file():
+        raise SourceUnavailableError(
+            f"data.path={path!r} is not a file. Put an Alpaca-format .json/.jsonl/.parquet file in "
+            f"{EXTERNAL_DIR}/ and give its path relative to the project root."
+        )
+    return SourceFile(Path(path), {"source": "local", "path": path})

@@ -394,14 +394,46 @@ def run_fingerprint(params: dict[str, Any], data_sha256: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+WANDB_DEFAULT_URL = "https://api.wandb.ai"  # wandb's default base_url
+WANDB_PROBE_TIMEOUT_S = 5.0
+
+
+def wandb_unreachable(base_url: str, timeout_s: float = WANDB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the W&B server can't be reached, or None if a connection opens.
+
+    Without network W&B itself retries until its init timeout and then stops the training run with a CommError;
+    a connection attempt answers at once or within the probe timeout.
+    """
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(base_url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout_s):
+            return None
+    except OSError as error:
+        return f"{type(error).__name__}: {error}"
+
+
 def wandb_environment(project: str) -> dict[str, str]:
-    """W&B settings that never block: offline unless the user configured a key (env or `wandb login`)."""
+    """W&B settings that never block: offline unless the user configured a key (env or `wandb login`) and the
+    server answers."""
     env = {"WANDB_PROJECT": project}
     netrc = Path.home() / ".netrc"
     logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
         netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
     )
-    if not logged_in and "WANDB_MODE" not in os.environ:
+    if "WANDB_MODE" in os.environ:
+        return env
+    if not logged_in:
+        env["WANDB_MODE"] = "offline"
+        return env
+    base_url = os.environ.get("WANDB_BASE_URL", WANDB_DEFAULT_URL)
+    problem = wandb_unreachable(base_url)
+    if problem is not None:
+        log.warning("W&B server %s is unreachable (%s): logging offline to ./wandb instead. Upload the run later "
+                    "with `wandb sync --sync-all` (or `wandb sync wandb/offline-run-<id>`).", base_url, problem)
         env["WANDB_MODE"] = "offline"
     return env
 

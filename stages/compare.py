@@ -14,7 +14,7 @@ from alpaca_qlora.config import stage_params
 from alpaca_qlora.metrics import metric_deltas
 from alpaca_qlora.report import plot_rows, render_report, select_examples
 from alpaca_qlora.significance import CONFIDENCE, delta_significance, with_significance
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import read_input_rows, run_stage
 
 BASE_METRICS = Path("metrics/eval_base.json")
 FINETUNED_METRICS = Path("metrics/eval_finetuned.json")
@@ -30,7 +30,8 @@ log = logging.getLogger("compare")
 def main() -> None:
     params = stage_params("compare")
     base, finetuned = io.read_json(BASE_METRICS), io.read_json(FINETUNED_METRICS)
-    base_rows, finetuned_rows = io.read_jsonl(BASE_PREDICTIONS), io.read_jsonl(FINETUNED_PREDICTIONS)
+    base_rows = read_input_rows(BASE_PREDICTIONS, "evaluate_base")
+    finetuned_rows = read_input_rows(FINETUNED_PREDICTIONS, "evaluate_finetuned")
     deltas = metric_deltas(base, finetuned)  # first: it says clearly when the two evaluations are out of step
     deltas = with_significance(deltas, delta_significance(base_rows, finetuned_rows, seed=params.eval.bootstrap_seed,
                                                           resamples=params.eval.bootstrap_resamples))

@@ -18,8 +18,9 @@ from alpaca_qlora.formatting import stop_margin, token_limit
 from alpaca_qlora.generation import dequantize_for_generation, describe_weights, generate, merge_lora_for_generation
 from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.metrics import aggregate, cut_by_limit, is_short_answer, score_row
+from alpaca_qlora.numerics import base_weights_fingerprint, describe_cuda_path
 from alpaca_qlora.prompts import get_template
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
 from alpaca_qlora.stop_rule import clean_generation
 
 EVAL_IN = Path("data/formatted/eval.jsonl")
@@ -32,7 +33,7 @@ log = logging.getLogger("evaluate")
 def evaluate(which: str) -> None:
     params = stage_params(f"evaluate_{which}")
     template = get_template(params.data.template)
-    rows = io.read_jsonl(EVAL_IN)
+    rows = read_input_rows(EVAL_IN, "format")
     if any("reference_tokens" not in row for row in rows):
         raise PipelineError(f"{EVAL_IN} has no reference token counts (written by an older format stage): rerun "
                             "`dvc repro format` first.")
@@ -41,11 +42,13 @@ def evaluate(which: str) -> None:
                                 adapter_dir=ADAPTER if which == "finetuned" else None)
     method = params.eval.generation  # validated with the params; generate() checks it again
     merge = params.eval.merge_bf16
-    # The 4-bit base is dequantized once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for
-    # the fast loop on CUDA, and always before merging LoRA (which changes precision: explicit only). The graphed
-    # loop keeps bnb's own 4-bit layers.
-    dequantized = loaded.plan.quantized and (merge or (method == "fast" and loaded.device.startswith("cuda")))
-    if dequantized:
+    # On CPU the loader already dequantized the 4-bit base to float64 (numerics.py). On CUDA it is dequantized
+    # once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for the fast loop, and always before
+    # merging LoRA (which changes precision: explicit only). The graphed loop keeps bnb's own 4-bit layers.
+    on_cpu = bool(loaded.numeric_path)
+    on_cuda_fast = method == "fast" and loaded.device.startswith("cuda")
+    dequantized = loaded.plan.quantized and (on_cpu or merge or on_cuda_fast)
+    if dequantized and not on_cpu:
         dequantize_for_generation(loaded.model)
     merged = merge and merge_lora_for_generation(loaded.model) > 0  # the base model has no adapter to merge
     weights = describe_weights(loaded.model, quantized=loaded.plan.quantized, dequantized=dequantized, merged=merged)
@@ -83,7 +86,7 @@ def evaluate(which: str) -> None:
                         context=f"{row['instruction']}\n{row['input']}", task_type=row.get("task_type")),
         })
     metrics = aggregate(predictions)
-    metrics["run"] = {
+    run, timing = split_timing({
         "model": params.model.name,
         "adapter": str(ADAPTER) if which == "finetuned" else None,
         "quantized": loaded.plan.quantized,
@@ -93,10 +96,14 @@ def evaluate(which: str) -> None:
         "batch_size": params.eval.batch_size,
         "generation_requested": params.eval.generation,
         "weights": weights,
+        "numeric_path": loaded.numeric_path or describe_cuda_path(loaded.plan.compute_dtype, weights),
+        "base_weights_sha256": base_weights_fingerprint(loaded.source),
         "runtime_s": round(time.perf_counter() - started, 2),
         **stats,
-    }
+    })
+    metrics["run"] = run
     io.write_jsonl(Path(f"data/predictions/{which}.jsonl"), predictions)
+    io.write_json(timing_path(f"evaluate_{which}"), timing)
     io.write_json(Path(f"metrics/eval_{which}.json"), metrics)
     overall = metrics["overall"]
     log.info("%s: EM %s (strict %s) on %d short-answer rows, F1 %s, verbosity %s, stop rate %s, cut by the "

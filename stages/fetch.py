@@ -33,11 +33,11 @@ def main() -> None:
             found = hub_file(data.hub_id, data.hub_file, data.hub_revision)
             source, description = found.path, found.description
         else:
-            found = local_file(data.path, Path(scratch))
+            found = local_file(data.path)
             source, description = found.path, found.description
         description["sha256"] = io.sha256_file(source)
         raw_rows = read_rows(source)
-    check_alpaca_shape(raw_rows, str(description.get("path") or description.get("url") or source.name))
+    check_alpaca_shape(raw_rows, str(description.get("path") or source.name))
     rows, report = clean_rows(raw_rows)
     if not rows:
         raise DataFormatError(f"no valid rows: every row was dropped ({dict(report.dropped)}).")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from alpaca_qlora import io
 from alpaca_qlora.config import stage_params
-from alpaca_qlora.formatting import (format_report, length_histogram, length_stats, response_token_count,
-                                     row_prompt, tokenize_training_rows)
+from alpaca_qlora.formatting import (format_report, length_histogram, length_stats, require_training_examples,
+                                     response_token_count, row_prompt, tokenize_training_rows)
 from alpaca_qlora.models import load_tokenizer, resolve_model_source
 from alpaca_qlora.prompts import get_template
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import read_input_rows, run_stage
 
 TRAIN_IN = Path("data/sampled/train.jsonl")
 EVAL_IN = Path("data/sampled/eval.jsonl")
@@ -30,10 +30,12 @@ def main() -> None:
     params = stage_params("format")
     template = get_template(params.data.template)
     tokenizer = load_tokenizer(resolve_model_source(params.model.name))
-    train_rows = io.read_jsonl(TRAIN_IN)
+    train_rows = read_input_rows(TRAIN_IN, "sample")
     examples, counts = tokenize_training_rows(
         train_rows, tokenizer, template, max_length=params.train.max_seq_length, overlong=params.data.overlong
     )
+    require_training_examples(examples, train_rows, tokenizer, template, max_length=params.train.max_seq_length,
+                              overlong=params.data.overlong)
     eval_prompts = [
         {
             "id": row["id"],
@@ -44,7 +46,7 @@ def main() -> None:
             "reference": row["output"],
             "reference_tokens": response_token_count(tokenizer, row["output"]),  # sizes eval.max_new_tokens: auto
         }
-        for row in io.read_jsonl(EVAL_IN)
+        for row in read_input_rows(EVAL_IN, "sample")
     ]
     report = format_report(examples, counts, rows_in=len(train_rows))
     report["eval_reference_tokens"] = length_stats([row["reference_tokens"] for row in eval_prompts])

@@ -14,7 +14,7 @@ from alpaca_qlora import io
 from alpaca_qlora.config import stage_params
 from alpaca_qlora.metrics import is_short_answer
 from alpaca_qlora.sampling import split_rows
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import read_input_rows, require_rows, run_stage
 
 ROWS_IN = Path("data/raw/rows.jsonl")
 TRAIN_OUT = Path("data/sampled/train.jsonl")
@@ -26,12 +26,14 @@ log = logging.getLogger("sample")
 
 def main() -> None:
     params = stage_params("sample")
-    rows = io.read_jsonl(ROWS_IN)
+    rows = read_input_rows(ROWS_IN, "fetch")
     short_types, max_words = params.eval.short_answer_task_types, params.eval.short_answer_max_words
     split = split_rows(rows, sample_frac=params.data.sample_frac, eval_size=params.data.eval_size,
                        seed=params.data.seed, min_short_answer=params.eval.min_short_answer,
                        is_short=lambda row: is_short_answer(row.get("task_type"), row["output"],
                                                             short_answer_task_types=short_types, max_words=max_words))
+    require_rows(split.train, "the training sample", f"all {len(rows) - len(split.eval)} rows left after the eval "
+                 "split ask an eval row's question; lower data.eval_size or use more data.")
     report = split.report
     if report["eval_short_answer_rows"] < report["eval_short_answer_rows_wanted"]:
         log.warning("exact match will rest on only %d short-answer eval rows (eval.min_short_answer = %d): the data "

@@ -23,7 +23,7 @@ from alpaca_qlora import io
 from alpaca_qlora.checkpoints import lock_checkpoints, share_lock_with_workers
 from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
 from alpaca_qlora.models import load_tokenizer, plan_quantization, resolve_model_source
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
 from alpaca_qlora.training import (
     TokenizedDataset,
     TrainingJob,
@@ -81,7 +81,7 @@ def main() -> None:
                                   shardable=params.train.distributed == "fsdp")
 
     data_sha256 = io.sha256_file(TRAIN_IN)
-    dataset = TokenizedDataset(io.read_jsonl(TRAIN_IN))
+    dataset = TokenizedDataset(read_input_rows(TRAIN_IN, "format"))
     run_dir = CHECKPOINTS / run_fingerprint(recorded, data_sha256)
     if ranks.is_main:
         remove_stale_runs(CHECKPOINTS, keep=run_dir)
@@ -91,16 +91,18 @@ def main() -> None:
     if not ranks.is_main:
         return
 
+    results, timing = split_timing(metrics)  # the card, inside the adapter out, gets no machine-dependent figure
     card = render_model_card(
         base_model=params.model.name,
         template=params.data.template,
         params=recorded,
-        metrics=metrics,
+        metrics=results,
         data={"train_file": str(TRAIN_IN), "train_rows": len(dataset), "train_file_sha256": data_sha256},
     )
     save_adapter(model, tokenizer, ADAPTER_OUT, card, base_model=params.model.name,
                  state_dict=job.outputs.get("state_dict"))
-    io.write_json(METRICS_OUT, metrics)
+    io.write_json(timing_path("train"), timing)
+    io.write_json(METRICS_OUT, results)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
     log.info("loss %.4f -> %.4f in %d steps, %.0f tokens/s; adapter in %s", metrics["first_loss"] or 0,
              metrics["final_loss"] or 0, metrics["steps"], metrics["tokens_per_s"], ADAPTER_OUT)

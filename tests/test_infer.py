@@ -1,6 +1,12 @@
 """The inference command: answers with base + adapter, exports a merged model, refuses a mismatched adapter."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -10,6 +16,8 @@ from alpaca_qlora.config import LoraParams
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.training import attach_lora, save_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +56,45 @@ def test_merge_writes_a_loadable_model_with_the_adapter_folded_in(project, tiny_
 def test_a_missing_adapter_says_to_train_first(project):
     with pytest.raises(PipelineError, match="run `dvc repro train` first"):
         infer.main(["Hi", "--params", str(project / "params.yaml"), "--adapter", str(project / "nothing")])
+
+
+def _damaged_copy(project, tmp_path, damage) -> str:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(project / "adapter", adapter)
+    damage(adapter / "adapter_model.safetensors")
+    return str(adapter)
+
+
+def _nan_bytes(weights):
+    """Every tensor's bytes overwritten with 0xFF (a NaN in every float format), the header kept."""
+    data = bytearray(weights.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    data[header_end:] = b"\xff" * (len(data) - header_end)
+    weights.write_bytes(bytes(data))
+
+
+def _truncate(weights):
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(("damage", "message"), [(_nan_bytes, "holds NaN or infinite weights"),
+                                                  (_truncate, "is damaged")])
+def test_a_damaged_adapter_is_refused_naming_the_file_and_the_fix(project, tmp_path, damage, message):
+    adapter = _damaged_copy(project, tmp_path, damage)
+    params = ["--params", str(project / "params.yaml"), "--adapter", adapter]
+    for argv in (["What is 2+2?", *params], ["--merge", str(tmp_path / "merged"), *params]):
+        with pytest.raises(PipelineError, match=message) as refused:
+            infer.main(argv)
+        assert f"{adapter}/adapter_model.safetensors" in str(refused.value)
+        assert "dvc checkout" in str(refused.value) and "dvc repro train" in str(refused.value)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_the_stage_exits_with_the_message_not_empty_answers(project, tmp_path):
+    adapter = _damaged_copy(project, tmp_path, _nan_bytes)
+    result = subprocess.run(
+        [sys.executable, "-m", "alpaca_qlora.infer", "What is 2+2?", "--params", str(project / "params.yaml"),
+         "--adapter", adapter], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2 and "holds NaN or infinite weights" in result.stderr
+    assert "Traceback" not in result.stderr

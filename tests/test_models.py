@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_model_cache_dir_precedence(monkeypatch, tmp_path):
 def test_sources_resolve_to_directories_or_hub_ids(tiny_mistral_dir, tmp_path):
     assert resolve_model_source(str(tiny_mistral_dir)) == str(tiny_mistral_dir.resolve())
     assert resolve_model_source("mistralai/Mistral-7B-Instruct-v0.2") == "mistralai/Mistral-7B-Instruct-v0.2"
-    with pytest.raises(PipelineError, match="not a directory"):
+    with pytest.raises(PipelineError, match="does not exist"):
         resolve_model_source(str(tmp_path / "missing"))
     with pytest.raises(PipelineError, match=EMBEDDED_SMOLLM2):
         resolve_model_source("embedded:gpt-5")
@@ -207,3 +208,47 @@ def greedy_answer(model_dir: Path, plan: QuantizationPlan, question: str) -> str
 def test_the_converted_model_knows_the_capital_of_france(embedded_model_dir, quantization):
     plan = plan_quantization(quantization, "cpu")
     assert "Paris" in greedy_answer(embedded_model_dir, plan, "What is the capital of France?")
+
+
+# --- bad model sources --------------------------------------------------------------------------------------------
+
+
+def test_a_missing_relative_model_path_is_named_at_once_not_tried_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # `models/my-base` has a hub id's owner/name shape: the local folder decides
+    for name in ("models/my-base", "./my-base", "models/sub/my-base"):
+        with pytest.raises(PipelineError, match="is a local path, and .* does not exist"):
+            resolve_model_source(name)
+    (tmp_path / "models" / "weights.bin").write_bytes(b"")
+    with pytest.raises(PipelineError, match="is a file, not a model directory"):
+        resolve_model_source("models/weights.bin")
+    assert resolve_model_source("mistralai/Mistral-7B-Instruct-v0.2") == "mistralai/Mistral-7B-Instruct-v0.2"
+
+
+def test_a_directory_that_is_not_a_model_is_named_with_what_it_holds(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(PipelineError, match=r"is a directory but not a model: it has no config.json \(it holds "
+                                            r"notes.txt\)"):
+        resolve_model_source(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_model_directory_with_bad_tokenizer_files_names_the_directory(tiny_mistral_dir, tmp_path, damage):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_mistral_dir, model_dir)
+    tokenizer_file = model_dir / "tokenizer.json"
+    if damage == "delete":
+        tokenizer_file.unlink()
+    else:
+        tokenizer_file.write_bytes(tokenizer_file.read_bytes()[:1000])
+    with pytest.raises(PipelineError, match=f"(?s)could not load the model directory {model_dir}.*tokenizer files"):
+        load_tokenizer(resolve_model_source(str(model_dir)))
+
+
+def test_truncated_model_weights_name_the_file(tiny_mistral_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_mistral_dir, model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(PipelineError, match=f"{weights} is damaged .*download or save the model again"):
+        load_model(str(model_dir), plan_quantization("none", "cpu"), device="cpu")

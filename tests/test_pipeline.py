@@ -66,13 +66,20 @@ def project(tmp_path_factory, tiny_mistral_dir) -> Path:
 
 def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
     first = dvc("repro", cwd=project)
-    assert stages_run(first) == {"fetch", "sample", "format", "train", "evaluate_base", "evaluate_finetuned",
-                                 "compare"}
+    assert stages_run(first) == {"check_params", "fetch", "sample", "format", "train", "evaluate_base",
+                                 "evaluate_finetuned", "compare"}
     for out in ("data/raw/rows.jsonl", "data/formatted/train.jsonl", "models/adapter/adapter_model.safetensors",
                 "models/adapter/README.md", "metrics/train.json", "metrics/eval_base.json",
                 "metrics/eval_finetuned.json", "metrics/compare.json", "reports/compare.md"):
         assert (project / out).exists(), out
     assert json.loads((project / "metrics/sample.json").read_text())["eval_train_overlap"] == 0
+    for stage, metrics in (("train", "train"), ("evaluate_base", "eval_base"), ("evaluate_finetuned", "eval_finetuned")):
+        timing = json.loads((project / f"metrics/timing/{stage}.json").read_text())
+        assert "runtime_s" in timing  # machine-dependent figures live apart from the results
+        assert "runtime_s" not in json.dumps(json.loads((project / f"metrics/{metrics}.json").read_text()))
+    run_info = json.loads((project / "metrics/eval_base.json").read_text())["run"]
+    assert run_info["numeric_path"]["compute_dtype"] == "float64"
+    assert set(run_info["base_weights_sha256"]) >= {"model.safetensors", "tokenizer.json"}
     assert "exact_match_delta" in json.loads((project / "metrics/compare.json").read_text())["overall"]
 
     again = dvc("repro", cwd=project)
@@ -86,7 +93,7 @@ def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
     assert "sample:" in status and "fetch:" not in status
     changed = dvc("repro", cwd=project)
     # The eval split does not depend on sample_frac, so the base evaluation stays cached.
-    assert stages_run(changed) == {"sample", "format", "train", "evaluate_finetuned", "compare"}
+    assert stages_run(changed) == {"check_params", "sample", "format", "train", "evaluate_finetuned", "compare"}
 
 
 def test_a_lora_experiment_reruns_train_and_downstream_only(project):
@@ -94,7 +101,7 @@ def test_a_lora_experiment_reruns_train_and_downstream_only(project):
     run(["git", "add", "-A"], cwd=project)
     run(["git", "commit", "-qm", "baseline"], cwd=project)
     experiment = dvc("exp", "run", "-S", "lora.r=32", cwd=project)
-    assert stages_run(experiment) == {"train", "evaluate_finetuned", "compare"}
+    assert stages_run(experiment) == {"check_params", "train", "evaluate_finetuned", "compare"}
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     assert "exact_match_delta" in json.dumps(shown)
     diff = dvc("metrics", "diff", "--all", cwd=project).stdout
@@ -130,6 +137,78 @@ def test_bad_input_fails_clearly_and_writes_nothing(project, tmp_path):
     finally:
         params_file.write_text(saved)
         bad.unlink()
+
+
+@pytest.mark.parametrize("section", ["data", "model", "lora", "train", "eval"])
+def test_an_unknown_key_in_any_section_stops_the_pipeline(project, section):
+    """No stage declares a misspelt key, so only a stage tracking the whole params file can notice it."""
+    dvc("repro", cwd=project)
+    run(["git", "add", "-A"], cwd=project)
+    run(["git", "commit", "-qm", "up to date", "--allow-empty"], cwd=project)
+    try:
+        experiment = dvc("exp", "run", "-S", f"+{section}.smaple_frac=0.5", cwd=project, check=False)
+        assert experiment.returncode != 0
+        assert f"unknown key(s) {section}.smaple_frac" in experiment.stdout + experiment.stderr
+
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params[section]["smaple_frac"] = 0.5
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        edited = dvc("repro", cwd=project, check=False)
+        assert edited.returncode != 0
+        assert f"unknown key(s) {section}.smaple_frac" in edited.stdout + edited.stderr
+    finally:
+        run(["git", "checkout", "--", "params.yaml"], cwd=project)
+    assert stages_run(dvc("repro", cwd=project)) == set()  # the failed check left dvc.lock as it was
+
+
+def _replace(path: Path, data: bytes) -> None:
+    path.unlink()  # never write through a link into DVC's cache
+    path.write_bytes(data)
+
+
+def test_no_stage_accepts_an_empty_input(project):
+    dvc("repro", cwd=project)
+    cases = [("sample.py", "data/raw/rows.jsonl"), ("format.py", "data/sampled/train.jsonl"),
+             ("format.py", "data/sampled/eval.jsonl"), ("train.py", "data/formatted/train.jsonl"),
+             ("evaluate.py base", "data/formatted/eval.jsonl"), ("compare.py", "data/predictions/finetuned.jsonl")]
+    for script, input_path in cases:
+        path = project / input_path
+        saved = path.read_bytes()
+        _replace(path, b"")
+        try:
+            result = run([sys.executable, *f"stages/{script}".split()], cwd=project, check=False)
+        finally:
+            _replace(path, saved)
+        assert result.returncode == 2, (script, result.stderr)
+        assert f"{input_path} has no rows" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert stages_run(dvc("repro", cwd=project)) == set()  # nothing was half-written
+
+
+def test_a_max_seq_length_that_keeps_no_row_stops_format(project):
+    dvc("repro", cwd=project)
+    params_file = project / "params.yaml"
+    saved = params_file.read_text()
+    uncached = {name: (project / name).read_bytes() for name in ("metrics/format.json",
+                                                                 "metrics/plots/token_lengths.json")}
+    params = yaml.safe_load(saved)
+    params["train"]["max_seq_length"] = 16
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = run([sys.executable, "stages/format.py"], cwd=project, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert re.search(r"train.max_seq_length = 16 keeps none of the \d+ training rows: the shortest prompt is "
+                         r"\d+ tokens", result.stderr), result.stderr
+        suggested = int(re.search(r"at least (\d+)", result.stderr).group(1))
+        params["train"]["max_seq_length"] = suggested
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        run([sys.executable, "stages/format.py"], cwd=project)
+        assert json.loads((project / "metrics/format.json").read_text())["rows_kept"] >= 1
+    finally:
+        params_file.write_text(saved)
+        dvc("checkout", "--force", cwd=project)
+        for name, data in uncached.items():
+            _replace(project / name, data)
+    assert stages_run(dvc("repro", cwd=project)) == set()
 
 
 def test_results_pushed_then_pulled_into_a_fresh_clone_rerun_nothing(project, tmp_path_factory):

@@ -20,26 +20,46 @@ def test_bad_rows_are_dropped_and_counted_by_reason():
         {"instruction": "  ", "input": "", "output": "x"},
         {"instruction": "Q", "input": "", "output": " \n"},
         {"instruction": "Q", "output": "x"},
-        {"instruction": "Q", "input": None, "output": "x"},
         {"instruction": "Q", "input": "", "output": 3},
+        {"instruction": ["Q"], "input": "", "output": "x"},
+        {"instruction": "Q", "input": 7, "output": "x"},
+        {"instruction": "Q", "input": "", "output": "x", "task_type": 5},
         "just a string",
         {"instruction": "Name a prime.", "input": "", "output": "3"},  # same prompt, other answer: kept
     ]
     kept, report = clean_rows(rows)
     assert [row["output"] for row in kept] == ["2", "3"]
     assert report.as_dict() == {
-        "rows_read": 9,
+        "rows_read": 11,
         "rows_kept": 2,
-        "rows_dropped": {
+        "rows_dropped": {  # each reason names the field at fault
             "duplicate": 1,
             "empty_instruction": 1,
             "empty_output": 1,
-            "missing_field": 1,
-            "non_string_field": 2,
+            "missing_input": 1,
+            "non_string_input": 1,
+            "non_string_instruction": 1,
+            "non_string_output": 1,
+            "non_string_task_type": 1,
             "not_an_object": 1,
         },
     }
     assert len({row["id"] for row in kept}) == 2
+
+
+def test_a_null_input_is_an_empty_input():
+    """alpaca-cleaned's consumers read `input: null` as no input; dropping such rows lost whole data sets."""
+    kept, report = clean_rows([{"instruction": "Name a prime.", "input": None, "output": "2"}])
+    assert report.as_dict()["rows_dropped"] == {}
+    assert kept == clean_rows([GOOD])[0]
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    rows = [GOOD]
+    for name, text in (("rows.json", json.dumps(rows)), ("rows.jsonl", json.dumps(GOOD) + "\n")):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        assert (tmp_path / name).read_bytes().startswith(b"\xef\xbb\xbf")
+        assert read_rows(tmp_path / name) == rows
 
 
 def test_ids_do_not_depend_on_order_and_task_type_is_kept():

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -37,14 +38,30 @@ def test_hub_source_offline_names_the_alternatives(monkeypatch, tmp_path):
         hub_file("yahma/alpaca-cleaned", "alpaca_data_cleaned.json", "main")
 
 
-def test_local_source_requires_an_existing_file(tmp_path):
+def test_local_source_requires_an_existing_file_under_data_external(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "external").mkdir(parents=True)
     with pytest.raises(SourceUnavailableError, match="is not a file"):
-        local_file(str(tmp_path / "missing.json"), tmp_path)
-    existing = tmp_path / "rows.jsonl"
+        local_file("data/external/missing.json")
+    existing = tmp_path / "data" / "external" / "rows.jsonl"
     existing.write_text("{}\n")
-    assert local_file(str(existing), tmp_path).path == existing
+    assert local_file("data/external/rows.jsonl").path == Path("data/external/rows.jsonl")
+    assert local_file("./data/external/../external/rows.jsonl").path.resolve() == existing
 
 
-def test_unreachable_url_is_a_clear_error(tmp_path):
-    with pytest.raises(SourceUnavailableError, match="could not download"):
-        local_file("http://127.0.0.1:9/alpaca.json", tmp_path)
+def test_a_source_dvc_cannot_see_is_refused_with_how_to_import_it(tmp_path, monkeypatch):
+    """Such a source was read once and its later changes ignored (DVC reran nothing): the rows went stale."""
+    project = tmp_path / "project"
+    (project / "data" / "external").mkdir(parents=True)
+    monkeypatch.chdir(project)
+    outside = tmp_path / "alpaca.json"
+    outside.write_text(json.dumps([{"instruction": "i", "input": "", "output": "o"}]))
+    for path in (str(outside), "../alpaca.json", "data/external/../../alpaca.json"):
+        with pytest.raises(SourceUnavailableError, match="outside data/external/") as refused:
+            local_file(path)
+        assert f"dvc import-url {path} data/external/alpaca.json" in str(refused.value)
+    for url in ("http://127.0.0.1:9/alpaca.json", "https://example.org/data/alpaca.json?download=1"):
+        with pytest.raises(SourceUnavailableError, match="is a URL") as refused:
+            local_file(url)  # refused before any connection is tried
+        assert f"dvc import-url {url} data/external/alpaca.json" in str(refused.value)
+        assert "dvc update data/external/alpaca.json.dvc" in str(refused.value)

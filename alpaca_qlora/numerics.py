@@ -1,0 +1,124 @@
+"""The numeric path of generation on CPU, chosen so that answers do not depend on which CPU computes them.
+
+fp32 kernels sum in an order set by the instruction set (AVX2, AVX512, AMX) and by the BLAS code path MKL picks for
+the CPU, so the same model's logits differ in their last bits from one CPU to another; over dozens of greedy tokens
+that flips near-tied argmaxes, and the answers change. On CPU we therefore generate in float64:
+
+- 4-bit NF4 weights are dequantized once, with bitsandbytes' own dequantize_4bit (a table look-up times a block
+  scale: one rounding, the same on every CPU), and held in float64; full-precision and LoRA weights are widened to
+  float64 exactly. The kernel-order differences then sit ~2**29 times below fp32's, far under any logit gap a
+  greedy pick could hinge on.
+- No bitsandbytes 4-bit layer is left, so its AVX512-BF16 path (which repacks the weights at the first eval-mode
+  forward and computes in bf16, only on CPUs that have the instruction) cannot be taken.
+- transformers' RMSNorm computes its variance in fp32 whatever its input; a layer that provably computes
+  weight * x / rms(x) is replaced by the same formula in float64 (checked on a probe input before replacing).
+
+CUDA keeps its bf16 path (the compute dtype of the quantization plan); this module only describes it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alpaca_qlora.generation import dequantize_for_generation
+from alpaca_qlora.io import sha256_file
+
+log = logging.getLogger(__name__)
+
+CPU_GENERATION_DTYPE = torch.float64
+# Files that decide a base model's answers: weights and tokenizer (config.json is small and shape-only here).
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                        "config.json")
+
+
+class Float64RMSNorm(torch.nn.Module):
+    """weight * x / sqrt(mean(x**2) + eps), computed in the input's dtype (float64 here), never narrowed to fp32."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.eps = float(eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight.to(hidden_states.dtype) * (hidden_states * torch.rsqrt(variance + self.eps))
+
+
+def _rms_norm_replacement(module: torch.nn.Module) -> Float64RMSNorm | None:
+    """A Float64RMSNorm for `module` if it is an RMSNorm of that formula (Llama, Mistral, Qwen2, SmolLM2, ...);
+    None for anything else (Gemma's 1 + weight, LayerNorm, ...), which then keeps its own forward."""
+    if not type(module).__name__.endswith("RMSNorm"):
+        return None
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return None
+    candidate = Float64RMSNorm(weight.float(), eps)
+    probe = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight.device)
+    with torch.no_grad():
+        expected = module(probe.to(weight.dtype)).float()
+        got = candidate(probe).float()
+    if not torch.allclose(expected, got, rtol=1e-3, atol=1e-4):
+        return None
+    candidate.train(module.training)
+    return candidate
+
+
+def float64_norms(model: torch.nn.Module) -> tuple[int, list[str]]:
+    """Replace every RMSNorm of the plain formula by Float64RMSNorm; returns the count and the classes kept."""
+    replaced, kept = 0, set()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not type(child).__name__.endswith("Norm"):
+                continue
+            replacement = _rms_norm_replacement(child)
+            if replacement is None:
+                kept.add(type(child).__name__)
+                continue
+            setattr(parent, name, replacement)
+            replaced += 1
+    return replaced, sorted(kept)
+
+
+def to_cpu_float64(model: torch.nn.Module, *, quantized: bool) -> dict[str, Any]:
+    """Put a loaded model (base, or PEFT model with its adapter unmerged) on the float64 CPU path, before its first
+    forward; returns the numeric path for the metrics."""
+    dequantized = dequantize_for_generation(model)
+    norms, kept = float64_norms(model)
+    # nn.Module's own .to: transformers refuses a dtype cast of a bitsandbytes-loaded model, which no longer holds
+    # a 4-bit layer here
+    torch.nn.Module.to(model, CPU_GENERATION_DTYPE)
+    model.eval()
+    log.info("CPU generation in float64: %d 4-bit layers dequantized, %d RMSNorm layers in float64", dequantized,
+             norms)
+    return {
+        "device": "cpu",
+        "compute_dtype": "float64",
+        "weights": "nf4 dequantized once to float64" if quantized and dequantized else "float64 (widened exactly)",
+        "adapter_weights": "float64, unmerged",
+        "kernel_path": "torch CPU float64 (F.linear, sdpa); no bitsandbytes 4-bit kernel",
+        "norms": f"{norms} RMSNorm layers in float64" + (f"; kept as the model computes them: {', '.join(kept)}"
+                                                         if kept else ""),
+        "rotary": "cos/sin in fp32 as transformers computes them, then float64",
+        "greedy_pick": "argmax of the logits cast to fp32 (as generate() does)",
+    }
+
+
+def describe_cuda_path(plan_compute_dtype: torch.dtype, weights: str) -> dict[str, Any]:
+    """The numeric path of CUDA generation (unchanged: bitsandbytes 4-bit or dequantized weights, bf16/fp16)."""
+    return {"device": "cuda", "compute_dtype": str(plan_compute_dtype).removeprefix("torch."), "weights": weights,
+            "kernel_path": "bitsandbytes CUDA 4-bit kernels" if weights == "nf4" else "torch CUDA F.linear"}
+
+
+def base_weights_fingerprint(source: str) -> dict[str, str]:
+    """sha256 of the files a local base model's answers depend on (the converted embedded model is a local
+    directory), so two machines' results can be traced to the same weights; a hub id is recorded by name (its
+    snapshot is already content-addressed by the hub's commit)."""
+    directory = Path(source)
+    if not directory.is_dir():
+        return {"hub_id": source}
+    files = sorted({path for pattern in WEIGHT_FILE_PATTERNS for path in directory.glob(pattern) if path.is_file()})
+    return {path.name: sha256_file(path) for path in files}

@@ -1,0 +1,138 @@
+"""The CPU numeric path: answers may not depend on the CPU's instruction set (issue 11).
+
+bitsandbytes decides per layer, from its own `has_avx512bf16()`, whether to repack 4-bit weights for a bf16 kernel
+at the first eval-mode forward; patching that switch lets an AVX2 machine take the decision an AVX512-BF16 one takes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alpaca_qlora.config import LoraParams
+from alpaca_qlora.generation import generate
+from alpaca_qlora.inference import load_for_inference
+from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.numerics import Float64RMSNorm, base_weights_fingerprint, float64_norms
+from alpaca_qlora.prompts import get_template
+from alpaca_qlora.training import attach_lora, save_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = get_template("alpaca")
+PROMPTS = [TEMPLATE.render(q, "") for q in ("What is the capital of France?", "Name a primary color.",
+                                            "Write one sentence about the sea.", "What is 2+2?")]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_mistral_dir) -> Path:
+    """A non-zero LoRA adapter on the tiny Mistral's NF4 base, so the finetuned path differs from the base."""
+    plan = plan_quantization("nf4", "cpu")
+    model = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"), LoraParams(r=4, alpha=8),
+                        quantized=True, gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("numerics") / "adapter"
+    save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), out, "card", base_model=str(tiny_mistral_dir))
+    return out
+
+
+def answer_ids(loaded) -> list[tuple[str, int]]:
+    generations, _ = generate(loaded.model, loaded.tokenizer, PROMPTS, max_new_tokens=12, batch_size=4,
+                              stop_markers=TEMPLATE.stop_markers, progress=False)
+    return [(g.raw, g.new_tokens) for g in generations]
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_cpu_inference_never_takes_the_bitsandbytes_repack_path(monkeypatch, tiny_mistral_dir, adapter_dir,
+                                                                with_adapter):
+    import bitsandbytes.nn.modules as bnb_modules
+
+    adapter = adapter_dir if with_adapter else None
+    expected = answer_ids(load_for_inference(str(tiny_mistral_dir), "nf4", adapter_dir=adapter, device="cpu"))
+    repacked = []
+
+    def refuse_repack(*args, **kwargs):
+        repacked.append(True)
+        raise AssertionError("bitsandbytes repacked 4-bit weights for its AVX512-BF16 kernel")
+
+    # what an AVX512-BF16 CPU decides (Linear4bit reads the switch when it is built, at load time)
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu", refuse_repack)
+    loaded = load_for_inference(str(tiny_mistral_dir), "nf4", adapter_dir=adapter, device="cpu")
+    assert answer_ids(loaded) == expected  # generating would have repacked (refuse_repack raises)
+    assert not repacked
+    assert not any(isinstance(module, bnb_modules.Linear4bit) for module in loaded.model.modules())
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float64}
+    assert loaded.numeric_path["compute_dtype"] == "float64"
+    assert loaded.numeric_path["weights"] == "nf4 dequantized once to float64"
+
+
+def test_float64_rms_norm_replaces_only_the_plain_formula():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class OnePlusWeightRMSNorm(LlamaRMSNorm):  # Gemma's formula: (1 + weight) * x / rms(x)
+        def forward(self, hidden_states):
+            return (1 + self.weight) * super().forward(hidden_states) / self.weight
+
+    model = torch.nn.Sequential(LlamaRMSNorm(8, eps=1e-6), OnePlusWeightRMSNorm(8, eps=1e-6))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+        model[1].weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(2, 8, dtype=torch.float64)
+    expected = model[0](probe.float()).double()
+    replaced, kept = float64_norms(model)
+    assert (replaced, kept) == (1, ["OnePlusWeightRMSNorm"])
+    assert isinstance(model[0], Float64RMSNorm)
+    result = model[0].to(torch.float64)(probe)
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_base_weights_fingerprint_hashes_weights_and_tokenizer(tiny_mistral_dir, tmp_path):
+    fingerprint = base_weights_fingerprint(str(tiny_mistral_dir))
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(fingerprint)
+    assert all(len(value) == 64 for value in fingerprint.values())
+    assert base_weights_fingerprint("mistralai/Mistral-7B-Instruct-v0.2") == {
+        "hub_id": "mistralai/Mistral-7B-Instruct-v0.2"}
+
+
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+ANSWER_SCRIPT = """
+import json, sys
+from alpaca_qlora.generation import generate
+from alpaca_qlora.inference import load_for_inference
+import torch
+loaded = load_for_inference(sys.argv[1], "nf4", device="cpu")
+prompts = json.loads(sys.argv[2])
+generations, _ = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=40, batch_size=8,
+                          stop_markers=[], progress=False)
+print(json.dumps([[g.raw, g.new_tokens] for g in generations]) + "\\n" + torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.slow
+def test_embedded_answers_do_not_depend_on_the_cpu_kernels(embedded_model_dir):
+    """The embedded model answers the same with torch/MKL/oneDNN held to AVX2 as with this CPU's best kernels
+    (where this CPU has AVX512; the GPU machines' AVX512-BF16/AMX CPUs: bench/results/cpu_determinism.json)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs a CPU whose best torch kernels are not the AVX2 ones")
+    prompts = [TEMPLATE.render(q, "") for q in ("Name the chemical symbol of sodium.", "What is the capital of "
+               "Peru?", "Classify 'I hated it' as positive or negative.", "Describe the moon in two sentences.",
+               "List three noble gases.", "What language is spoken in Brazil?")]
+    answers = {}
+    for name, extra in (("best", {}), ("avx2", AVX2_ONLY)):
+        env = {**{k: v for k, v in os.environ.items() if k not in AVX2_ONLY}, **extra, "PYTHONPATH": str(ROOT),
+               "ALPACA_QLORA_LOG_LEVEL": "WARNING"}
+        result = subprocess.run([sys.executable, "-c", ANSWER_SCRIPT, str(embedded_model_dir), json.dumps(prompts)],
+                                env=env, capture_output=True, text=True, check=True)
+        out, capability = result.stdout.strip().rsplit("\n", 1)
+        answers[name] = (json.loads(out), capability)
+    assert answers["best"][1] == "AVX512" and answers["avx2"][1] == "AVX2"
+    assert answers["best"][0] == answers["avx2"][0]
