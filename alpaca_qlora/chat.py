@@ -17,21 +17,20 @@ from transformers.generation.streamers import BaseStreamer
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import encode_prompt
-from alpaca_qlora.generation import StopOnMarker
-from alpaca_qlora.metrics import clean_generation
+from alpaca_qlora.generation.stop_checks import StopOnMarker
 from alpaca_qlora.prompts import PromptTemplate
+from alpaca_qlora.stop_rule import clean_generation, may_become_stop
 
 INPUT_SEPARATOR = "\t"  # a line "instruction<TAB>input" gives the instruction its context
 
 
 class AnswerStreamer(BaseStreamer):
-    """Writes the cleaned answer as tokens arrive. Text that could still turn into a stop marker (a line that so far
-    reads like the start of "###"), trailing blanks and half-decoded characters wait until the next token settles
-    them, so what is written is always a prefix of the final cleaned answer."""
+    """Writes the cleaned answer as tokens arrive. Text that could still turn into a stop marker (a last line that
+    so far reads like the start of "###"), trailing blanks and half-decoded characters wait until the next token
+    settles them, so what is written is always a prefix of the final cleaned answer."""
 
     def __init__(self, tokenizer: Any, stop_markers: Sequence[str], write: Callable[[str], Any]):
         self.tokenizer, self.stop_markers, self.write = tokenizer, tuple(stop_markers), write
-        self.heads = tuple(marker.strip() for marker in stop_markers)
         self.ids: list[int] = []
         self.shown = ""
         self.answer = ""
@@ -56,10 +55,8 @@ class AnswerStreamer(BaseStreamer):
         if len(visible) < len(text.strip()):  # a marker was found: the answer is complete
             return visible
         visible = text.lstrip().rstrip("\ufffd")
-        last_line = visible.rsplit("\n", 1)[-1].lstrip(" \t")
-        if "\n" in visible and any(head.startswith(last_line) for head in self.heads):
-            visible = visible.rsplit("\n", 1)[0]
-        return visible.rstrip()
+        settled, _, last_line = visible.rpartition("\n")
+        return (settled if may_become_stop(last_line, self.stop_markers) else visible).rstrip()
 
     def _show(self, visible: str) -> None:
         if visible.startswith(self.shown) and len(visible) > len(self.shown):

@@ -20,10 +20,10 @@ from alpaca_qlora.chat import ChatSession, chat
 from alpaca_qlora.config import load_params
 from alpaca_qlora.generation import generate
 from alpaca_qlora.inference import check_adapter_matches, check_adapter_weights, load_for_inference
-from alpaca_qlora.metrics import clean_generation
 from alpaca_qlora.models import QuantizationPlan, load_model, load_tokenizer, resolve_model_source
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stop_rule import clean_generation
 
 log = logging.getLogger("infer")
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.stop_rule import stop_position
 
 # Rows of data without task types (alpaca-cleaned) are grouped under this name, as the sample stage reports them.
 NO_TASK_TYPE = "all"
@@ -116,31 +117,6 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
-def _stop_pattern(marker: str) -> re.Pattern[str]:
-    """A marker at the start of a line (indented or not); at the very end of the text its trailing blank may be
-    missing, because generation stops as soon as the marker's visible part appears (alpaca_qlora/generation.py)."""
-    head = marker.rstrip()
-    if not head:
-        raise ValueError(f"stop marker {marker!r} is blank: it would cut every answer at its first line.")
-    tail = marker[len(head):]
-    ending = f"(?:{re.escape(tail)}|\\Z)" if tail else ""
-    return re.compile(rf"^[ \t]*{re.escape(head)}{ending}", re.MULTILINE)
-
-
-def clean_generation(raw: str, stop_markers: Sequence[str] = ("### ",)) -> str:
-    """The answer inside a raw generation: the text before the first stop marker that opens a line, stripped.
-
-    A model that goes on with "\\n\\n### Instruction:" has finished its answer and started inventing the next
-    prompt; that continuation must not count for or against it. A marker inside a line ("use ### here") is text.
-    """
-    cut = len(raw)
-    for marker in stop_markers:
-        found = _stop_pattern(marker).search(raw)
-        if found:
-            cut = min(cut, found.start())
-    return raw[:cut].strip()
-
-
 def is_short_answer(
     task_type: str | None, reference: str, *, short_answer_task_types: Sequence[str], max_words: int
 ) -> bool:
@@ -222,11 +198,11 @@ def is_label_row(task_type: str | None, context: str, reference: str) -> bool:
 
 
 def cut_by_limit(raw: str, *, stopped_by_eos: bool, new_tokens: int, max_new_tokens: int,
-                 stop_markers: Sequence[str] = ("### ",)) -> bool:
+                 stop_markers: Sequence[str]) -> bool:
     """Whether the token limit, not the model, ended the answer: no EOS, no stop marker, all tokens used."""
     if stopped_by_eos or new_tokens < max_new_tokens:
         return False
-    return not any(_stop_pattern(marker).search(raw) for marker in stop_markers)
+    return stop_position(raw, stop_markers) is None
 
 
 def _rounded(value: float | None) -> float | None:

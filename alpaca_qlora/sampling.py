@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.metrics import NO_TASK_TYPE
 from alpaca_qlora.records import prompt_key
-
-NO_TASK_TYPE = "all"
 
 
 class SamplingError(PipelineError, ValueError):

@@ -13,9 +13,9 @@ from alpaca_qlora.chat import AnswerStreamer, questions
 from alpaca_qlora.config import LoraParams
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation import generate
-from alpaca_qlora.metrics import clean_generation
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.prompts import ALPACA
+from alpaca_qlora.stop_rule import clean_generation
 from alpaca_qlora.training.model import attach_lora
 
 QUESTIONS = ["What is the capital of France?", "Name a noble gas.\tAnswer in one word."]

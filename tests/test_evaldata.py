@@ -155,11 +155,13 @@ def test_max_new_tokens_param_accepts_auto_or_an_integer():
 
 
 def test_cut_by_limit_only_when_neither_eos_nor_a_marker_ended_the_answer():
-    assert cut_by_limit("and so on and so", stopped_by_eos=False, new_tokens=8, max_new_tokens=8)
-    assert not cut_by_limit("done", stopped_by_eos=True, new_tokens=8, max_new_tokens=8)
-    assert not cut_by_limit("done\n\n### Instruction", stopped_by_eos=False, new_tokens=8, max_new_tokens=8)
-    assert not cut_by_limit("done\n\n###", stopped_by_eos=False, new_tokens=8, max_new_tokens=8)
-    assert not cut_by_limit("short", stopped_by_eos=False, new_tokens=3, max_new_tokens=8)
+    markers = ("### ",)
+    assert cut_by_limit("and so on and so", stopped_by_eos=False, new_tokens=8, max_new_tokens=8, stop_markers=markers)
+    assert not cut_by_limit("done", stopped_by_eos=True, new_tokens=8, max_new_tokens=8, stop_markers=markers)
+    assert not cut_by_limit("done\n\n### Instruction", stopped_by_eos=False, new_tokens=8, max_new_tokens=8,
+                            stop_markers=markers)
+    assert not cut_by_limit("done\n\n###", stopped_by_eos=False, new_tokens=8, max_new_tokens=8, stop_markers=markers)
+    assert not cut_by_limit("short", stopped_by_eos=False, new_tokens=3, max_new_tokens=8, stop_markers=markers)
 
 
 def test_cut_rate_is_aggregated_per_model_and_differenced():

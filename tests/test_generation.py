@@ -7,8 +7,9 @@ import torch
 
 from alpaca_qlora.config import ConfigError, EvalParams, params_from_mapping
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.generation import (DequantizedLinear, describe_weights, dequantize_for_generation, generate,
-                                     merge_lora_for_generation, resolve_generation_method)
+from alpaca_qlora.generation import (describe_weights, dequantize_for_generation, generate, merge_lora_for_generation,
+                                     resolve_generation_method)
+from alpaca_qlora.generation.weights import DequantizedLinear
 from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
 from alpaca_qlora.prompts import get_template
 
@@ -109,7 +110,7 @@ def test_own_loop_with_lora_and_forced_eos(tiny_lora, method):
     model, tokenizer = tiny_lora
     prompts = PROMPTS + [TEMPLATE.render("Why?", "")]
     from alpaca_qlora.formatting import encode_prompt
-    from alpaca_qlora.generation import left_pad
+    from alpaca_qlora.generation.batching import left_pad
 
     input_ids, attention_mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     with torch.no_grad():

@@ -5,7 +5,6 @@ import pytest
 from alpaca_qlora.metrics import (
     MetricsMismatchError,
     aggregate,
-    clean_generation,
     exact_match,
     is_short_answer,
     key_fact_recall,
@@ -84,29 +83,6 @@ def test_key_fact_recall():
 def test_word_count():
     assert word_count("  two\nwords ") == 2
     assert word_count("") == 0
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        ("Paris\n\n### Instruction:\nName a city.", "Paris"),   # the model started inventing the next prompt
-        ("  Paris  ", "Paris"),
-        ("Use ### here to mark it.", "Use ### here to mark it."),  # mid-line markers are text
-        ("### Response:\nParis", ""),                           # marker opens the text
-        ("Paris\n  ### Input:", "Paris"),                       # indented marker line
-        ("Paris\n###", "Paris"),                                # generation stopped on the marker's visible part
-        ("Steps:\n#### Step 1\nmix", "Steps:\n#### Step 1\nmix"),  # a markdown h4 is not the marker
-        ("", ""),
-    ],
-)
-def test_clean_generation(raw, expected):
-    assert clean_generation(raw) == expected
-
-
-def test_clean_generation_cuts_at_the_earliest_of_several_markers():
-    assert clean_generation("one\nEND\ntwo\n### three", ("### ", "END")) == "one"
-    with pytest.raises(ValueError, match="blank"):
-        clean_generation("text", ("  ",))
 
 
 def test_is_short_answer():

@@ -82,7 +82,8 @@ def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
     assert set(run_info["base_weights_sha256"]) >= {"model.safetensors", "tokenizer.json"}
     assert "exact_match_delta" in json.loads((project / "metrics/compare.json").read_text())["overall"]
     card = (project / "models/release/README.md").read_text()
-    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "## Evaluation" in card
+    base_model = yaml.safe_load((project / "params.yaml").read_text())["model"]["name"]
+    assert f"base_model: {base_model}\n" in card and "## Evaluation" in card and "library_name: peft" in card
     assert (project / "models/release/prompt_template.json").is_file()
 
     again = dvc("repro", cwd=project)

@@ -5,7 +5,6 @@ re-masking happens in training, so what the loss sees is what the format stage w
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,12 +73,9 @@ class ResponseOnlyCollator:
     """
 
     pad_token_id: int
-    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(feature["input_ids"]) for feature in features)
-        if self.pad_to_multiple_of:
-            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), longest), dtype=torch.long)

@@ -1,0 +1,114 @@
+"""Batched greedy generation for evaluation and inference, with the prompt ids training used.
+
+Generation stops at EOS, or at the stop rule (alpaca_qlora/stop_rule.py): once a row starts a new `### ` section
+header, the model has finished its answer and begun inventing the next prompt.
+
+Three ways to run the same greedy decoding (`generate(..., method=...)`), one module each:
+- `plain`: `model.generate()` as transformers ships it; finished rows stay in the batch, fed padding.
+- `fast` (greedy.py): our own loop that drops each row from the batch and the KV cache as it finishes, calling the
+  model as `generate()` does, so the tokens are the same (tested on CPU). On CUDA the evaluate stage pairs it with
+  the 4-bit base dequantized once (weights.py).
+- `graphed` (graphed.py): a static KV cache and a decoding step captured in a CUDA graph, 4-bit layers kept.
+Only `plain` is bitwise `generate()` on GPU: the other two run other kernels, under which near-tie logits can flip
+(bench/results/eval_bench_h200.json), so neither is ever picked for the user.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import StoppingCriteriaList
+
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.formatting import encode_prompt
+from alpaca_qlora.generation.batching import left_pad, length_sorted_batches, split_generated
+from alpaca_qlora.generation.graphed import graphed_generate
+from alpaca_qlora.generation.greedy import greedy_generate, greedy_loop_blockers
+from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
+from alpaca_qlora.generation.weights import dequantize_for_generation, describe_weights, merge_lora_for_generation
+
+__all__ = ["GENERATION_METHODS", "Generation", "dequantize_for_generation", "describe_weights", "generate",
+           "merge_lora_for_generation", "resolve_generation_method"]
+
+GENERATION_METHODS = ("plain", "fast", "graphed")
+
+
+@dataclass(frozen=True)
+class Generation:
+    raw: str
+    stopped_by_eos: bool
+    new_tokens: int
+
+
+def resolve_generation_method(requested: str) -> str:
+    """Only an explicit choice: the faster methods are not bitwise `generate()` on GPU (see the module docstring)."""
+    if requested not in GENERATION_METHODS:
+        raise PipelineError(f"generation method {requested!r}: use one of {', '.join(GENERATION_METHODS)}.")
+    return requested
+
+
+def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                    max_new_tokens: int, stop_markers: Sequence[str]) -> list[list[int]]:
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=StoppingCriteriaList([StopOnMarker(tokenizer, input_ids.shape[1], stop_markers)]),
+    )
+    return output[:, input_ids.shape[1] :].tolist()
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    stop_markers: Sequence[str],
+    progress: bool = True,
+    method: str = "plain",
+) -> tuple[list[Generation], dict[str, Any]]:
+    """Greedy answers in the prompts' order, and throughput figures for the whole run.
+
+    `method`: plain (model.generate), fast (greedy_generate, dropping finished rows) or graphed
+    (graphed_generate: static cache, CUDA graph). All decode greedily with the same stops."""
+    method = resolve_generation_method(method)
+    if method != "plain" and (blockers := greedy_loop_blockers(model)):
+        raise PipelineError(f"the {method} generation loop applies no logits processors, but the model's generation "
+                            f"config sets {', '.join(blockers)}; use generation 'plain'.")
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    results: list[Generation | None] = [None] * len(prompts)
+    new_token_total, started = 0, time.perf_counter()
+    batches = length_sorted_batches([len(ids) for ids in encoded], batch_size)
+    marker_check = MarkerCheck(tokenizer, stop_markers) if method != "plain" else None
+    own_loop = {"fast": greedy_generate, "graphed": graphed_generate}.get(method)
+    model.eval()
+    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+        input_ids, attention_mask = left_pad([encoded[index] for index in batch], tokenizer.pad_token_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if own_loop is not None:
+            rows_new_ids = own_loop(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                    eos_token_id=tokenizer.eos_token_id, marker_check=marker_check)
+        else:
+            rows_new_ids = _plain_generate(model, tokenizer, input_ids, attention_mask,
+                                           max_new_tokens=max_new_tokens, stop_markers=stop_markers)
+        for row, index in enumerate(batch):
+            new_ids, stopped = split_generated(rows_new_ids[row], tokenizer.eos_token_id, tokenizer.pad_token_id)
+            new_token_total += len(new_ids) + int(stopped)
+            raw = tokenizer.decode(new_ids, skip_special_tokens=True)
+            results[index] = Generation(raw=raw, stopped_by_eos=stopped, new_tokens=len(new_ids))
+    elapsed = time.perf_counter() - started
+    stats = {"generation": method, "generation_s": round(elapsed, 2), "new_tokens": new_token_total,
+             "new_tokens_per_s": round(new_token_total / max(elapsed, 1e-9), 2)}
+    return [result for result in results if result is not None], stats

@@ -1,0 +1,150 @@
+"""Generation `graphed`: generate()'s model calls with the 4-bit layers untouched, the decoding step run over a
+preallocated KV cache with fixed shapes, so on CUDA it is captured once per batch in a CUDA graph and replayed:
+one launch per token instead of thousands of kernel launches from Python.
+
+Rows stay in the batch (as in `plain`) and stops are checked every few steps. The cache's unused tail is masked
+out, so attention sees the keys `plain` sees, but over a longer range, for which sdpa may pick another kernel: on
+GPU near-tie argmaxes can flip (bench/results/attention_identity_h200.json). On CPU the same step runs eagerly and
+gives `generate()`'s tokens (tested).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.generation.greedy import forward_model, greedy_tokens, prefill_inputs, take_token
+from alpaca_qlora.generation.stop_checks import MarkerCheck
+
+
+class StaticKVCache:
+    """Keys and values of every layer in tensors preallocated for the whole generation, written in place at
+    `write_positions` (a device tensor the decoding loop advances): fixed shapes and addresses, which is what a CUDA
+    graph needs. Implements the part of transformers' Cache interface the decoder layers call (`update`)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_positions: torch.Tensor):
+        self.keys, self.values, self.write_positions = keys, values, write_positions
+
+    @classmethod
+    def from_prefill(cls, cache: Any, slots: int, write_positions: torch.Tensor) -> StaticKVCache:
+        """Copy a prefilled DynamicCache into tensors of `slots` positions (the rest zero, masked out)."""
+        keys, values = [], []
+        for layer in cache.layers:
+            for source, target in ((layer.keys, keys), (layer.values, values)):
+                static = source.new_zeros((*source.shape[:2], slots, source.shape[3]))
+                static[:, :, : source.shape[2]] = source
+                target.append(static)
+        return cls(keys, values, write_positions)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer_idx].index_copy_(2, self.write_positions, key_states)
+        self.values[layer_idx].index_copy_(2, self.write_positions, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class DecodeStep:
+    """One greedy decoding step over a StaticKVCache, with every input in a fixed buffer: `ids` (the last
+    tokens), `positions`, `mask` (which cache slots each row may attend to) and the cache's write position. On
+    CUDA it is captured in a CUDA graph at the first call and replayed afterwards."""
+
+    def __init__(self, network: Any, cache: StaticKVCache, ids: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor, *, use_graph: bool):
+        self.network, self.cache, self.ids, self.positions, self.mask = network, cache, ids, positions, mask
+        self.next_tokens = torch.empty(ids.shape[0], dtype=torch.long, device=ids.device)
+        self.use_graph, self.graph = use_graph, None
+
+    def _forward(self) -> None:
+        logits = self.network(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
+                              past_key_values=self.cache, use_cache=True, logits_to_keep=1, return_dict=True).logits
+        self.next_tokens.copy_(greedy_tokens(logits))
+
+    def _capture(self) -> None:
+        # warm-up on a side stream (allocator, cuBLAS handles, lazy kernels), then capture; both recompute the
+        # current step, whose cache slot and output the replay overwrites with the same values
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._forward()
+
+    def __call__(self) -> torch.Tensor:
+        """Attend to the current write slot, compute the next tokens, then move every buffer one step on."""
+        self.mask.index_fill_(-1, self.cache.write_positions, True)
+        if not self.use_graph:
+            self._forward()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        self.ids.copy_(self.next_tokens[:, None])
+        self.positions.add_(1)
+        self.cache.write_positions.add_(1)
+        return self.next_tokens
+
+
+@torch.inference_mode()
+def graphed_generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    marker_check: MarkerCheck | None = None,
+    check_every: int = 16,
+) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch with a static KV cache, the step graph-captured on CUDA.
+
+    The prefill is `greedy_generate`'s (and `generate()`'s) first call; its cache is copied into a StaticKVCache
+    of prompt + max_new_tokens slots. Each step attends to the prompt's real tokens and every generated one, the
+    same keys `generate()`'s mask allows; masked slots add nothing. Rows keep decoding after they finish (their
+    tokens are discarded, as `generate()` discards its padding), and the host looks at the tokens only every
+    `check_every` steps, to stop once every row is done.
+    """
+    from transformers import DynamicCache
+
+    network = forward_model(model)
+    device = input_ids.device
+    batch, prompt_length = input_ids.shape
+    slots = prompt_length + max_new_tokens
+    window = getattr(network.config, "sliding_window", None)
+    if window is not None and slots > window:
+        raise PipelineError(f"graphed generation keeps every key in view, but the model attends within a "
+                            f"{window}-token sliding window and this batch needs {slots} positions; use generation "
+                            f"'plain' or 'fast'.")
+    position_ids, prefill_mask = prefill_inputs(attention_mask)
+    prefill = network(input_ids=input_ids, attention_mask=prefill_mask, position_ids=position_ids,
+                      past_key_values=DynamicCache(config=network.config), use_cache=True, logits_to_keep=1,
+                      return_dict=True)
+    first_tokens = greedy_tokens(prefill.logits)
+    write_positions = torch.tensor([prompt_length], dtype=torch.long, device=device)
+    cache = StaticKVCache.from_prefill(prefill.past_key_values, slots, write_positions)
+    del prefill
+    mask = torch.zeros((batch, 1, 1, slots), dtype=torch.bool, device=device)
+    mask[:, 0, 0, :prompt_length] = attention_mask.bool()
+    step = DecodeStep(network, cache, first_tokens[:, None].clone(), position_ids[:, -1:] + 1, mask,
+                      use_graph=device.type == "cuda")
+    history = [first_tokens]
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    watched, finished = [False] * batch, [False] * batch
+    checked = 0
+    for produced in range(1, max_new_tokens + 1):
+        if produced == max_new_tokens or produced - checked >= check_every:
+            tokens = torch.stack(history[checked:produced], dim=1).tolist()
+            for row in range(batch):
+                for token in tokens[row]:
+                    if finished[row]:
+                        break
+                    finished[row], watched[row] = take_token(
+                        generated[row], token, watched=watched[row], eos_token_id=eos_token_id,
+                        max_new_tokens=max_new_tokens, marker_check=marker_check)
+            checked = produced
+            if all(finished) or produced == max_new_tokens:
+                break
+        history.append(step().clone())
+    return generated

@@ -1,0 +1,127 @@
+"""Our greedy loop (generation `fast`): generate()'s decoding, with each row dropped from the batch and from the KV
+cache as soon as it finishes, so the late steps run on the rows still going.
+
+Everything that makes its tokens generate()'s lives here and the graphed loop reuses it: how the model is called
+(the transformers model under PEFT, position ids from the mask, the mask dropped when nothing is padded, the last
+position's logits only, argmax in fp32), when a row is finished (EOS, the limit, the stop rule) and the generation
+settings under which no own loop can match generate() (logits processors it would apply).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from alpaca_qlora.generation.stop_checks import MarkerCheck
+
+# Generation-config settings that add logits processors or stopping rules to greedy `generate()`; our own loop
+# applies none of them, so it refuses a model whose generation config sets any (the plain path still works).
+_PROCESSOR_SETTINGS = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+    "renormalize_logits": (None, False), "stop_strings": (None,), "max_time": (None,), "token_healing": (None, False),
+}
+
+
+def greedy_loop_blockers(model: Any) -> list[str]:
+    """Generation-config settings under which `greedy_generate` would not reproduce greedy `generate()`."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    return [f"{name}={getattr(config, name)!r}" for name, allowed in _PROCESSOR_SETTINGS.items()
+            if getattr(config, name, None) not in allowed]
+
+
+def take_token(generated: list[int], token: int, *, watched: bool, eos_token_id: int, max_new_tokens: int,
+               marker_check: MarkerCheck | None) -> tuple[bool, bool]:
+    """Append one greedy token to a row; returns (row finished, row watched). A row is watched once it generated a
+    token that may start a stop marker; only watched rows are decoded to look for one."""
+    generated.append(token)
+    done = token == eos_token_id or len(generated) >= max_new_tokens
+    if not done and marker_check is not None:
+        watched = watched or marker_check.triggered_by(token)
+        done = watched and marker_check.hit(generated)
+    return done, watched
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's next token as greedy `generate()` picks it: argmax of the last position's logits in fp32."""
+    return logits[:, -1].to(dtype=torch.float32).argmax(dim=-1)
+
+
+def prefill_inputs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids of a left-padded batch, and the mask as `generate()` passes it (none when nothing is padded)."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    return position_ids, (attention_mask if not bool(attention_mask.all()) else None)
+
+
+def forward_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected): what `generate()` itself calls."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    marker_check: MarkerCheck | None = None,
+) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch, dropping rows from the batch and the KV cache as they finish.
+
+    Returns each row's new ids, ending with EOS when EOS stopped it. Calls the model as transformers 5's greedy
+    `generate()` does (DynamicCache, position ids from the mask, mask dropped when there is no padding, logits of
+    the last position only, argmax of fp32 logits), so rows get the tokens `generate()` gives them.
+    """
+    from transformers import DynamicCache
+
+    network = forward_model(model)
+    device = input_ids.device
+    position_ids, mask = prefill_inputs(attention_mask)
+    cache = DynamicCache(config=network.config)
+    rows = list(range(input_ids.shape[0]))  # original row index of each batch position
+    padded = [not bool(attention_mask[row].all()) for row in rows]
+    generated: list[list[int]] = [[] for _ in rows]
+    watched = [False] * len(rows)  # a row that generated a marker's first character: decode it every step
+    finished = [False] * len(rows)
+    step_ids, step_positions = input_ids, position_ids
+    for step in range(max_new_tokens):
+        outputs = network(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        cache = outputs.past_key_values
+        next_tokens = greedy_tokens(outputs.logits)
+        del outputs
+        tokens = next_tokens.tolist()
+        keep: list[int] = []
+        for position, (row, token) in enumerate(zip(rows, tokens)):
+            if finished[row]:  # a row kept only so the mask keeps padding (see below)
+                continue
+            done, watched[row] = take_token(generated[row], token, watched=watched[row], eos_token_id=eos_token_id,
+                                            max_new_tokens=max_new_tokens, marker_check=marker_check)
+            finished[row] = done
+            if not done:
+                keep.append(position)
+        if not keep or step + 1 == max_new_tokens:
+            break
+        if len(keep) < len(rows):
+            if mask is not None and not any(padded[rows[position]] for position in keep):
+                # transformers drops an all-ones mask (another attention path); keep one padded row, as the full
+                # batch would, so every step runs the attention the batch ran
+                keep.append(next(position for position, row in enumerate(rows) if padded[row]))
+                keep.sort()
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            rows = [rows[position] for position in keep]
+            next_tokens, step_positions = next_tokens[index], step_positions[index]
+            mask = mask[index] if mask is not None else None
+        step_ids = next_tokens[:, None]
+        step_positions = step_positions[:, -1:] + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+    return generated
