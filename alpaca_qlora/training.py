@@ -37,7 +37,8 @@ from alpaca_qlora.checkpoints import (
 )
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import IGNORE_INDEX
-from alpaca_qlora.models import QuantizationPlan, load_model
+from alpaca_qlora.models.loading import load_model
+from alpaca_qlora.models.quantization import QuantizationPlan
 from alpaca_qlora.packing import (
     PackedCollator,
     PackedDataset,

@@ -22,7 +22,8 @@ from transformers import set_seed
 from alpaca_qlora import io
 from alpaca_qlora.checkpoints import lock_checkpoints, share_lock_with_workers
 from alpaca_qlora.config import LoraParams, ModelParams, TrainParams, stage_params
-from alpaca_qlora.models import load_tokenizer, plan_quantization, resolve_model_source
+from alpaca_qlora.models.loading import load_tokenizer, resolve_model_source
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
 from alpaca_qlora.training import (
     TokenizedDataset,

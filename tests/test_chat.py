@@ -7,13 +7,15 @@ import pytest
 import torch
 import yaml
 
-from alpaca_qlora import infer, inference
+from alpaca_qlora import infer
 from alpaca_qlora.chat import AnswerStreamer, questions
 from alpaca_qlora.config import LoraParams
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation import generate
 from alpaca_qlora.metrics import clean_generation
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.models import inference
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.training import attach_lora, save_adapter
 

@@ -22,7 +22,7 @@ from alpaca_qlora.config import params_from_mapping
 from alpaca_qlora.formatting import nearest_rank, response_token_count, stop_margin, token_limit
 from alpaca_qlora.metrics import (aggregate, cut_by_limit, is_label_row, is_short_answer, is_stated_option,
                                   metric_deltas, score_row, unsupported_word_share)
-from alpaca_qlora.models import load_tokenizer
+from alpaca_qlora.models.loading import load_tokenizer
 from alpaca_qlora.sampling import split_rows
 
 ROOT = Path(__file__).resolve().parents[1]

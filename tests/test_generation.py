@@ -9,7 +9,8 @@ from alpaca_qlora.config import ConfigError, EvalParams, params_from_mapping
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation import (DequantizedLinear, describe_weights, dequantize_for_generation, generate,
                                      merge_lora_for_generation, resolve_generation_method)
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import get_template
 
 TEMPLATE = get_template("alpaca")

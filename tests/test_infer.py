@@ -14,7 +14,8 @@ import yaml
 from alpaca_qlora import infer
 from alpaca_qlora.config import LoraParams
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training import attach_lora, save_adapter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,10 @@ import torch
 
 from alpaca_qlora.config import LoraParams
 from alpaca_qlora.generation import generate
-from alpaca_qlora.inference import load_for_inference
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
-from alpaca_qlora.numerics import Float64RMSNorm, base_weights_fingerprint, float64_norms
+from alpaca_qlora.models.inference import load_for_inference
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
+from alpaca_qlora.models.numerics import Float64RMSNorm, base_weights_fingerprint, float64_norms
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.training import attach_lora, save_adapter
 
@@ -107,7 +108,7 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "
 ANSWER_SCRIPT = """
 import json, sys
 from alpaca_qlora.generation import generate
-from alpaca_qlora.inference import load_for_inference
+from alpaca_qlora.models.inference import load_for_inference
 import torch
 loaded = load_for_inference(sys.argv[1], "nf4", device="cpu")
 prompts = json.loads(sys.argv[2])

@@ -18,8 +18,9 @@ from transformers import TrainerCallback, set_seed
 from alpaca_qlora.checkpoints import checkpoint_problem
 from alpaca_qlora.config import LoraParams, TrainParams
 from alpaca_qlora.formatting import IGNORE_INDEX, tokenize_training_rows
-from alpaca_qlora.inference import load_for_inference
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.models.inference import load_for_inference
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.training import (
     OffloadedCheckpoint,
@@ -88,7 +89,7 @@ def test_two_steps_then_the_saved_adapter_reloads_with_the_same_logits(tiny_mist
     reloaded = load_for_inference(str(tiny_mistral_dir), "none", adapter_dir=tmp_path / "adapter", device="cpu")
     with torch.no_grad():
         reloaded_logits = reloaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert reloaded_logits.dtype == torch.float64  # CPU inference runs in float64 (alpaca_qlora/numerics.py)
+    assert reloaded_logits.dtype == torch.float64  # CPU inference runs in float64 (alpaca_qlora/models/numerics.py)
     torch.testing.assert_close(reloaded_logits.float(), trained_logits, rtol=1e-4, atol=1e-4)
 
 
