@@ -9,7 +9,6 @@ import yaml
 
 from alpaca_qlora import infer
 from alpaca_qlora.chat import AnswerStreamer, questions
-from alpaca_qlora.config import LoraParams
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation import generate
 from alpaca_qlora.metrics import clean_generation
@@ -18,6 +17,7 @@ from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.training import attach_lora, save_adapter
+from support.params import embedded_params, write_embedded_params
 
 QUESTIONS = ["What is the capital of France?", "Name a noble gas.\tAnswer in one word."]
 
@@ -26,7 +26,8 @@ QUESTIONS = ["What is the capital of France?", "Name a noble gas.\tAnswer in one
 def project(tmp_path_factory, tiny_mistral_dir):
     root = tmp_path_factory.mktemp("chat")
     plan = plan_quantization("none", "cpu")
-    model = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"), LoraParams(r=4, alpha=8),
+    lora = embedded_params(lora={"r": 4, "alpha": 8}).lora
+    model = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"), lora,
                         quantized=False, gradient_checkpointing=False)
     torch.manual_seed(0)
     with torch.no_grad():  # an adapter large enough to change the greedy answers
@@ -35,8 +36,8 @@ def project(tmp_path_factory, tiny_mistral_dir):
                 parameter.normal_(0, 0.5)
     save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), root / "adapter", "card",
                  base_model=str(tiny_mistral_dir))
-    params = {"model": {"name": str(tiny_mistral_dir), "quantization": "none"}, "eval": {"max_new_tokens": 12}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_embedded_params(root / "params.yaml", model={"name": str(tiny_mistral_dir), "quantization": "none"},
+                          eval={"max_new_tokens": 12})
     return root
 
 
