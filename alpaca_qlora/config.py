@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,6 @@ DVC_FILE = "dvc.yaml"
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_MODEL_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model whose Q4_1 GGUF it converts
-SEVEN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Switch = Literal["auto", True, False]  # a speed setting: auto picks it by device, true / false force it
 
 
@@ -31,18 +30,26 @@ class ConfigError(PipelineError, ValueError):
     """A parameter is missing, unknown or out of range; the message names it and says what is allowed."""
 
 
+# The sections below have no defaults: params.yaml (the embedded profile) sets every key, and its comments say what
+# each one does; a profile (profiles/*.yaml) changes only the keys it lists.
+EVERY_KEY = ("Every key must be set: params.yaml (the embedded profile) lists them all with their values, so copy "
+             "the missing lines from the project's params.yaml (`git show HEAD:params.yaml`).")
+
+
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["bundled", "hub", "local"] = "bundled"
-    hub_id: str = "yahma/alpaca-cleaned"
-    hub_revision: str = "main"
-    hub_file: str = "alpaca_data_cleaned.json"
-    path: str = ""
-    sample_frac: float = 0.10
-    eval_size: int = 200
-    seed: int = 42
-    template: Literal["alpaca", "instruction_context"] = "alpaca"
-    overlong: Literal["truncate", "drop"] = "truncate"
+    """Where the rows come from, how many train on, and how the held-out eval split is drawn (`data:`)."""
+
+    source: Literal["bundled", "hub", "local"]
+    hub_id: str
+    hub_revision: str
+    hub_file: str
+    path: str
+    sample_frac: float
+    eval_size: int
+    seed: int
+    template: Literal["alpaca", "instruction_context"]
+    overlong: Literal["truncate", "drop"]
 
     def validate(self) -> None:
         _require(0.0 < self.sample_frac <= 1.0, "data.sample_frac", self.sample_frac, "a fraction in (0, 1]")
@@ -53,8 +60,10 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = EMBEDDED_MODEL
-    quantization: Literal["auto", "nf4", "none"] = "auto"
+    """The base model and whether it loads in 4-bit (`model:`)."""
+
+    name: str
+    quantization: Literal["auto", "nf4", "none"]
 
     def validate(self) -> None:
         _require(bool(self.name.strip()), "model.name", self.name, "a hub id, a local directory or " + EMBEDDED_MODEL)
@@ -62,13 +71,15 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class LoraParams:
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = SEVEN_TARGET_MODULES
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    use_dora: bool = False
+    """The adapter: rank, scaling, dropout and the modules it wraps (`lora:`; PEFT's LoraConfig names)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+    bias: Literal["none", "all", "lora_only"]
+    use_rslora: bool
+    use_dora: bool
 
     def validate(self) -> None:
         _require(self.r > 0, "lora.r", self.r, "a positive rank")
@@ -79,32 +90,34 @@ class LoraParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    learning_rate: float = 2e-4
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = 0.03
-    epochs: float = 1.0
-    max_steps: int = -1
-    micro_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
+    """The optimizer, batches, speed switches, checkpoints, logging and launch (`train:`)."""
+
+    learning_rate: float
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    warmup_ratio: float
+    epochs: float
+    max_steps: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
     # auto: on where it pays, i.e. on CUDA (training.resolve_speed_switches); true / false force it
-    gradient_checkpointing: Switch = "auto"
-    checkpoint_offload: bool = False
-    frozen_dtype: Literal["compute", "fp32"] = "compute"
-    packing: bool = True
-    liger_kernels: Switch = "auto"
-    seed: int = 42
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    max_seq_length: int = 2048
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 5
-    save_steps: int = 50
-    resume: Literal["auto", "never"] = "auto"
-    dvclive: bool = True
-    wandb: bool = False
-    wandb_project: str = "alpaca-qlora"
-    distributed: Literal["none", "ddp", "fsdp"] = "none"
-    num_processes: int = 1
+    gradient_checkpointing: Switch
+    checkpoint_offload: bool
+    frozen_dtype: Literal["compute", "fp32"]
+    packing: bool
+    liger_kernels: Switch
+    seed: int
+    precision: Literal["auto", "bf16", "fp16", "fp32"]
+    max_seq_length: int
+    weight_decay: float
+    max_grad_norm: float
+    logging_steps: int
+    save_steps: int
+    resume: Literal["auto", "never"]
+    dvclive: bool
+    wandb: bool
+    wandb_project: str
+    distributed: Literal["none", "ddp", "fsdp"]
+    num_processes: int
 
     def validate(self) -> None:
         _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number (e.g. 2e-4)")
@@ -127,23 +140,25 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvalParams:
+    """Decoding limits, the short-answer (EM) rule, the decoding path and compare's bootstrap (`eval:`)."""
+
     # auto: the 99th percentile of the eval references' token counts plus the stop margin, at most the cap
-    max_new_tokens: Literal["auto"] | int = "auto"
-    max_new_tokens_cap: int = 1024
+    max_new_tokens: Literal["auto"] | int
+    max_new_tokens_cap: int
     # short-answer rows the eval split draws first, so EM rests on at least this many where the data has them
-    min_short_answer: int = 150
-    batch_size: int = 16
-    short_answer_max_words: int = 5
-    short_answer_task_types: tuple[str, ...] = ("closed_qa", "factual", "classification")
-    num_examples: int = 5
+    min_short_answer: int
+    batch_size: int
+    short_answer_max_words: int
+    short_answer_task_types: tuple[str, ...]
+    num_examples: int
     # plain: model.generate(); graphed: the same 4-bit layers, static KV cache, decoding step replayed as a CUDA
     # graph; fast: own greedy loop dropping finished rows, with the 4-bit base dequantized once on CUDA (not bitwise
     # the same outputs on GPU). merge_bf16 folds LoRA into the dequantized weights: changes precision, opt-in.
-    generation: Literal["plain", "fast", "graphed"] = "plain"
-    merge_bf16: bool = False
+    generation: Literal["plain", "fast", "graphed"]
+    merge_bf16: bool
     # compare's paired bootstrap intervals (alpaca_qlora/significance.py): resamples and the generator's seed
-    bootstrap_resamples: int = 10_000
-    bootstrap_seed: int = 42
+    bootstrap_resamples: int
+    bootstrap_seed: int
 
     def validate(self) -> None:
         _require(self.max_new_tokens == "auto" or self.max_new_tokens > 0, "eval.max_new_tokens",
@@ -160,11 +175,11 @@ class EvalParams:
 
 @dataclass(frozen=True)
 class Params:
-    data: DataParams = field(default_factory=DataParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    lora: LoraParams = field(default_factory=LoraParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    eval: EvalParams = field(default_factory=EvalParams)
+    data: DataParams
+    model: ModelParams
+    lora: LoraParams
+    train: TrainParams
+    eval: EvalParams
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:
@@ -234,7 +249,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 def _build_section(cls: type, values: Any, section: str) -> Any:
     if values is None:
-        values = {}
+        raise ConfigError(f"params: section '{section}' is missing or empty. {EVERY_KEY}")
     if not isinstance(values, dict):
         raise ConfigError(f"params: section '{section}' must be a mapping of keys to values, got {values!r}.")
     hints = typing.get_type_hints(cls)
@@ -245,6 +260,9 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
             f"params: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
             f"'{section}' accepts: {', '.join(sorted(known))}."
         )
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+    if missing:
+        raise ConfigError(f"params: missing key(s) {', '.join(f'{section}.{k}' for k in missing)}. {EVERY_KEY}")
     kwargs = {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in values.items()}
     instance = cls(**kwargs)
     instance.validate()
@@ -252,8 +270,7 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
 
 
 def params_from_mapping(raw: Any) -> Params:
-    if raw is None:
-        raw = {}
+    """Every key of every section must be given: params.yaml holds them all, so no value is written twice."""
     if not isinstance(raw, dict):
         raise ConfigError("params: the file must be a mapping of sections (data, model, lora, train, eval).")
     sections = {f.name: f for f in dataclasses.fields(Params)}
@@ -341,12 +358,7 @@ def stage_params(stage: str, params_file: str | Path = PARAMS_FILE, dvc_file: st
     return StageParams(stage=stage, keys=keys, **views)
 
 
-def as_dict(params: Params) -> dict[str, Any]:
-    return dataclasses.asdict(params)
-
-
 __all__ = [
     "ConfigError", "DataParams", "EvalParams", "LoraParams", "ModelParams", "Params", "StageParams", "TrainParams",
-    "EMBEDDED_MODEL", "SEVEN_TARGET_MODULES", "declared_params", "load_params", "params_from_mapping",
-    "stage_params", "as_dict",
+    "EMBEDDED_MODEL", "declared_params", "load_params", "params_from_mapping", "stage_params",
 ]

@@ -8,7 +8,7 @@
 Mistral-shaped model with Mistral's tokenizer (briefly trained, such a model collapses to repeating one token, whose
 answers no kernel could change; a random one has near-tied logits everywhere), a random non-zero LoRA adapter on its
 NF4 quantization, and bundled prompts. `predict` answers them three ways: the pipeline's CPU path
-(alpaca_qlora.inference: float64), and the path before it (bitsandbytes' 4-bit layers in fp32) with and without
+(alpaca_qlora.models.inference: float64), and the path before it (bitsandbytes' 4-bit layers in fp32) with and without
 bitsandbytes' AVX512-BF16 repack, to show what the float64 path removes.
 """
 from __future__ import annotations
@@ -46,7 +46,9 @@ def prepare(out: Path) -> None:
     from transformers import MistralForCausalLM
 
     from alpaca_qlora.bundled import generate_rows
-    from alpaca_qlora.models import build_tiny_mistral, load_model, plan_quantization
+    from alpaca_qlora.models.loading import load_model
+    from alpaca_qlora.models.quantization import plan_quantization
+    from support.mistral import build_tiny_mistral
 
     rows = generate_rows()
     random.Random(0).shuffle(rows)
@@ -75,7 +77,8 @@ def _legacy_load(base_dir: Path, adapter_dir: Path | None, *, repack: bool):
     """The CPU path before float64: bitsandbytes' 4-bit layers, fp32 compute; `repack` leaves bnb's own switch."""
     from peft import PeftModel
 
-    from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+    from alpaca_qlora.models.loading import load_model, load_tokenizer
+    from alpaca_qlora.models.quantization import plan_quantization
 
     model = load_model(str(base_dir), plan_quantization("nf4", "cpu"), device="cpu")
     if adapter_dir is not None:
@@ -122,7 +125,7 @@ def environment() -> dict:
 
 
 def predict(work: Path, out: Path) -> None:
-    from alpaca_qlora.inference import load_for_inference
+    from alpaca_qlora.models.inference import load_for_inference
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
     python -m bench.eval_bench /tmp/mistral-7b-random --out bench/results/eval_h100.json \
         [--batch-size 128 --max-new-tokens 128 --prompts 256 --variants plain,graphed,fast,graphed_dequantized]
 
-The model loads in NF4 (alpaca_qlora.models.load_model, plan_quantization("nf4", device)) with a freshly
+The model loads in NF4 (alpaca_qlora.models.loading.load_model, plan_quantization("nf4", device)) with a freshly
 initialised, non-zero LoRA adapter on the seven projections (the Mistral profile's LoRA), as the fine-tuned evaluation
 runs; prompts are Alpaca-formatted instructions of Alpaca length, tokenized by the model's tokenizer, greedy with
 the evaluation's stop rules. Variants, in this order on the same model object:
@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from alpaca_qlora.generation import dequantize_for_generation, generate, merge_lora_for_generation
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora

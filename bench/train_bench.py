@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from alpaca_qlora.formatting import IGNORE_INDEX
-from alpaca_qlora.models import plan_quantization
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.data import ResponseOnlyCollator

@@ -16,9 +16,9 @@ from alpaca_qlora.config import stage_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import stop_margin, token_limit
 from alpaca_qlora.generation import dequantize_for_generation, describe_weights, generate, merge_lora_for_generation
-from alpaca_qlora.inference import load_for_inference
 from alpaca_qlora.metrics import aggregate, cut_by_limit, is_short_answer, score_row
-from alpaca_qlora.numerics import base_weights_fingerprint, describe_cuda_path
+from alpaca_qlora.models.inference import load_for_inference
+from alpaca_qlora.models.numerics import base_weights_fingerprint, describe_cuda_path
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
 from alpaca_qlora.stop_rule import clean_generation

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.models import package_dir
+from alpaca_qlora.models.embedded import package_dir
 
 MISTRAL_TOKENIZER_FILE = "tokenizer.model.v1"  # in mistral_common/data: Mistral-7B(-Instruct-v0.2)'s tokenizer
 MISTRAL_CONTEXT_LENGTH = 32768  # Mistral-7B-Instruct-v0.2's max_position_embeddings

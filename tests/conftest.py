@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_qlora.models import EMBEDDED_SMOLLM2, resolve_model_source
+from alpaca_qlora.models.embedded import EMBEDDED_SMOLLM2
+
+from alpaca_qlora.models.loading import resolve_model_source
 from support.mistral import build_tiny_mistral
 
 

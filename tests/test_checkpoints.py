@@ -23,7 +23,7 @@ from alpaca_qlora.training.checkpoints import (
     share_lock_with_workers,
 )
 from alpaca_qlora.formatting import tokenize_training_rows
-from alpaca_qlora.models import load_tokenizer
+from alpaca_qlora.models.loading import load_tokenizer
 from alpaca_qlora.prompts import ALPACA
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,11 +1,11 @@
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
-from alpaca_qlora.config import (ConfigError, TrainParams, declared_params, load_params, params_from_mapping,
-                                 stage_params)
+from alpaca_qlora.config import ConfigError, declared_params, load_params, params_from_mapping, stage_params
+from alpaca_qlora.profiles import merged, read_yaml
+from support.params import embedded_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def test_numbers_written_as_text_are_numbers():
     # PyYAML reads `2e-4` as a string; `dvc exp run -S train.learning_rate=2e-4` writes exactly that.
     raw = yaml.safe_load("train: {learning_rate: 2e-4, max_steps: '10'}")
     assert raw["train"]["learning_rate"] == "2e-4"
-    params = params_from_mapping(raw)
+    params = embedded_params(**raw)
     assert params.train.learning_rate == pytest.approx(2e-4)
     assert params.train.max_steps == 10
 
@@ -44,8 +44,21 @@ def test_numbers_written_as_text_are_numbers():
 )
 def test_bad_values_are_refused_with_the_key_named(raw, message):
     with pytest.raises(ConfigError) as error:
-        params_from_mapping(raw)
+        embedded_params(**raw)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("section", ["data", "model", "lora", "train", "eval"])
+def test_a_missing_key_or_section_is_named_not_filled_in(section):
+    """No key has a default in the code: params.yaml sets each one, so a missing one is an error naming it."""
+    full = read_yaml(ROOT / "params.yaml")
+    first_key = next(iter(full[section]))
+    without_key = {**full, section: {k: v for k, v in full[section].items() if k != first_key}}
+    with pytest.raises(ConfigError, match=rf"missing key\(s\) {section}\.{first_key}\b.*params\.yaml"):
+        params_from_mapping(without_key)
+    for without_section in ({k: v for k, v in full.items() if k != section}, {**full, section: None}):
+        with pytest.raises(ConfigError, match=rf"section '{section}' is missing.*params\.yaml"):
+            params_from_mapping(without_section)
 
 
 def test_missing_params_file_says_where_to_run(tmp_path):
@@ -53,19 +66,20 @@ def test_missing_params_file_says_where_to_run(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
-def _write_project(tmp_path: Path, params_text: str, stage_params_list: list[str]) -> tuple[Path, Path]:
+def _write_project(tmp_path: Path, overrides: dict, stage_params_list: list[str]) -> tuple[Path, Path]:
+    """A project whose params.yaml is the embedded profile with `overrides` ({section: {key: value}})."""
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(textwrap.dedent(params_text))
+    params_file.write_text(yaml.safe_dump(merged(read_yaml(ROOT / "params.yaml"), overrides)))
     dvc_file = tmp_path / "dvc.yaml"
     dvc_file.write_text(yaml.safe_dump({"stages": {"demo": {"cmd": "true", "params": stage_params_list}}}))
     return params_file, dvc_file
 
 
 def test_a_stage_reads_only_what_it_declares(tmp_path):
-    params_file, dvc_file = _write_project(tmp_path, "data: {sample_frac: 0.2}\n", ["data.sample_frac", "lora"])
+    params_file, dvc_file = _write_project(tmp_path, {"data": {"sample_frac": 0.2}}, ["data.sample_frac", "lora"])
     view = stage_params("demo", params_file, dvc_file)
     assert view.data.sample_frac == 0.2
-    assert view.lora.r == 16  # a whole section declared
+    assert view.lora.r == embedded_params().lora.r  # a whole section declared
     with pytest.raises(AttributeError, match="does not declare it"):
         _ = view.data.seed
     with pytest.raises(AttributeError, match="train.learning_rate"):
@@ -73,7 +87,7 @@ def test_a_stage_reads_only_what_it_declares(tmp_path):
 
 
 def test_declaring_a_key_the_schema_lacks_fails(tmp_path):
-    params_file, dvc_file = _write_project(tmp_path, "{}\n", ["data.samples"])
+    params_file, dvc_file = _write_project(tmp_path, {}, ["data.samples"])
     with pytest.raises(ConfigError, match="data.samples"):
         stage_params("demo", params_file, dvc_file)
 
@@ -93,11 +107,12 @@ def test_data_stages_never_depend_on_lora_or_train_except_seq_length():
 
 
 def test_speed_switches_take_auto_true_false_and_nothing_else():
-    assert TrainParams().gradient_checkpointing == "auto" and TrainParams().liger_kernels == "auto"
-    params = params_from_mapping({"train": {"gradient_checkpointing": "true", "liger_kernels": False}})
+    embedded = embedded_params().train  # params.yaml leaves both to the device
+    assert embedded.gradient_checkpointing == "auto" and embedded.liger_kernels == "auto"
+    params = embedded_params(train={"gradient_checkpointing": "true", "liger_kernels": False})
     assert params.train.gradient_checkpointing is True and params.train.liger_kernels is False
     for bad in ("yes", 1, "on"):
         with pytest.raises(ConfigError, match="train.liger_kernels"):
-            params_from_mapping({"train": {"liger_kernels": bad}})
+            embedded_params(train={"liger_kernels": bad})
     with pytest.raises(ConfigError, match="train.checkpoint_offload"):
-        params_from_mapping({"train": {"gradient_checkpointing": False, "checkpoint_offload": True}})
+        embedded_params(train={"gradient_checkpointing": False, "checkpoint_offload": True})

@@ -14,17 +14,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from alpaca_qlora.config import ConfigError, TrainParams, params_from_mapping
+from alpaca_qlora.config import ConfigError
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.training.distributed import accelerate_command
+from support.params import embedded_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_no_launch_without_distribution_or_inside_a_launched_process(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert accelerate_command(TrainParams(), "stages/train.py", "cpu") is None
-    ddp = dataclasses.replace(TrainParams(), distributed="ddp", num_processes=2)
+    assert accelerate_command(embedded_params().train, "stages/train.py", "cpu") is None
+    ddp = embedded_params(train={"distributed": "ddp", "num_processes": 2}).train
     command = accelerate_command(ddp, "stages/train.py", "cpu")
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert command[command.index("--num_processes") + 1] == "2" and "--multi_gpu" in command
@@ -37,13 +38,13 @@ def test_no_launch_without_distribution_or_inside_a_launched_process(monkeypatch
 
 def test_fsdp_is_refused_on_cpu_and_more_processes_need_a_distributed_mode(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    fsdp = dataclasses.replace(TrainParams(), distributed="fsdp", num_processes=2)
+    fsdp = embedded_params(train={"distributed": "fsdp", "num_processes": 2}).train
     with pytest.raises(PipelineError, match="fsdp needs CUDA"):
         accelerate_command(fsdp, "stages/train.py", "cpu")
     with pytest.raises(ConfigError, match="train.num_processes = 2 is invalid"):
-        params_from_mapping({"train": {"num_processes": 2}})
+        embedded_params(train={"num_processes": 2})
     with pytest.raises(ConfigError, match="train.distributed"):
-        params_from_mapping({"train": {"distributed": "deepspeed"}})
+        embedded_params(train={"distributed": "deepspeed"})
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -18,12 +18,12 @@ import yaml
 from alpaca_like import alpaca_like_rows, write_alpaca_like
 
 from alpaca_qlora.bundled import generate_rows
-from alpaca_qlora.config import params_from_mapping
 from alpaca_qlora.formatting import nearest_rank, response_token_count, stop_margin, token_limit
 from alpaca_qlora.metrics import (aggregate, cut_by_limit, is_label_row, is_short_answer, is_stated_option,
                                   metric_deltas, score_row, unsupported_word_share)
-from alpaca_qlora.models import load_tokenizer
+from alpaca_qlora.models.loading import load_tokenizer
 from alpaca_qlora.sampling import split_rows
+from support.params import embedded_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_TYPES = ("closed_qa", "factual", "classification")
@@ -142,16 +142,16 @@ def test_auto_limit_on_real_shaped_references_with_a_real_tokenizer(tiny_mistral
 
 
 def test_max_new_tokens_param_accepts_auto_or_an_integer():
-    assert params_from_mapping({"eval": {"max_new_tokens": "auto"}}).eval.max_new_tokens == "auto"
-    assert params_from_mapping({"eval": {"max_new_tokens": 96}}).eval.max_new_tokens == 96
-    assert params_from_mapping({"eval": {"max_new_tokens": "128"}}).eval.max_new_tokens == 128  # as -S writes it
+    assert embedded_params(eval={"max_new_tokens": "auto"}).eval.max_new_tokens == "auto"
+    assert embedded_params(eval={"max_new_tokens": 96}).eval.max_new_tokens == 96
+    assert embedded_params(eval={"max_new_tokens": "128"}).eval.max_new_tokens == 128  # as -S writes it
     for bad in ("lots", 0, True):
         with pytest.raises(ValueError, match="eval.max_new_tokens"):
-            params_from_mapping({"eval": {"max_new_tokens": bad}})
+            embedded_params(eval={"max_new_tokens": bad})
     with pytest.raises(ValueError, match="eval.max_new_tokens_cap"):
-        params_from_mapping({"eval": {"max_new_tokens_cap": 0}})
+        embedded_params(eval={"max_new_tokens_cap": 0})
     with pytest.raises(ValueError, match="eval.min_short_answer"):
-        params_from_mapping({"eval": {"min_short_answer": -1}})
+        embedded_params(eval={"min_short_answer": -1})
 
 
 def test_cut_by_limit_only_when_neither_eos_nor_a_marker_ended_the_answer():

@@ -4,7 +4,7 @@ import pytest
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import encode_prompt, require_training_examples, row_prompt, tokenize_training_rows
-from alpaca_qlora.models import load_tokenizer
+from alpaca_qlora.models.loading import load_tokenizer
 from alpaca_qlora.prompts import ALPACA
 
 ROWS = [

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alpaca_qlora.config import ConfigError, EvalParams, params_from_mapping
+from alpaca_qlora.config import ConfigError
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation import (describe_weights, dequantize_for_generation, generate, merge_lora_for_generation,
                                      resolve_generation_method)
 from alpaca_qlora.generation.weights import DequantizedLinear
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import get_template
+from support.params import embedded_params
 
 TEMPLATE = get_template("alpaca")
 QUESTIONS = ["What is the capital of France?", "Name the chemical symbol of sodium.", "Write a haiku about the sea.",
@@ -168,13 +170,14 @@ def test_generation_method_resolution(embedded):
 
 
 def test_eval_generation_params_validated():
-    assert EvalParams().generation == "plain" and EvalParams().merge_bf16 is False
-    params = params_from_mapping({"eval": {"generation": "fast", "merge_bf16": "true"}})
+    embedded = embedded_params().eval  # params.yaml: plain generate(), LoRA kept apart
+    assert embedded.generation == "plain" and embedded.merge_bf16 is False
+    params = embedded_params(eval={"generation": "fast", "merge_bf16": "true"})
     assert params.eval.generation == "fast" and params.eval.merge_bf16 is True
     with pytest.raises(ConfigError, match="eval.generation"):
-        params_from_mapping({"eval": {"generation": "turbo"}})
+        embedded_params(eval={"generation": "turbo"})
     with pytest.raises(ConfigError, match="eval.merge_bf16"):
-        params_from_mapping({"eval": {"merge_bf16": "yes"}})
+        embedded_params(eval={"merge_bf16": "yes"})
 
 
 @pytest.mark.parametrize("stage", ["evaluate_base", "evaluate_finetuned"])

@@ -9,15 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from alpaca_qlora import infer
 from alpaca_qlora.adapter import save_adapter
-from alpaca_qlora.config import LoraParams
+from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
-from alpaca_qlora.prompts import ALPACA
+from alpaca_qlora.generation import generate
+from alpaca_qlora.models.inference import load_for_inference
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
+from alpaca_qlora.prompts import ALPACA, get_template
+from alpaca_qlora.stop_rule import clean_generation
 from alpaca_qlora.training.model import attach_lora
+from support.params import embedded_params, write_embedded_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,22 +30,42 @@ ROOT = Path(__file__).resolve().parents[1]
 def project(tmp_path_factory, tiny_mistral_dir):
     root = tmp_path_factory.mktemp("infer")
     plan = plan_quantization("none", "cpu")
-    model = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"), LoraParams(r=4, alpha=8),
+    lora = embedded_params(lora={"r": 4, "alpha": 8}).lora
+    model = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"), lora,
                         quantized=False, gradient_checkpointing=False)
-    with torch.no_grad():  # a non-zero adapter, so merging changes the weights
+    torch.manual_seed(0)
+    with torch.no_grad():  # an adapter large enough to change the greedy answer, so merging changes the weights
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
-                parameter.fill_(0.01)
+                parameter.normal_(0, 0.5)
     save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), root / "adapter", "card",
                  model_name=str(tiny_mistral_dir), template=ALPACA)
-    params = {"model": {"name": str(tiny_mistral_dir), "quantization": "none"}, "eval": {"max_new_tokens": 4}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_embedded_params(root / "params.yaml", model={"name": str(tiny_mistral_dir), "quantization": "none"},
+                          eval={"max_new_tokens": 8})
     return root
 
 
-def test_answers_an_instruction(project, capsys):
-    infer.main(["What is 2+2?", "--params", str(project / "params.yaml"), "--adapter", str(project / "adapter")])
-    assert capsys.readouterr().out.endswith("\n")
+def evaluation_answer(project: Path, instruction: str, *, adapter: bool) -> str:
+    """The answer the evaluate stage's path gives: the same loader, template, greedy generation and cleanup."""
+    params = load_params(project / "params.yaml")
+    template = get_template(params.data.template)
+    loaded = load_for_inference(params.model.name, params.model.quantization,
+                                adapter_dir=project / "adapter" if adapter else None, device="cpu")
+    generations, _ = generate(loaded.model, loaded.tokenizer, [template.render(instruction, "")],
+                              max_new_tokens=params.eval.max_new_tokens, batch_size=params.eval.batch_size,
+                              stop_markers=template.stop_markers, progress=False)
+    return clean_generation(generations[0].raw, template.stop_markers)
+
+
+def test_answers_an_instruction_as_the_evaluation_does(project, capsys):
+    arguments = ["What is 2+2?", "--params", str(project / "params.yaml"), "--adapter", str(project / "adapter")]
+    infer.main(arguments)
+    answer = capsys.readouterr().out
+    infer.main(arguments + ["--base-only"])
+    base_answer = capsys.readouterr().out
+    assert answer == evaluation_answer(project, "What is 2+2?", adapter=True) + "\n"
+    assert base_answer == evaluation_answer(project, "What is 2+2?", adapter=False) + "\n"
+    assert answer.strip() and answer != base_answer  # the adapter is used, and the check compares real text
 
 
 def test_merge_writes_a_loadable_model_with_the_adapter_folded_in(project, tiny_mistral_dir):

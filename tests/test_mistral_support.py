@@ -8,7 +8,9 @@ import pytest
 import sentencepiece
 import torch
 
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+
+from alpaca_qlora.models.quantization import plan_quantization
 from support.mistral import build_tiny_mistral, mistral_tokenizer, mistral_tokenizer_model_path
 
 # Read off the sentencepiece model itself: <s>=1, "▁Hello"=22557, "▁world"=1526.

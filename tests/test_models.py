@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from alpaca_qlora import models
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.models import (
-    CONVERSION_MARKER, EMBEDDED_SMOLLM2, QuantizationPlan, embedded_model_dir, load_model, load_tokenizer,
-    model_cache_dir, plan_quantization, resolve_model_source,
-)
+from alpaca_qlora.models import embedded, quantization
+from alpaca_qlora.models.embedded import CONVERSION_MARKER, EMBEDDED_SMOLLM2, embedded_model_dir, model_cache_dir
+from alpaca_qlora.models.loading import load_model, load_tokenizer, resolve_model_source
+from alpaca_qlora.models.quantization import QuantizationPlan, plan_quantization
 
 # --- pad token ----------------------------------------------------------------------------------------------------
 
@@ -28,7 +27,7 @@ def test_mistral_pads_with_unk_on_the_requested_side(tiny_mistral_dir):
 
 
 def test_smollm2_pads_with_endoftext_not_its_eos(embedded_model_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.models"):
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.models.loading"):
         tokenizer = load_tokenizer(str(embedded_model_dir))
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|endoftext|>", 0)
@@ -46,7 +45,7 @@ def test_a_tokenizer_with_only_eos_pads_with_eos_and_says_so(tmp_path, caplog):
     backend = Tokenizer(WordLevel({"<eos>": 0, "hello": 1}, unk_token="<eos>"))
     backend.pre_tokenizer = Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>").save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.models"):
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.models.loading"):
         tokenizer = load_tokenizer(str(tmp_path))
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == 0
     assert "pad == EOS" in caplog.text and "attention mask" in caplog.text
@@ -101,7 +100,7 @@ def test_plan_auto_on_cpu_uses_nf4_where_bitsandbytes_can():
 
 
 def test_without_4bit_support_auto_falls_back_and_nf4_refuses(monkeypatch):
-    monkeypatch.setattr(models, "probe_4bit", lambda device: (False, "no 4-bit backend for cpu"))
+    monkeypatch.setattr(quantization, "probe_4bit", lambda device: (False, "no 4-bit backend for cpu"))
     plan = plan_quantization("auto", "cpu")
     assert not plan.quantized and "no 4-bit backend" in plan.reason
     with pytest.raises(PipelineError, match="nf4.*no 4-bit backend"):
@@ -112,7 +111,7 @@ def test_without_4bit_support_auto_falls_back_and_nf4_refuses(monkeypatch):
 def test_cuda_plans_nf4_in_bf16_where_supported(monkeypatch, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
-    monkeypatch.setattr(models, "probe_4bit", lambda device: (True, "fake CUDA bitsandbytes"))
+    monkeypatch.setattr(quantization, "probe_4bit", lambda device: (True, "fake CUDA bitsandbytes"))
     assert plan_quantization("auto", "cuda") == QuantizationPlan(True, "model.quantization=auto: fake CUDA "
                                                                  "bitsandbytes", expected)
     assert plan_quantization("none", "cuda").compute_dtype == expected
@@ -135,7 +134,7 @@ def test_the_embedded_model_is_converted_once(embedded_model_dir, monkeypatch):
 
     marker = embedded_model_dir / CONVERSION_MARKER
     before = marker.stat().st_mtime_ns
-    monkeypatch.setattr(models, "convert_gguf", must_not_convert)
+    monkeypatch.setattr(embedded, "convert_gguf", must_not_convert)
     assert resolve_model_source(EMBEDDED_SMOLLM2) == str(embedded_model_dir)
     assert marker.stat().st_mtime_ns == before
     assert json.loads(marker.read_text())["dtype"] == "bfloat16"
@@ -158,12 +157,12 @@ def test_an_interrupted_conversion_leaves_nothing_that_looks_finished(monkeypatc
         (out_dir / "model.safetensors").write_text("half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "convert_gguf", dies_midway)
+    monkeypatch.setattr(embedded, "convert_gguf", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         embedded_model_dir()
     assert list(tmp_path.iterdir()) == []
     calls: list[Path] = []
-    monkeypatch.setattr(models, "convert_gguf", fake_conversion(calls))
+    monkeypatch.setattr(embedded, "convert_gguf", fake_conversion(calls))
     first = embedded_model_dir()
     assert embedded_model_dir() == first and len(calls) == 1
     assert (first / CONVERSION_MARKER).is_file() and [p.name for p in tmp_path.iterdir()] == [first.name]
@@ -178,7 +177,7 @@ def test_a_conversion_finished_elsewhere_first_wins(monkeypatch, tmp_path):
         (rival / CONVERSION_MARKER).write_text("{}")
         (rival / "who").write_text("rival")
 
-    monkeypatch.setattr(models, "convert_gguf", slower_than_a_rival)
+    monkeypatch.setattr(embedded, "convert_gguf", slower_than_a_rival)
     target = embedded_model_dir()
     assert (target / "who").read_text() == "rival"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
@@ -186,11 +185,11 @@ def test_a_conversion_finished_elsewhere_first_wins(monkeypatch, tmp_path):
 
 def test_a_different_gguf_gets_a_different_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("ALPACA_QLORA_MODEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "convert_gguf", fake_conversion([]))
+    monkeypatch.setattr(embedded, "convert_gguf", fake_conversion([]))
     other = tmp_path / "other.gguf"
     other.write_bytes(b"not the shipped file")
     shipped = embedded_model_dir()
-    monkeypatch.setattr(models, "embedded_gguf_path", lambda: other)
+    monkeypatch.setattr(embedded, "embedded_gguf_path", lambda: other)
     assert embedded_model_dir() != shipped
 
 

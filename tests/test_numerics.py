@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from alpaca_qlora.adapter import save_adapter
-from alpaca_qlora.config import LoraParams
 from alpaca_qlora.generation import generate
-from alpaca_qlora.inference import load_for_inference
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
-from alpaca_qlora.numerics import Float64RMSNorm, base_weights_fingerprint, float64_norms
+from alpaca_qlora.models.inference import load_for_inference
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.numerics import Float64RMSNorm, base_weights_fingerprint, float64_norms
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import ALPACA, get_template
 from alpaca_qlora.training.model import attach_lora
+from support.params import embedded_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = get_template("alpaca")
@@ -33,7 +34,8 @@ PROMPTS = [TEMPLATE.render(q, "") for q in ("What is the capital of France?", "N
 def adapter_dir(tmp_path_factory, tiny_mistral_dir) -> Path:
     """A non-zero LoRA adapter on the tiny Mistral's NF4 base, so the finetuned path differs from the base."""
     plan = plan_quantization("nf4", "cpu")
-    model = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"), LoraParams(r=4, alpha=8),
+    model = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"),
+                        embedded_params(lora={"r": 4, "alpha": 8}).lora,
                         quantized=True, gradient_checkpointing=False)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -109,7 +111,7 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "
 ANSWER_SCRIPT = """
 import json, sys
 from alpaca_qlora.generation import generate
-from alpaca_qlora.inference import load_for_inference
+from alpaca_qlora.models.inference import load_for_inference
 import torch
 loaded = load_for_inference(sys.argv[1], "nf4", device="cpu")
 prompts = json.loads(sys.argv[2])

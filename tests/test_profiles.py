@@ -8,12 +8,13 @@ import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides
 
-from alpaca_qlora.config import SEVEN_TARGET_MODULES, ConfigError, load_params
+from alpaca_qlora.config import ConfigError, load_params
 from alpaca_qlora.profiles import main, profile_params, set_param_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 MISTRAL = ROOT / "profiles" / "mistral-7b.yaml"
 PARAMS = ROOT / "params.yaml"
+SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def applied_by_dvc(flags: list[str], tmp_path: Path):
@@ -31,7 +32,7 @@ def test_the_mistral_profile_is_the_readmes_real_run():
     params = profile_params(MISTRAL, PARAMS)
     assert (params.model.name, params.model.quantization) == ("mistralai/Mistral-7B-Instruct-v0.2", "nf4")
     assert (params.data.source, params.data.hub_id, params.data.sample_frac) == ("hub", "yahma/alpaca-cleaned", 0.1)
-    assert params.lora.r == 16 and set(params.lora.target_modules) == set(SEVEN_TARGET_MODULES)
+    assert params.lora.r == 16 and set(params.lora.target_modules) == set(SEVEN_PROJECTIONS)
     assert len(params.lora.target_modules) == 7
     assert params.train.max_seq_length == 2048 and params.train.epochs == 1 and params.train.wandb is True
     assert "make mistral" in MISTRAL.read_text().split("\nmodel:")[0]  # the header says how to launch it

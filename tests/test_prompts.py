@@ -1,7 +1,7 @@
 import pytest
 
 from alpaca_qlora.formatting import encode_prompt, special_prefix
-from alpaca_qlora.models import load_tokenizer
+from alpaca_qlora.models.loading import load_tokenizer
 from alpaca_qlora.prompts import ALPACA, INSTRUCTION_CONTEXT, get_template
 
 ALPACA_WITH_INPUT = (

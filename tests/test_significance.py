@@ -147,8 +147,9 @@ def test_report_marks_deltas_whose_interval_spans_zero_and_only_those():
 
 
 def test_fewer_than_ten_thousand_resamples_is_a_config_error():
-    from alpaca_qlora.config import ConfigError, params_from_mapping
+    from alpaca_qlora.config import ConfigError
+    from support.params import embedded_params
 
-    assert params_from_mapping({"eval": {"bootstrap_resamples": "2e4"}}).eval.bootstrap_resamples == 20_000
+    assert embedded_params(eval={"bootstrap_resamples": "2e4"}).eval.bootstrap_resamples == 20_000
     with pytest.raises(ConfigError, match="eval.bootstrap_resamples = 500 is invalid"):
-        params_from_mapping({"eval": {"bootstrap_resamples": 500}})
+        embedded_params(eval={"bootstrap_resamples": 500})

@@ -11,7 +11,8 @@ from alpaca_qlora.generation import generate
 from alpaca_qlora.generation.greedy import take_token
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
 from alpaca_qlora.metrics import cut_by_limit
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.stop_rule import clean_generation, stop_position
 

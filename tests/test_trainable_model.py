@@ -8,7 +8,8 @@ import torch
 
 from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.models import load_model, plan_quantization
+from alpaca_qlora.models.loading import load_model
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.model import SpeedSwitches, attach_lora, build_trainable_model
 
 ROOT = Path(__file__).resolve().parents[1]

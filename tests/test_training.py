@@ -16,10 +16,11 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from alpaca_qlora.adapter import save_adapter
-from alpaca_qlora.config import LoraParams, TrainParams
+from alpaca_qlora.config import LoraParams
 from alpaca_qlora.formatting import IGNORE_INDEX, tokenize_training_rows
-from alpaca_qlora.inference import load_for_inference
-from alpaca_qlora.models import load_model, load_tokenizer, plan_quantization
+from alpaca_qlora.models.inference import load_for_inference
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.training.checkpoints import checkpoint_problem
@@ -29,6 +30,7 @@ from alpaca_qlora.training.model import (SpeedSwitches, apply_liger_kernels, att
 from alpaca_qlora.training.offload import OffloadedCheckpoint
 from alpaca_qlora.training.packing import PackedCollator, PackedDataset, best_fit_decreasing, sequence_boundaries
 from alpaca_qlora.training.trainer import TrainingJob, run_training
+from support.params import embedded_params
 
 ROWS = [
     {"id": "a", "instruction": "What is the chemical symbol of sodium?", "input": "", "output": "Na"},
@@ -52,8 +54,8 @@ def make_job(model_dir: Path, rows, tmp_path: Path, *, quantization: str = "none
     settings = dict(micro_batch_size=2, gradient_accumulation_steps=1, max_steps=2, logging_steps=1,
                     save_steps=1000, gradient_checkpointing=False, learning_rate=1e-3, warmup_ratio=0.0,
                     lr_scheduler="constant", packing=False)
-    train = dataclasses.replace(TrainParams(), **{**settings, **train_overrides})
-    lora = lora or LoraParams(r=8, alpha=16, dropout=0.0)
+    train = embedded_params(train={**settings, **train_overrides}).train
+    lora = lora or embedded_params(lora={"r": 8, "alpha": 16, "dropout": 0.0}).lora
     plan = plan_quantization(quantization, "cpu")
     tokenizer = load_tokenizer(str(model_dir))
     set_seed(train.seed)
@@ -81,7 +83,7 @@ def test_two_steps_then_the_saved_adapter_reloads_with_the_same_logits(tiny_mist
     reloaded = load_for_inference(str(tiny_mistral_dir), "none", adapter_dir=tmp_path / "adapter", device="cpu")
     with torch.no_grad():
         reloaded_logits = reloaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert reloaded_logits.dtype == torch.float64  # CPU inference runs in float64 (alpaca_qlora/numerics.py)
+    assert reloaded_logits.dtype == torch.float64  # CPU inference runs in float64 (alpaca_qlora/models/numerics.py)
     torch.testing.assert_close(reloaded_logits.float(), trained_logits, rtol=1e-4, atol=1e-4)
 
 
@@ -96,8 +98,8 @@ def test_four_bit_training_runs_on_cpu(tiny_mistral_dir, tokenized, tmp_path):
 def test_loss_falls_on_a_memorisable_set(tiny_mistral_dir, tokenized, tmp_path):
     # A tiny random model's frozen head maps any normalized hidden state to near-uniform logits, so the adapter
     # also covers lm_head here; on a real model the seven projections suffice.
-    lora = LoraParams(r=16, alpha=32, dropout=0.0, target_modules=("q_proj", "v_proj", "o_proj", "up_proj",
-                                                                   "down_proj", "lm_head"))
+    lora = embedded_params(lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": [
+        "q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]}).lora
     job = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=30, learning_rate=1e-2, micro_batch_size=4,
                    lora=lora)
     metrics = run_training(job, resume=False).metrics
@@ -269,7 +271,8 @@ def test_with_no_sound_checkpoint_training_starts_over(tiny_mistral_dir, tokeniz
 
 def test_a_typo_in_target_modules_is_refused(tiny_mistral_dir, tokenized, tmp_path):
     with pytest.raises(PipelineError, match=r"\['qproj'\] do not exist"):
-        make_job(tiny_mistral_dir, tokenized, tmp_path, lora=LoraParams(target_modules=("qproj", "v_proj")))
+        make_job(tiny_mistral_dir, tokenized, tmp_path,
+                 lora=embedded_params(lora={"target_modules": ["qproj", "v_proj"]}).lora)
 
 
 def test_packed_rows_never_attend_across_row_boundaries(tiny_mistral_dir, tokenized):
@@ -400,7 +403,7 @@ def test_an_adapter_names_its_base_model_and_a_mismatch_is_refused(tiny_mistral_
 
 def test_checkpointing_with_host_offload_gives_the_same_gradient(tiny_mistral_dir, tokenized, tmp_path):
     # LoRA dropout is on: the recomputation must replay the forward's dropout masks exactly.
-    lora = LoraParams(r=8, alpha=16, dropout=0.2)
+    lora = embedded_params(lora={"r": 8, "alpha": 16, "dropout": 0.2}).lora
     gradients = []
     for checkpointing, offload in ((False, False), (True, False), (True, True)):
         capture = GradientsAtStep()
@@ -432,7 +435,7 @@ def test_frozen_weights_keep_the_compute_dtype_unless_fp32_is_asked(tiny_mistral
 
 def test_speed_switches_resolve_by_device():
     """auto: Liger and checkpointing on CUDA (measured to pay there), off on CPU; explicit values win."""
-    auto = TrainParams()
+    auto = embedded_params().train
     assert resolve_speed_switches(auto, "cpu", liger_installed=True) == SpeedSwitches(False, False)
     assert resolve_speed_switches(auto, "cuda", liger_installed=True) == SpeedSwitches(True, True)
     assert resolve_speed_switches(auto, "cuda", liger_installed=False) == SpeedSwitches(False, True)

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.models import QuantizationPlan, load_model
+from alpaca_qlora.models.loading import load_model
+from alpaca_qlora.models.quantization import QuantizationPlan
 from alpaca_qlora.training.offload import enable_checkpoint_offload
 
 log = logging.getLogger(__name__)

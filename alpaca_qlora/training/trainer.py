@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.models import QuantizationPlan
+from alpaca_qlora.models.quantization import QuantizationPlan
 from alpaca_qlora.training.checkpoints import (
     HistoryCheckpointer,
     carried_counters,

@@ -1,6 +1,6 @@
 """Loading a model for answering: the base as training loaded it, with the adapter attached at runtime (no merge).
 
-On CPU the loaded model is put on the float64 path (alpaca_qlora/numerics.py) before its first forward, so its
+On CPU the loaded model is put on the float64 path (models/numerics.py) before its first forward, so its
 answers are the same on every CPU; on CUDA it stays in the plan's compute dtype."""
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 
 from alpaca_qlora.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ORIGIN
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.models import QuantizationPlan, load_model, load_tokenizer, plan_quantization, resolve_model_source
-from alpaca_qlora.numerics import to_cpu_float64
+from alpaca_qlora.models.loading import load_model, load_tokenizer, resolve_model_source
+from alpaca_qlora.models.numerics import to_cpu_float64
+from alpaca_qlora.models.quantization import QuantizationPlan, plan_quantization
 
 log = logging.getLogger(__name__)
 
