@@ -5,10 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_qlora.models.embedded import EMBEDDED_SMOLLM2
+import torch
 
-from alpaca_qlora.models.loading import resolve_model_source
+from alpaca_qlora.adapter import save_adapter
+from alpaca_qlora.models.embedded import EMBEDDED_SMOLLM2
+from alpaca_qlora.models.loading import load_model, load_tokenizer, resolve_model_source
+from alpaca_qlora.models.quantization import plan_quantization
+from alpaca_qlora.prompts import ALPACA
+from alpaca_qlora.training.model import attach_lora
 from support.mistral import build_tiny_mistral
+from support.params import embedded_params, write_embedded_params
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +27,23 @@ def tiny_mistral_dir(tmp_path_factory) -> Path:
 def embedded_model_dir() -> Path:
     """SmolLM2-135M-Instruct converted from its GGUF into the real model cache: ~25 s once per machine, then free."""
     return Path(resolve_model_source(EMBEDDED_SMOLLM2))
+
+
+@pytest.fixture(scope="session")
+def adapter_project(tmp_path_factory, tiny_mistral_dir) -> Path:
+    """A folder with a saved adapter on the tiny Mistral and a params.yaml naming that base, as a trained project has.
+    The adapter is large enough to change the greedy answers, so a command that dropped it would show."""
+    root = tmp_path_factory.mktemp("adapter-project")
+    lora = embedded_params(lora={"r": 4, "alpha": 8}).lora
+    model = attach_lora(load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu"), lora,
+                        quantized=False, gradient_checkpointing=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), root / "adapter", "card",
+                 model_name=str(tiny_mistral_dir), template=ALPACA)
+    write_embedded_params(root / "params.yaml", model={"name": str(tiny_mistral_dir), "quantization": "none"},
+                          eval={"max_new_tokens": 12})
+    return root

@@ -8,38 +8,19 @@ import torch
 import yaml
 
 from alpaca_qlora import infer
-from alpaca_qlora.adapter import save_adapter
 from alpaca_qlora.chat import AnswerStreamer, questions
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation import generate
 from alpaca_qlora.models import inference
-from alpaca_qlora.models.loading import load_model, load_tokenizer
-from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.stop_rule import clean_generation
-from alpaca_qlora.training.model import attach_lora
-from support.params import embedded_params, write_embedded_params
 
 QUESTIONS = ["What is the capital of France?", "Name a noble gas.\tAnswer in one word."]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_mistral_dir):
-    root = tmp_path_factory.mktemp("chat")
-    plan = plan_quantization("none", "cpu")
-    lora = embedded_params(lora={"r": 4, "alpha": 8}).lora
-    model = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"), lora,
-                        quantized=False, gradient_checkpointing=False)
-    torch.manual_seed(0)
-    with torch.no_grad():  # an adapter large enough to change the greedy answers
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
-    save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), root / "adapter", "card",
-                 model_name=str(tiny_mistral_dir), template=ALPACA)
-    write_embedded_params(root / "params.yaml", model={"name": str(tiny_mistral_dir), "quantization": "none"},
-                          eval={"max_new_tokens": 12})
-    return root
+def project(adapter_project):
+    return adapter_project
 
 
 def run_chat(project, monkeypatch, capsys, *flags: str) -> list[str]:

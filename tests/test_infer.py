@@ -11,38 +11,21 @@ import pytest
 import torch
 
 from alpaca_qlora import infer
-from alpaca_qlora.adapter import save_adapter
 from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation import generate
 from alpaca_qlora.models.inference import load_for_inference
-from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import ALPACA, get_template
+from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stop_rule import clean_generation
-from alpaca_qlora.training.model import attach_lora
-from support.params import embedded_params, write_embedded_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_mistral_dir):
-    root = tmp_path_factory.mktemp("infer")
-    plan = plan_quantization("none", "cpu")
-    lora = embedded_params(lora={"r": 4, "alpha": 8}).lora
-    model = attach_lora(load_model(str(tiny_mistral_dir), plan, device="cpu"), lora,
-                        quantized=False, gradient_checkpointing=False)
-    torch.manual_seed(0)
-    with torch.no_grad():  # an adapter large enough to change the greedy answer, so merging changes the weights
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
-    save_adapter(model, load_tokenizer(str(tiny_mistral_dir)), root / "adapter", "card",
-                 model_name=str(tiny_mistral_dir), template=ALPACA)
-    write_embedded_params(root / "params.yaml", model={"name": str(tiny_mistral_dir), "quantization": "none"},
-                          eval={"max_new_tokens": 8})
-    return root
+def project(adapter_project):
+    return adapter_project
 
 
 def evaluation_answer(project: Path, instruction: str, *, adapter: bool) -> str:
