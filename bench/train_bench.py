@@ -12,14 +12,15 @@ Workloads:
           micro-batch (as the train stage does), attention through torch's varlen flash kernel. The figure that
           counts is useful (non-pad) tokens/s; `padding_share` is padding over computed tokens.
 Variants:
-- baseline: NF4 double-quant, the Mistral profile's LoRA (r=16 on the seven projections), gradient
-            checkpointing, sdpa, AdamW, bf16 autocast, padded batches;
+- baseline: NF4 double-quant, the Mistral profile's LoRA (r=16 on the seven projections) with the reference dropout
+            (REFERENCE_LORA_DROPOUT), gradient checkpointing, sdpa, AdamW, bf16 autocast, padded batches;
+- project:  the train stage's code path (its model from training.model.build_trainable_model, its collators) with the
+            Mistral profile's settings as the stage resolves them on CUDA (project_settings: Liger kernels, packing,
+            frozen weights in bf16, gradient checkpointing, checkpoint offload, LoRA dropout);
 - liger:    the train stage's code path with Liger kernels only (padded batches, PEFT's fp32 upcast);
-- project:  the train stage's code path (its model from training.model.build_trainable_model, its collators) with its
-            GPU defaults: Liger kernels, packing, frozen weights kept in bf16 (train.frozen_dtype=compute),
-            gradient checkpointing;
 - unpacked: project without packing (padded micro-batches);
-- offload:  project + checkpoints offloaded to pinned host memory (train.checkpoint_offload);
+- offload / gpu_checkpoints: project with checkpoints offloaded to pinned host memory / kept on the GPU;
+- dropout:  project with the reference LoRA dropout instead of the profile's;
 - nockpt:   project without gradient checkpointing (more memory, no recomputation).
 Then a memory table with the project's defaults: peak memory per micro-batch of k x 2048 tokens, and the largest k
 under 11 GiB (a 12 GB card such as the RTX 3060).
@@ -28,6 +29,7 @@ Prints a table last and writes JSON with `train_speedup`, `train_peak_memory_rat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -46,7 +48,7 @@ from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.data import ResponseOnlyCollator
-from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model
+from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model, resolve_speed_switches
 from alpaca_qlora.training.packing import PackedCollator, PackedDataset, use_varlen_attention, varlen_attention_available
 
 log = logging.getLogger("train_bench")
@@ -55,9 +57,20 @@ ROOT = Path(__file__).resolve().parents[1]
 MISTRAL_PROFILE = ROOT / "profiles" / "mistral-7b.yaml"
 
 
+# The LoRA dropout the baseline (and Unsloth's reference variant) trains with: PEFT's QLoRA examples' value, and the
+# Mistral profile's before it took Unsloth's dropout-0 fast path. The loss check of the profile's settings is
+# against this baseline, so it covers the dropout change too.
+REFERENCE_LORA_DROPOUT = 0.05
+
+
+def mistral_profile() -> Any:
+    """The real run's params (the Mistral profile over params.yaml), for every variant and script."""
+    return profile_params(MISTRAL_PROFILE, ROOT / "params.yaml")
+
+
 def profile_lora() -> Any:
-    """LoRA as the real run sets it (the Mistral profile over params.yaml), for every variant and script."""
-    return profile_params(MISTRAL_PROFILE, ROOT / "params.yaml").lora
+    """LoRA as the real run sets it."""
+    return mistral_profile().lora
 
 
 @dataclass
@@ -110,30 +123,41 @@ def baseline_model(model_dir: str, gradient_checkpointing: bool = True) -> Any:
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     lora = profile_lora()
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=REFERENCE_LORA_DROPOUT, task_type="CAUSAL_LM",
                         target_modules=list(lora.target_modules))
     return get_peft_model(model, config)
 
 
-def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, frozen_dtype: str = "compute",
-                  checkpoint_offload: bool = False) -> Any:
+def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, frozen_dtype: str,
+                  checkpoint_offload: bool, lora_dropout: float) -> Any:
     """The train stage's model (training.model.build_trainable_model) with the variant's switches."""
-    model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), profile_lora(),
+    lora = dataclasses.replace(profile_lora(), dropout=lora_dropout)
+    model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), lora,
                                   SpeedSwitches(liger_kernels=liger, gradient_checkpointing=gradient_checkpointing),
                                   device="cuda", frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
     model.config.use_cache = False  # as training.trainer.run_training sets it
     return model
 
 
+def project_settings() -> dict[str, Any]:
+    """The Mistral profile's speed settings on CUDA, as the train stage resolves them, plus whether it packs."""
+    params = mistral_profile()
+    switches = resolve_speed_switches(params.train, "cuda", liger_installed=True)
+    return {"liger": switches.liger_kernels, "gradient_checkpointing": switches.gradient_checkpointing,
+            "frozen_dtype": params.train.frozen_dtype, "checkpoint_offload": params.train.checkpoint_offload,
+            "lora_dropout": params.lora.dropout, "packing": params.train.packing}
+
+
+# name: what the variant changes in the profile's settings (`project`: nothing)
 VARIANTS: dict[str, dict[str, Any]] = {
-    # name: project_model's settings, plus whether the batches are packed
-    "liger": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "fp32", "packing": False},
-    "packing": {"liger": False, "gradient_checkpointing": True, "frozen_dtype": "fp32", "packing": True},
-    "project": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "compute", "packing": True},
-    "unpacked": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "compute", "packing": False},
-    "offload": {"liger": True, "gradient_checkpointing": True, "frozen_dtype": "compute", "packing": True,
-                "checkpoint_offload": True},
-    "nockpt": {"liger": True, "gradient_checkpointing": False, "frozen_dtype": "compute", "packing": True},
+    "project": {},
+    "liger": {"gradient_checkpointing": True, "frozen_dtype": "fp32", "packing": False, "checkpoint_offload": False,
+              "lora_dropout": REFERENCE_LORA_DROPOUT},
+    "unpacked": {"packing": False},
+    "offload": {"checkpoint_offload": True},
+    "gpu_checkpoints": {"checkpoint_offload": False},
+    "dropout": {"lora_dropout": REFERENCE_LORA_DROPOUT},
+    "nockpt": {"gradient_checkpointing": False, "checkpoint_offload": False},
 }
 
 
@@ -148,7 +172,7 @@ def build_variant(model_dir: str, variant: str) -> tuple[Any, bool]:
     log.info("variant %s: %.3f GiB allocated before loading", variant, release_memory())
     if variant == "baseline":
         return baseline_model(model_dir), False
-    settings = dict(VARIANTS[variant])
+    settings = {**project_settings(), **VARIANTS[variant]}
     packing = settings.pop("packing")
     model = project_model(model_dir, **settings)
     if packing and varlen_attention_available("cuda"):
@@ -241,7 +265,7 @@ def varlen_loss_check(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, f
     return {"attention": implementation, **{f"loss_{name}": round(value, 6) for name, value in losses.items()}}
 
 
-def run(model_dir: str, steps: int, warmup: int, variants: list[str]) -> list[Measurement]:
+def run(model_dir: str, steps: int, warmup: int, variants: list[str], *, alpaca_steps: int) -> list[Measurement]:
     dense, rows = workloads(steps, warmup)
     results: list[Measurement] = []
     for variant in variants:  # baseline first: Liger patches some functions module-wide
@@ -257,7 +281,7 @@ def run(model_dir: str, steps: int, warmup: int, variants: list[str]) -> list[Me
             release_memory()
             continue
         log.info("%s", results[-1])
-        batches, useful = collate(alpaca_micro_batches(rows, packing, steps + warmup), packing)
+        batches, useful = collate(alpaca_micro_batches(rows, packing, alpaca_steps + warmup), packing)
         if packing:
             log.info("variant %s: packed loss check %s", variant, varlen_loss_check(model, batches[0]))
         results.append(measure(model, batches, variant=variant,
@@ -360,14 +384,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", default="baseline,project,unpacked,offload,nockpt",
+    parser.add_argument("--alpaca-steps", type=int, default=None,
+                        help="timed steps on Alpaca-length rows (default --steps; the loss check reads the dense ones)")
+    parser.add_argument("--variants", default="baseline,project,unpacked,gpu_checkpoints,dropout,nockpt",
                         help=f"baseline first, then any of: {', '.join(VARIANTS)}")
     parser.add_argument("--memory-rows", default="1,2,3,4,6,8",
                         help="micro-batch sizes (x 2048 tokens) for the memory table; empty to skip")
     parser.add_argument("--memory-limit-gib", type=float, default=11.0)
     arguments = parser.parse_args()
     configure_logging()
-    results = run(arguments.model_dir, arguments.steps, arguments.warmup, arguments.variants.split(","))
+    results = run(arguments.model_dir, arguments.steps, arguments.warmup, arguments.variants.split(","),
+                  alpaca_steps=arguments.alpaca_steps or arguments.steps)
     summary = summarize(results)
     write_results(arguments.out, results, summary)  # kept even if the memory table runs out of time
     if arguments.memory_rows:

@@ -29,7 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from alpaca_qlora.stage import configure_logging
-from bench.train_bench import VARIANTS, build_variant, collate, dense_batches, release_memory, train_step
+from bench.train_bench import VARIANTS, build_variant, project_settings, collate, dense_batches, release_memory, train_step
 
 log = logging.getLogger("train_profile")
 
@@ -123,7 +123,7 @@ def profile_variant(model_dir: str, variant: str, *, warmup: int, steps: int, ro
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall = train_steps(model, optimizer, profiled_batches)
     result = aggregate(kernel_events(prof), steps, wall)
-    checkpointing = variant == "baseline" or VARIANTS[variant]["gradient_checkpointing"]
+    checkpointing = variant == "baseline" or {**project_settings(), **VARIANTS[variant]}["gradient_checkpointing"]
     tokens = sum(batch["input_ids"].numel() for batch in profiled_batches) / steps
     params = frozen_linear_params(model.config)
     flops = 2 * params * tokens * (3 if checkpointing else 2)
