@@ -47,7 +47,7 @@ def fsdp_plugin() -> Any:
     from transformers import TrainingArguments
 
     with tempfile.TemporaryDirectory() as scratch:
-        arguments = TrainingArguments(output_dir=scratch, bf16=True, report_to=[], **fsdp_training_arguments())
+        arguments = TrainingArguments(output_dir=scratch, report_to=[], **fsdp_training_arguments())
     return FullyShardedDataParallelPlugin(**arguments.fsdp_plugin_args)
 
 
@@ -147,6 +147,19 @@ def summarize(paths: list[Path]) -> dict[str, Any]:
     return summary
 
 
+def cap_between(summary: dict[str, Any]) -> float:
+    """A per-GPU cap between FSDP's reserved peak and DDP's allocated peak in an uncapped summary: DDP cannot fit
+    under it, and FSDP fits with room for the allocator's slack. An error if no cap separates them."""
+    runs = {run["mode"]: run for run in summary["runs"] if not run.get("oom") and not run.get("memory_cap_gib")}
+    if not {"ddp", "fsdp"} <= runs.keys():
+        raise SystemExit("--cap-from needs an uncapped ddp run and an uncapped fsdp run in the summary")
+    fsdp_needs = max(runs["fsdp"]["peak_reserved_gib_per_rank"])
+    ddp_needs = runs["ddp"]["peak_memory_gib"]
+    if fsdp_needs >= ddp_needs:
+        raise SystemExit(f"no cap separates them: FSDP reserved {fsdp_needs} GiB, DDP allocated {ddp_needs} GiB")
+    return round((fsdp_needs + ddp_needs) / 2, 2)
+
+
 def print_table(summary: dict[str, Any]) -> None:
     print(f"{'mode':>5} {'procs':>5} {'cap GiB':>8} {'step s':>8} {'tok/s':>9} {'peak GiB':>9}  result")
     for run in summary["runs"]:
@@ -172,9 +185,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", type=int, default=4, help=f"rows of {LENGTH} tokens per process per step")
     parser.add_argument("--memory-cap-gib", type=float, help="cap each process's CUDA allocator at this many GiB")
+    parser.add_argument("--cap-from", type=Path, help="print cap_between() of this summary's runs, and exit")
     parser.add_argument("--summarize", nargs="+", type=Path, help="combine the per-run JSON files")
     arguments = parser.parse_args()
     configure_logging()
+    if arguments.cap_from:
+        print(cap_between(json.loads(arguments.cap_from.read_text())))
+        return
     if arguments.summarize:
         summary = {"command": " ".join(sys.argv), **summarize(arguments.summarize)}
         arguments.out.write_text(json.dumps(summary, indent=2) + "\n")
