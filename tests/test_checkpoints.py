@@ -248,24 +248,18 @@ def test_kill_dash_nine_after_a_checkpoint_then_dvc_repro_gives_the_uninterrupte
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_a_killed_two_process_run_resumes_under_dvc_repro_to_the_uninterrupted_run(tmp_path, tiny_mistral_dir,
-                                                                                    distributed):
-    """Two gloo processes under accelerate (DDP replicas, or FSDP2 shards with sharded checkpoints), the launcher
-    and its workers killed with SIGKILL after a checkpoint; `dvc repro` resumes."""
+def test_a_killed_two_process_ddp_run_resumes_under_dvc_repro_to_the_uninterrupted_run(tmp_path, tiny_mistral_dir):
+    """Two gloo processes under accelerate, the launcher and its workers killed with SIGKILL after a checkpoint;
+    `dvc repro` resumes. (FSDP runs on GPUs only: accelerate enables it for GPU process groups.)"""
     project = copy_project(tmp_path / "project", tiny_mistral_dir, max_steps=12, save_steps=3, logging_steps=2,
-                           distributed=distributed, num_processes=2)
+                           distributed="ddp", num_processes=2)
     dvc = dvc_project(project)
 
     kill_train_after_checkpoint([*dvc, "repro", "train"], project, step=3)
-    checkpoint = next(project.glob("models/checkpoints/*/checkpoint-3"))
-    # FSDP's checkpoint is sharded (one file per process through torch.distributed.checkpoint), DDP's a plain one.
-    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() == (distributed == "fsdp")
     run([*dvc, "repro", "train"], cwd=project)
     resumed = json.loads((project / "metrics/train.json").read_text())
     resumed_curves = curves(project)
-    assert 3 <= resumed_from_step(project) <= 12 and resumed["processes"] == 2
-    assert resumed["sharded"] == (distributed == "fsdp")
+    assert 3 <= resumed_from_step(project) <= 12 and resumed["processes"] == 2 and not resumed["sharded"]
 
     run([*dvc, "repro", "--force", "train"], cwd=project)  # the finished run's checkpoints are gone: from step 0
     whole = json.loads((project / "metrics/train.json").read_text())

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from alpaca_qlora.config import ConfigError
+from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.training.distributed import accelerate_command
 from support.params import embedded_params
 
@@ -36,12 +37,11 @@ def test_no_launch_without_distribution_or_inside_a_launched_process(monkeypatch
     assert accelerate_command(ddp, "stages/train.py", "cpu") is None
 
 
-def test_fsdp_launches_as_ddp_does_and_more_processes_need_a_distributed_mode(monkeypatch):
+def test_fsdp_is_refused_on_cpu_and_more_processes_need_a_distributed_mode(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     fsdp = embedded_params(train={"distributed": "fsdp", "num_processes": 2}).train
-    ddp = dataclasses.replace(fsdp, distributed="ddp")
-    # FSDP comes from the Trainer's arguments, so an outside launcher (multi-node) needs no FSDP flags either.
-    assert accelerate_command(fsdp, "stages/train.py", "cpu") == accelerate_command(ddp, "stages/train.py", "cpu")
+    with pytest.raises(PipelineError, match="fsdp needs CUDA GPUs.*accelerate"):
+        accelerate_command(fsdp, "stages/train.py", "cpu")
     with pytest.raises(ConfigError, match="train.num_processes = 2 is invalid"):
         embedded_params(train={"num_processes": 2})
     with pytest.raises(ConfigError, match="train.distributed"):
@@ -112,19 +112,16 @@ def test_two_gloo_processes_match_one_process_with_doubled_accumulation(tmp_path
 
 
 @pytest.mark.slow
-def test_fsdp_on_two_gloo_processes_trains_the_adapter_ddp_trains(tmp_path, tiny_mistral_dir):
-    """FSDP2 shards the model over the two processes; the steps, and so the adapter, are DDP's."""
-    project = make_project(tmp_path / "project", tiny_mistral_dir)
-
-    ddp, ddp_adapter = train_in(project, gradient_accumulation_steps=1, distributed="ddp", num_processes=2)
-    fsdp, fsdp_adapter = train_in(project, gradient_accumulation_steps=1, distributed="fsdp", num_processes=2)
-
-    assert fsdp["sharded"] and not ddp["sharded"]
-    assert fsdp["processes"] == 2 and fsdp["steps"] == ddp["steps"] == 3
-    assert fsdp["tokens"] == ddp["tokens"]
-    assert fsdp["train_loss"] == pytest.approx(ddp["train_loss"], rel=1e-4)
-    assert fsdp["trainable_params"] == ddp["trainable_params"]
-    assert_same_adapter(fsdp_adapter, ddp_adapter)
+def test_fsdp2_shards_on_two_gloo_processes_and_the_gather_returns_the_adapter(tmp_path, tiny_mistral_dir):
+    """The train stage's gather of a sharded adapter (torch.distributed.checkpoint.state_dict), on CPU."""
+    run([sys.executable, "-m", "support.fsdp_gather", str(tiny_mistral_dir), str(tmp_path), str(free_port())],
+        cwd=ROOT)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(rank["sharded"] and rank["all_dtensor"] for rank in ranks)
+    assert ranks[1]["gathered"] == 0  # process 0 alone receives the weights
+    before = load_file(str(tmp_path / "before.safetensors"))
+    assert before and all("lora_" in name for name in before)
+    assert_same_adapter(load_file(str(tmp_path / "gathered.safetensors")), before)
 
 
 def free_port() -> int:

@@ -39,6 +39,10 @@ def accelerate_command(train: Any, script: str, device: str) -> list[str] | None
     """
     if train.distributed == "none" or "LOCAL_RANK" in os.environ:
         return None
+    if train.distributed == "fsdp" and device != "cuda":
+        # accelerate turns its FSDP plugin on for GPU process groups only; on CPU the run would silently be DDP.
+        raise PipelineError("train.distributed=fsdp needs CUDA GPUs (accelerate runs FSDP on GPU process groups "
+                            "only); use ddp (gloo) on CPU, or none.")
     if device == "cuda" and torch.cuda.device_count() < train.num_processes:
         raise PipelineError(f"train.num_processes={train.num_processes} but this machine has "
                             f"{torch.cuda.device_count()} GPU(s); lower it or use a machine with more GPUs.")

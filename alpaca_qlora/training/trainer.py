@@ -203,6 +203,9 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         callbacks=[progress, losses, history, *job.extra_callbacks],
     )
     trainer.remove_callback(ProgressCallback)
+    if job.train.distributed == "fsdp" and ranks.world_size > 1 and not trainer.is_fsdp_enabled:
+        raise PipelineError("train.distributed=fsdp, but accelerate did not enable FSDP for this process group "
+                            f"({trainer.accelerator.distributed_type}); it does so on GPUs only. Use ddp here.")
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     if job.device == "cuda":
