@@ -1,14 +1,21 @@
-"""DDP scaling of the project's training code path on the 7B shape: tokens/s on N GPUs against N x one GPU.
+"""DDP and FSDP on the 7B shape, through the project's training code path: tokens/s and memory per GPU.
 
-Each process holds the 4-bit base and its LoRA replica (the train stage's code path and GPU defaults: Liger,
-packing, bf16 frozen weights, gradient checkpointing); accelerate wraps the model in DDP, which all-reduces the
-LoRA gradients every step. Every process trains on its own micro-batches of 4 x 2048 tokens.
+Each process builds the train stage's model (4-bit NF4 base, Liger, packing, bf16 frozen weights, gradient
+checkpointing, LoRA) and trains on its own micro-batches of ROWS x 2048 tokens. `--mode ddp`: accelerate wraps the
+model in DDP, every process holds the whole base, and the LoRA gradients are all-reduced. `--mode fsdp`: the
+train stage's FSDP2 settings (training.sharding, through the FullyShardedDataParallelPlugin the Trainer would
+build): one `fully_shard` unit per decoder layer, the NF4 weights stored in bf16-typed tensors and sharded.
 
-    accelerate launch --num_processes 1 -m bench.ddp_bench MODEL_DIR --out OUT/ddp_1.json
-    accelerate launch --multi_gpu --num_processes 2 -m bench.ddp_bench MODEL_DIR --out OUT/ddp_2.json
-    python -m bench.ddp_bench --summarize OUT/ddp_1.json OUT/ddp_2.json --out OUT/ddp_scaling.json
+`--memory-cap-gib G` caps this process's CUDA allocator at G GiB (torch.cuda.set_per_process_memory_fraction), to
+show what FSDP is for: a shape that does not fit one capped card under DDP, trained on two. Running out of memory is
+a result here (`oom` in the JSON), not an error.
 
-The summary prints a table last and writes `scaling_efficiency` = tokens/s(N) / (N x tokens/s(1)).
+    accelerate launch --multi_gpu --num_processes 2 -m bench.ddp_bench MODEL_DIR --mode ddp --out OUT/ddp_2.json
+    accelerate launch --multi_gpu --num_processes 2 -m bench.ddp_bench MODEL_DIR --mode fsdp --out OUT/fsdp_2.json
+    python -m bench.ddp_bench --summarize OUT/ddp_2.json OUT/fsdp_2.json --out OUT/parallel.json
+
+The summary prints a table and writes `scaling_efficiency` (DDP on N GPUs against N x one GPU, where a 1-process
+DDP run is given) and `fsdp_over_ddp` (FSDP's tokens/s over DDP's at the same process count, uncapped runs).
 """
 from __future__ import annotations
 
@@ -16,97 +23,189 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.stage import configure_logging
-from bench.train_bench import build_variant, collate, dense_batches
+from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model
+from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
+from alpaca_qlora.training.sharding import fsdp_training_arguments
+from bench.train_bench import collate, dense_batches, profile_lora
 
 log = logging.getLogger("ddp_bench")
+LENGTH = 2048
 
 
-def measure_ddp(model_dir: str, steps: int, warmup: int, rows: int) -> dict[str, Any]:
+def fsdp_plugin() -> Any:
+    """The plugin the Trainer builds from the train stage's FSDP arguments (Trainer.create_accelerator...)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    with tempfile.TemporaryDirectory() as scratch:
+        arguments = TrainingArguments(output_dir=scratch, report_to=[], **fsdp_training_arguments())
+    return FullyShardedDataParallelPlugin(**arguments.fsdp_plugin_args)
+
+
+def build_model(model_dir: str, shardable: bool) -> Any:
+    """The train stage's model with its CUDA defaults (bench.train_bench's "project" variant), shardable for FSDP."""
+    model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), profile_lora(),
+                                  SpeedSwitches(liger_kernels=True, gradient_checkpointing=True), device="cuda",
+                                  frozen_dtype="compute", shardable=shardable)
+    model.config.use_cache = False
+    if varlen_attention_available("cuda"):
+        use_varlen_attention(model)  # packed bins, as the train stage trains them
+    return model
+
+
+def cap_memory(cap_gib: float | None, device: int) -> None:
+    if cap_gib is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
+
+
+def gathered_gib(accelerator: Any, value: float) -> list[float]:
+    values = accelerator.gather(torch.tensor([value], device=accelerator.device))
+    return [round(float(v), 3) for v in values.tolist()]
+
+
+def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_gib: float | None) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    # bf16 as the Trainer runs it: autocast for DDP, and for FSDP2 the policy that computes in bf16.
+    accelerator = Accelerator(mixed_precision="bf16", fsdp_plugin=fsdp_plugin() if mode == "fsdp" else None)
     torch.cuda.set_device(accelerator.local_process_index)
-    model, packing = build_variant(model_dir, "project")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    batches, _ = collate(dense_batches(steps + warmup, rows=rows, length=2048,
-                                       seed=1000 + accelerator.process_index), packing)
-    model.train()
+    cap_memory(cap_gib, accelerator.local_process_index)
+    result: dict[str, Any] = {
+        "mode": mode, "processes": accelerator.num_processes, "device": torch.cuda.get_device_name(0),
+        "micro_batch": f"{rows}x{LENGTH} per process", "memory_cap_gib": cap_gib, "steps": steps, "oom": None,
+        "is_main": accelerator.is_main_process,
+    }
     losses: list[float] = []
-    started = 0.0
-    for step, batch in enumerate(batches):
-        if step == warmup:
-            torch.cuda.synchronize()
-            accelerator.wait_for_everyone()
-            torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
-    torch.cuda.synchronize()
-    accelerator.wait_for_everyone()
+    stage = "load"
+    try:
+        model = build_model(model_dir, shardable=mode == "fsdp")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        stage = "prepare"
+        model, optimizer = accelerator.prepare(model, optimizer)
+        batches, _ = collate(dense_batches(steps + warmup, rows=rows, length=LENGTH,
+                                           seed=1000 + accelerator.process_index), True)
+        model.train()
+        started = 0.0
+        for step, batch in enumerate(batches):
+            stage = f"step {step}"
+            if step == warmup:
+                torch.cuda.synchronize()
+                accelerator.wait_for_everyone()
+                torch.cuda.reset_peak_memory_stats()
+                started = time.perf_counter()
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 4))
+        torch.cuda.synchronize()
+        accelerator.wait_for_everyone()
+    except torch.OutOfMemoryError as error:
+        # Every process of a run reaches the same point with the same shapes, so none waits on a dead peer.
+        result["oom"] = f"{stage}: {str(error).splitlines()[0]}"
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        log.warning("out of memory at %s (cap %s GiB)", stage, cap_gib)
+        return result
     elapsed = time.perf_counter() - started
-    processes = accelerator.num_processes
-    tokens = processes * rows * 2048 * steps
+    tokens = accelerator.num_processes * rows * LENGTH * steps
+    peaks = gathered_gib(accelerator, torch.cuda.max_memory_allocated() / 2**30)
     return {
-        "processes": processes,
-        "device": torch.cuda.get_device_name(0),
-        "micro_batch": f"{rows}x2048 per process",
-        "steps": steps,
+        **result,
         "step_time_s": round(elapsed / steps, 4),
         "tokens_per_s": round(tokens / elapsed, 1),
-        "peak_memory_gib_rank0": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "peak_memory_gib": max(peaks),
+        "peak_memory_gib_per_rank": peaks,
+        "peak_reserved_gib_per_rank": gathered_gib(accelerator, torch.cuda.max_memory_reserved() / 2**30),
         "losses_rank0": losses,
-        "is_main": accelerator.is_main_process,
     }
 
 
 def summarize(paths: list[Path]) -> dict[str, Any]:
-    runs = sorted((json.loads(path.read_text()) for path in paths), key=lambda run: run["processes"])
-    single = next(run for run in runs if run["processes"] == 1)
-    scaling = {str(run["processes"]): round(run["tokens_per_s"] / (run["processes"] * single["tokens_per_s"]), 3)
-               for run in runs if run["processes"] > 1}
-    return {"scaling_efficiency": scaling, "runs": runs}
+    runs = [json.loads(path.read_text()) for path in paths]
+    for run in runs:
+        run.setdefault("mode", "ddp")  # runs from before FSDP was measured here
+    measured = [run for run in runs if not run.get("oom") and not run.get("memory_cap_gib")]
+    speed = {(run["mode"], run["processes"]): run["tokens_per_s"] for run in measured}
+    summary: dict[str, Any] = {"runs": runs}
+    if ("ddp", 1) in speed:
+        summary["scaling_efficiency"] = {str(n): round(tok_s / (n * speed[("ddp", 1)]), 3)
+                                         for (mode, n), tok_s in speed.items() if mode == "ddp" and n > 1}
+    summary["fsdp_over_ddp"] = {str(n): round(tok_s / speed[("ddp", n)], 3)
+                                for (mode, n), tok_s in speed.items() if mode == "fsdp" and ("ddp", n) in speed}
+    return summary
+
+
+def cap_between(summary: dict[str, Any]) -> float:
+    """A per-GPU cap between FSDP's reserved peak and DDP's allocated peak in an uncapped summary: DDP cannot fit
+    under it, and FSDP fits with room for the allocator's slack. An error if no cap separates them."""
+    runs = {run["mode"]: run for run in summary["runs"] if not run.get("oom") and not run.get("memory_cap_gib")}
+    if not {"ddp", "fsdp"} <= runs.keys():
+        raise SystemExit("--cap-from needs an uncapped ddp run and an uncapped fsdp run in the summary")
+    fsdp_needs = max(runs["fsdp"]["peak_reserved_gib_per_rank"])
+    ddp_needs = runs["ddp"]["peak_memory_gib"]
+    if fsdp_needs >= ddp_needs:
+        raise SystemExit(f"no cap separates them: FSDP reserved {fsdp_needs} GiB, DDP allocated {ddp_needs} GiB")
+    return round((fsdp_needs + ddp_needs) / 2, 2)
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"{'mode':>5} {'procs':>5} {'cap GiB':>8} {'step s':>8} {'tok/s':>9} {'peak GiB':>9}  result")
+    for run in summary["runs"]:
+        cap = f"{run['memory_cap_gib']:.1f}" if run.get("memory_cap_gib") else "-"
+        if run.get("oom"):
+            print(f"{run['mode']:>5} {run['processes']:>5} {cap:>8} {'-':>8} {'-':>9} "
+                  f"{run['peak_memory_gib']:>9.2f}  OOM at {run['oom'].split(':')[0]}")
+            continue
+        peak = run.get("peak_memory_gib", run.get("peak_memory_gib_rank0"))
+        print(f"{run['mode']:>5} {run['processes']:>5} {cap:>8} {run['step_time_s']:>8.3f} "
+              f"{run['tokens_per_s']:>9.0f} {peak:>9.2f}  trained")
+    for key in ("scaling_efficiency", "fsdp_over_ddp"):
+        if summary.get(key):
+            print(f"{key}: {summary[key]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", nargs="?")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=4, help="rows of 2048 tokens per process per step")
-    parser.add_argument("--summarize", nargs="+", type=Path, help="combine the per-N JSON files")
+    parser.add_argument("--mode", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--steps", type=int, default=12, help="measured steps, after the warmup steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=4, help=f"rows of {LENGTH} tokens per process per step")
+    parser.add_argument("--memory-cap-gib", type=float, help="cap each process's CUDA allocator at this many GiB")
+    parser.add_argument("--cap-from", type=Path, help="print cap_between() of this summary's runs, and exit")
+    parser.add_argument("--summarize", nargs="+", type=Path, help="combine the per-run JSON files")
     arguments = parser.parse_args()
     configure_logging()
+    if arguments.cap_from:
+        print(cap_between(json.loads(arguments.cap_from.read_text())))
+        return
     if arguments.summarize:
         summary = {"command": " ".join(sys.argv), **summarize(arguments.summarize)}
         arguments.out.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"{'processes':>9} {'step s':>8} {'tok/s':>9} {'peak GiB':>9}")
-        for run in summary["runs"]:
-            print(f"{run['processes']:>9} {run['step_time_s']:>8.3f} {run['tokens_per_s']:>9.0f} "
-                  f"{run['peak_memory_gib_rank0']:>9.2f}")
-        print(f"scaling_efficiency: {summary['scaling_efficiency']}")
+        print_table(summary)
         return
     if not arguments.model_dir:
         parser.error("model_dir is required unless --summarize is given")
-    result = measure_ddp(arguments.model_dir, arguments.steps, arguments.warmup, arguments.rows)
+    result = measure(arguments.model_dir, arguments.mode, arguments.steps, arguments.warmup, arguments.rows,
+                     arguments.memory_cap_gib)
     if result.pop("is_main"):
         result["command"] = " ".join(sys.argv)
         arguments.out.parent.mkdir(parents=True, exist_ok=True)
         arguments.out.write_text(json.dumps(result, indent=2) + "\n")
-        log.info("%s", result)
+        log.info("%s", {key: value for key, value in result.items() if key != "losses_rank0"})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@
 #   ddp    the train stage on 2 GPUs (train.distributed=ddp)
 #   ddpbench  bench/ddp_bench.py on 1 and 2 GPUs: DDP scaling efficiency
 #   fsdp   the train stage on 2 GPUs with train.distributed=fsdp
+#   fsdpbench  bench/ddp_bench.py on 2 GPUs, ddp then fsdp (FSDP2), 4x2048 tokens per GPU: FSDP's speed over DDP's
+#   memcap  after fsdpbench: each GPU capped between FSDP's and DDP's peaks (or at $CAP_GIB): DDP on one capped
+#           card, then FSDP on two
+#   multinode  the train stage (ddp) as 1 node of 2 GPUs, then as 2 nodes of 1 GPU each on this host (the README's
+#              multi-node recipe, CUDA_VISIBLE_DEVICES=0 / 1); the two adapters compared
 #   train  bench/train_bench.py: baseline and the project's variants, and the memory table
 #   eval   bench/eval_bench.py: plain generate() against the project's generation
 #   evalstage  the evaluate stage (base model) with eval.generation plain, then graphed: rows that differ
@@ -55,6 +60,37 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
       done
       python -m bench.ddp_bench --summarize "$out/ddp_1.json" "$out/ddp_2.json" --out "$out/ddp_scaling.json" ;;
     fsdp) train_stage train_stage_fsdp2 train.distributed=fsdp train.num_processes=2 ;;
+    fsdpbench)
+      for mode in ddp fsdp; do
+        timeout "${BENCH_TIMEOUT:-180}" python -m accelerate.commands.launch --multi_gpu --num_processes 2 \
+          --num_machines 1 --mixed_precision no --dynamo_backend no -m bench.ddp_bench "$model" --mode $mode \
+          --out "$out/${mode}_2.json" --steps "${BENCH_STEPS:-12}" --warmup 3 2>&1 | grep -v "Warning" | tail -3
+      done
+      python -m bench.ddp_bench --summarize "$out/ddp_2.json" "$out/fsdp_2.json" --out "$out/fsdp_vs_ddp.json" ;;
+    memcap)
+      cap=${CAP_GIB:-$(python -m bench.ddp_bench --cap-from "$out/fsdp_vs_ddp.json" --out /dev/null)} || continue
+      echo "cap: $cap GiB per GPU"
+      CUDA_VISIBLE_DEVICES=0 timeout "${BENCH_TIMEOUT:-180}" python -m accelerate.commands.launch --num_processes 1 \
+        --num_machines 1 --mixed_precision no --dynamo_backend no -m bench.ddp_bench "$model" --mode ddp \
+        --memory-cap-gib "$cap" --out "$out/ddp_1_capped.json" --steps 4 --warmup 1 2>&1 | tail -2
+      timeout "${BENCH_TIMEOUT:-180}" python -m accelerate.commands.launch --multi_gpu --num_processes 2 \
+        --num_machines 1 --mixed_precision no --dynamo_backend no -m bench.ddp_bench "$model" --mode fsdp \
+        --memory-cap-gib "$cap" --out "$out/fsdp_2_capped.json" --steps 4 --warmup 1 2>&1 | tail -2
+      python -m bench.ddp_bench --summarize "$out/ddp_1_capped.json" "$out/fsdp_2_capped.json" \
+        --out "$out/memcap.json" ;;
+    multinode)
+      train_stage multinode_1node train.distributed=ddp train.num_processes=2
+      rm -rf /tmp/adapter_1node && cp -r models/adapter /tmp/adapter_1node && rm -rf models/adapter
+      port=$((29600 + RANDOM % 100))
+      for rank in 0 1; do  # the README's recipe, this host as both machines
+        CUDA_VISIBLE_DEVICES=$rank timeout "${STAGE_TIMEOUT:-300}" python -m accelerate.commands.launch --multi_gpu \
+          --num_machines 2 --machine_rank $rank --main_process_ip 127.0.0.1 --main_process_port $port \
+          --num_processes 2 --mixed_precision no --dynamo_backend no stages/train.py > "$out/multinode_node$rank.log" 2>&1 &
+      done
+      wait
+      tr '\r' '\n' < "$out/multinode_node0.log" | grep -v "it/s]\|step/s\|s/step" | tail -5
+      [ -f metrics/train.json ] && cp metrics/train.json "$out/multinode_2nodes.json" && rm -f metrics/train.json
+      python -m bench.compare_adapters /tmp/adapter_1node models/adapter --out "$out/multinode.json" ;;
     train)
       CUDA_VISIBLE_DEVICES=0 timeout "${TRAIN_TIMEOUT:-420}" python -m bench.train_bench "$model" \
         --out "$out/train_bench.json" --steps "${BENCH_STEPS:-10}" --warmup 2 ${TRAIN_ARGS:-} 2>&1 \

@@ -218,15 +218,21 @@ def assert_same_run(resumed: dict, resumed_curves: dict, whole: dict, whole_curv
         assert [value for _, value in resumed_curves[name]] == pytest.approx([value for _, value in curve], rel=rel)
 
 
-@pytest.mark.slow
-def test_kill_dash_nine_after_a_checkpoint_then_dvc_repro_gives_the_uninterrupted_run(tmp_path, tiny_mistral_dir):
-    project = copy_project(tmp_path / "project", tiny_mistral_dir, max_steps=12, save_steps=3, logging_steps=2)
+def dvc_project(project: Path) -> list[str]:
+    """Make `project` a git + DVC repository with the formatted data in place; returns the dvc command."""
     dvc = [sys.executable, "-m", "dvc"]
     for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
                     ["git", "config", "user.name", "t"], [*dvc, "init", "-q"],
                     [*dvc, "config", "core.analytics", "false"], ["git", "add", "-A"],
                     ["git", "commit", "-qm", "project"], [*dvc, "repro", "format"]):
         run(command, cwd=project)
+    return dvc
+
+
+@pytest.mark.slow
+def test_kill_dash_nine_after_a_checkpoint_then_dvc_repro_gives_the_uninterrupted_run(tmp_path, tiny_mistral_dir):
+    project = copy_project(tmp_path / "project", tiny_mistral_dir, max_steps=12, save_steps=3, logging_steps=2)
+    dvc = dvc_project(project)
 
     kill_train_after_checkpoint([*dvc, "repro", "train"], project, step=3)
     run([*dvc, "repro", "train"], cwd=project)
@@ -242,20 +248,20 @@ def test_kill_dash_nine_after_a_checkpoint_then_dvc_repro_gives_the_uninterrupte
 
 
 @pytest.mark.slow
-def test_a_killed_two_process_ddp_run_resumes_to_the_uninterrupted_run(tmp_path, tiny_mistral_dir):
-    """Issue 17's resume ask on CPU: two gloo processes under accelerate, launcher and workers killed with SIGKILL."""
+def test_a_killed_two_process_ddp_run_resumes_under_dvc_repro_to_the_uninterrupted_run(tmp_path, tiny_mistral_dir):
+    """Two gloo processes under accelerate, the launcher and its workers killed with SIGKILL after a checkpoint;
+    `dvc repro` resumes. (FSDP runs on GPUs only: accelerate enables it for GPU process groups.)"""
     project = copy_project(tmp_path / "project", tiny_mistral_dir, max_steps=12, save_steps=3, logging_steps=2,
                            distributed="ddp", num_processes=2)
-    for stage in ("fetch", "sample", "format"):
-        run([sys.executable, f"stages/{stage}.py"], cwd=project)
+    dvc = dvc_project(project)
 
-    kill_train_after_checkpoint([sys.executable, "stages/train.py"], project, step=3)
-    run([sys.executable, "stages/train.py"], cwd=project)
+    kill_train_after_checkpoint([*dvc, "repro", "train"], project, step=3)
+    run([*dvc, "repro", "train"], cwd=project)
     resumed = json.loads((project / "metrics/train.json").read_text())
     resumed_curves = curves(project)
-    assert 3 <= resumed_from_step(project) <= 12 and resumed["processes"] == 2
+    assert 3 <= resumed_from_step(project) <= 12 and resumed["processes"] == 2 and not resumed["sharded"]
 
-    run([sys.executable, "stages/train.py"], cwd=project)  # the finished run's checkpoints are gone: from step 0
+    run([*dvc, "repro", "--force", "train"], cwd=project)  # the finished run's checkpoints are gone: from step 0
     whole = json.loads((project / "metrics/train.json").read_text())
     assert resumed_from_step(project) == 0
     assert_same_run(resumed, resumed_curves, whole, curves(project), rel=1e-4)

@@ -40,20 +40,17 @@ def accelerate_command(train: Any, script: str, device: str) -> list[str] | None
     if train.distributed == "none" or "LOCAL_RANK" in os.environ:
         return None
     if train.distributed == "fsdp" and device != "cuda":
-        raise PipelineError("train.distributed=fsdp needs CUDA GPUs; use ddp (gloo) on CPU, or none.")
+        # accelerate turns its FSDP plugin on for GPU process groups only; on CPU the run would silently be DDP.
+        raise PipelineError("train.distributed=fsdp needs CUDA GPUs (accelerate runs FSDP on GPU process groups "
+                            "only); use ddp (gloo) on CPU, or none.")
     if device == "cuda" and torch.cuda.device_count() < train.num_processes:
         raise PipelineError(f"train.num_processes={train.num_processes} but this machine has "
                             f"{torch.cuda.device_count()} GPU(s); lower it or use a machine with more GPUs.")
+    # The same launch for ddp and fsdp: FSDP is set up by the Trainer's arguments (training.sharding), so an
+    # outside launcher (the README's multi-node recipe) needs no FSDP flags either.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
                "--num_processes", str(train.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if train.distributed == "fsdp":
-        # FSDP + QLoRA as accelerate and PEFT document it: the 4-bit weights are stored as bf16-typed tensors so
-        # FSDP can flatten and shard them with the rest (see models.bnb_config's quant_storage).
-        command += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
-                    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
-                    "--fsdp_cpu_ram_efficient_loading", "true", "--fsdp_sync_module_states", "true",
-                    "--fsdp_use_orig_params", "false", "--fsdp_offload_params", "false"]
-    elif train.num_processes > 1:
+    if train.num_processes > 1:
         command += ["--multi_gpu"]  # torchrun under the hood: gloo on CPU, NCCL on GPUs
     return command + [script]
 

@@ -34,6 +34,7 @@ from alpaca_qlora.training.checkpoints import (
 from alpaca_qlora.training.data import TokenCounts, TokenizedDataset, make_collator, training_items
 from alpaca_qlora.training.distributed import all_reduce_counts, process_group
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
+from alpaca_qlora.training.sharding import fsdp_training_arguments, gather_trainable_state_dict, is_sharded
 from alpaca_qlora.training.tracking import LossLogger, wandb_environment
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class TrainingJob:
 @dataclass(frozen=True)
 class TrainingResult:
     metrics: dict[str, Any]
-    # FSDP only: the gathered full state dict (on process 0), since the sharded model cannot save itself.
+    # FSDP only: the gathered trainable weights (on process 0), since the sharded model cannot save itself.
     state_dict: dict[str, Any] | None = None
 
 
@@ -130,6 +131,8 @@ def build_training_arguments(job: TrainingJob, items: int | None = None) -> Trai
     if world_size > 1:
         # Every LoRA weight gets a gradient each step; searching for unused ones would cost a graph walk.
         distributed = {"ddp_find_unused_parameters": False, "ddp_backend": "nccl" if job.device == "cuda" else "gloo"}
+        if train.distributed == "fsdp":
+            distributed.update(fsdp_training_arguments())
     arguments = TrainingArguments(
         output_dir=str(job.run_dir),
         per_device_train_batch_size=train.micro_batch_size,
@@ -200,6 +203,9 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         callbacks=[progress, losses, history, *job.extra_callbacks],
     )
     trainer.remove_callback(ProgressCallback)
+    if job.train.distributed == "fsdp" and ranks.world_size > 1 and not trainer.is_fsdp_enabled:
+        raise PipelineError("train.distributed=fsdp, but accelerate did not enable FSDP for this process group "
+                            f"({trainer.accelerator.distributed_type}); it does so on GPUs only. Use ddp here.")
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     if job.device == "cuda":
@@ -212,10 +218,11 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         counting.remove()
     runtime = time.perf_counter() - started
     state_dict = None
-    if trainer.is_fsdp_enabled:
-        # Sharded weights: every process takes part in gathering the full state dict (process 0 receives it);
-        # a save from process 0 alone would wait forever for the others.
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    sharded = is_sharded(trainer.model)
+    if sharded:
+        # Sharded weights: every process takes part in gathering the adapter (process 0 receives it); a save
+        # from process 0 alone would wait forever for the others.
+        state_dict = gather_trainable_state_dict(trainer.model)
     this_call = all_reduce_counts(local_counts)
     counts = carried + this_call
     trainable, total = job.model.get_nb_trainable_parameters()
@@ -237,6 +244,7 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         "padding_fraction": round(counts.padded / max(1, counts.padded + counts.tokens), 4),
         "attention": attention,
         "processes": ranks.world_size,
+        "sharded": sharded,  # FSDP: each process held 1/processes of the model
         "trainable_params": int(trainable),
         "total_params": int(total),
         "trainable_percent": round(100 * trainable / total, 4),

@@ -1,0 +1,49 @@
+"""FSDP2 (`fully_shard`) for the train stage: the Trainer's FSDP settings, and the adapter gathered for saving.
+
+FSDP exists here for bases that do not fit one GPU: each process keeps 1/N of every decoder layer (the NF4 weights
+stored in tensors of the compute dtype, `models.quantization.bnb_config(shardable=True)`, so they shard like any
+other tensor) and all-gathers a layer just before it runs. It is configured through TrainingArguments, so the
+launcher is the same plain `accelerate launch` as DDP's, and the README's multi-node recipe serves both.
+
+- One FSDP unit per decoder layer (accelerate's transformer-based wrap on the model's `_no_split_modules`), and
+  none per LoRA layer: PEFT's own FSDP wrap policy gives every LoRA A and B matrix a unit, hundreds of tiny
+  collectives per step, which is FSDP1's route through accelerate and what this module replaced.
+- Checkpoints hold the adapter and its optimizer state sharded (torch.distributed.checkpoint, one file per
+  process): nothing gathers the 4-bit base to save a few megabytes of LoRA weights.
+- The adapter for the stage's out is gathered with torch.distributed.checkpoint.state_dict, trainable weights only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FSDP_CONFIG: dict[str, Any] = {
+    "version": 2,
+    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "state_dict_type": "SHARDED_STATE_DICT",
+    "reshard_after_forward": True,  # free a layer's gathered weights after its forward: the memory FSDP is for
+    "cpu_ram_efficient_loading": False,  # every process loads the (4-bit) base itself; rank-0 loading skips bnb
+}
+
+
+def fsdp_training_arguments() -> dict[str, Any]:
+    """TrainingArguments for FSDP2 through accelerate (Trainer builds the FullyShardedDataParallelPlugin)."""
+    return {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)}
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) trainable weights, on process 0's CPU; the other processes get an empty dict.
+
+    A collective: every process must call it. Frozen weights are skipped, so the 4-bit base is never gathered.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)

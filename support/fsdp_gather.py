@@ -1,0 +1,58 @@
+"""Two gloo processes shard a tiny PEFT model with FSDP2 (`fully_shard`) on CPU and gather its adapter with the train
+stage's `gather_trainable_state_dict`; process 0 saves what it gathered beside the weights before sharding.
+
+    python -m support.fsdp_gather MODEL_DIR OUT_DIR PORT
+
+The Trainer cannot run FSDP on CPU (accelerate turns its FSDP plugin on for GPU process groups only), so this drives
+torch's `fully_shard` directly, as accelerate does on GPUs: one unit per decoder layer, then the root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+
+def worker(rank: int, model_dir: str, out_dir: str, port: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from alpaca_qlora.models.loading import load_model
+    from alpaca_qlora.models.quantization import plan_quantization
+    from alpaca_qlora.training.model import attach_lora
+    from alpaca_qlora.training.sharding import gather_trainable_state_dict, is_sharded
+    from support.params import embedded_params
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_dir, plan_quantization("none", "cpu"), device="cpu"), embedded_params().lora,
+                        quantized=False, gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # B starts at zero: make every adapter weight tell
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    gathered = gather_trainable_state_dict(model)
+    facts = {"sharded": is_sharded(model), "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
+             "gathered": len(gathered)}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(facts))
+    if rank == 0:
+        save_file(before, str(Path(out_dir, "before.safetensors")))
+        save_file({name: tensor.contiguous() for name, tensor in gathered.items()},
+                  str(Path(out_dir, "gathered.safetensors")))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(sys.argv[1], sys.argv[2], int(sys.argv[3])), nprocs=2)
