@@ -226,6 +226,8 @@ def table(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         lines.append(f"{r['variant']:<16} {r['new_tokens_per_s']:>10.1f} {r['wall_s']:>8.2f} {peak:>9} "
                      f"{r.get('rows_differing_from_plain', 0):>7} {r.get('speedup_vs_plain', 1.0):>8.2f}")
+    lines += [f"{r['variant']} phases s: {r['phases_s']}, decode <= {r['decode_ms_per_step_at_most_steps']} ms/step"
+              for r in results if "phases_s" in r]
     lines += [f"{key}: {value}" for key, value in summary.items()]
     return "\n".join(lines)
 

@@ -66,10 +66,10 @@ class Size:
 
 
 GPU = Size(hidden=768, layers=6, heads=12, kv_heads=4, intermediate=2048, eval_rows=300, seen_rows=200,
-           train_rows=None, batch_rows=64, train_seconds=150, max_epochs=60, lora_steps=40, learning_rate=1e-3,
+           train_rows=None, batch_rows=64, train_seconds=120, max_epochs=60, lora_steps=40, learning_rate=1e-3,
            max_new_tokens_cap=96, generation_batch=128)
 TINY = Size(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, eval_rows=6, seen_rows=4, train_rows=48,
-            batch_rows=16, train_seconds=20, max_epochs=8, lora_steps=2, learning_rate=3e-3, max_new_tokens_cap=12,
+            batch_rows=16, train_seconds=30, max_epochs=15, lora_steps=2, learning_rate=1e-2, max_new_tokens_cap=12,
             generation_batch=8)
 
 
@@ -135,7 +135,7 @@ def train(model: Any, examples: list[dict[str, Any]], held_out: list[dict[str, A
     steps_per_epoch = math.ceil(len(examples) / size.batch_rows)
     total = max(1, steps_per_epoch * epochs)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0))))
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, min(20, total // 10))) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0))))
     rng, started, step, losses = random.Random(0), time.perf_counter(), 0, []
     model.train()
     for epoch in range(epochs):
@@ -251,6 +251,8 @@ def run(out: Path, size: Size, device: str, paths: list[str], work: Path) -> dic
 
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = mistral_tokenizer()
+    if tokenizer.pad_token is None:  # as load_tokenizer does for training; padded positions are masked out
+        tokenizer.pad_token = tokenizer.eos_token
     built = build_sure_model(work, tokenizer, size, device)
     if device == "cuda":
         torch.cuda.empty_cache()
