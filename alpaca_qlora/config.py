@@ -153,8 +153,9 @@ class EvalParams:
     num_examples: int
     # plain: model.generate(); graphed: the same 4-bit layers, static KV cache, decoding step replayed as a CUDA
     # graph; fast: own greedy loop dropping finished rows, with the 4-bit base dequantized once on CUDA (not bitwise
-    # the same outputs on GPU). merge_bf16 folds LoRA into the dequantized weights: changes precision, opt-in.
-    generation: Literal["plain", "fast", "graphed"]
+    # the same outputs on GPU); auto: graphed on CUDA (base dequantized once where it fits), plain on CPU.
+    # merge_bf16 folds LoRA into the dequantized weights: changes precision, opt-in.
+    generation: Literal["auto", "plain", "fast", "graphed"]
     merge_bf16: bool
     # compare's paired bootstrap intervals (alpaca_qlora/significance.py): resamples and the generator's seed
     bootstrap_resamples: int

@@ -15,9 +15,14 @@ the evaluation's stop rules. Variants, in this order on the same model object:
                        rows (method="fast");
 - graphed_dequantized: the dequantized base with method="graphed";
 - merged_bf16:         LoRA merged into the dequantized weights, method="graphed" (explicit option: changes
-                       precision).
-Each reports new tokens/s, wall time, peak GPU memory and how many rows differ from plain (for merged_bf16 that
-is the precision change's effect, not a bug). A random-init model never emits EOS, so every row runs to
+                       precision);
+- merged_bf16_sdpa_gqa: the same, attention through sdpa with enable_gqa and the mask (bench/gqa_attention.py)
+                       instead of transformers' pack_gqa: a lever measured, not a path the stages take.
+Each reports new tokens/s, wall time, peak GPU memory, how many rows differ from plain (for merged_bf16 that
+is the precision change's effect, not a bug), and for graphed variants the decoding phases' seconds (prefill,
+capture, decode, host checks). `--profile-steps N` adds, for each graphed variant, torch.profiler's top kernels
+per eager decoding step (bench/decode_profile.py). `under_11_gib` names the variants a 12 GB card can run;
+`--agreement FILE` copies `agreement_on_sure_model` from bench/sure_model.py's JSON. A random-init model never emits EOS, so every row runs to
 max_new_tokens and dropping finished rows saves nothing here (recorded in the JSON). Prints a table last.
 """
 from __future__ import annotations
@@ -39,13 +44,17 @@ from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora
+from bench.decode_profile import decode_profile, profile_table
+from bench.gqa_attention import NAME as GQA_ATTENTION, use_attention
 from bench.train_bench import profile_lora
 
 log = logging.getLogger("eval_bench")
-VARIANTS = ("plain", "graphed", "fast", "graphed_dequantized", "merged_bf16")
+VARIANTS = ("plain", "graphed", "fast", "graphed_dequantized", "merged_bf16", "merged_bf16_sdpa_gqa")
 METHOD = {"plain": "plain", "graphed": "graphed", "fast": "fast", "graphed_dequantized": "graphed",
-          "merged_bf16": "graphed"}
-DEQUANTIZED = ("fast", "graphed_dequantized", "merged_bf16")
+          "merged_bf16": "graphed", "merged_bf16_sdpa_gqa": "graphed"}
+DEQUANTIZED = ("fast", "graphed_dequantized", "merged_bf16", "merged_bf16_sdpa_gqa")
+MERGED = ("merged_bf16", "merged_bf16_sdpa_gqa")
+SMALL_CARD_GIB = 11.0  # what a 12 GB card leaves for one process
 
 INSTRUCTIONS = [
     ("What is the capital of France?", ""),
@@ -103,7 +112,7 @@ def peak_gib(device: str) -> float | None:
 
 
 def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, batch_size: int, max_new_tokens: int,
-            device: str, warmup: bool) -> dict[str, Any]:
+            device: str, warmup: bool, profile_steps: int = 0) -> dict[str, Any]:
     markers = get_template("alpaca").stop_markers
     method = METHOD[variant]
     if warmup:  # compile / cuDNN / allocator warm-up on one batch, a few tokens
@@ -112,20 +121,32 @@ def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, bat
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    timings: dict[str, float] = {}
     started = time.perf_counter()
     generations, stats = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  stop_markers=markers, progress=False, method=method)
+                                  stop_markers=markers, progress=False, method=method, timings=timings)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - started
-    return {"variant": variant, "method": method, "wall_s": round(wall, 2), "new_tokens": stats["new_tokens"],
-            "new_tokens_per_s": round(stats["new_tokens"] / wall, 1), "peak_memory_gib": peak_gib(device),
-            "stopped_by_eos": sum(g.stopped_by_eos for g in generations),
-            "generations": [(g.raw, g.new_tokens, g.stopped_by_eos) for g in generations]}
+    result = {"variant": variant, "method": method, "wall_s": round(wall, 2), "new_tokens": stats["new_tokens"],
+              "new_tokens_per_s": round(stats["new_tokens"] / wall, 1), "peak_memory_gib": peak_gib(device),
+              "stopped_by_eos": sum(g.stopped_by_eos for g in generations),
+              "generations": [(g.raw, g.new_tokens, g.stopped_by_eos) for g in generations]}
+    if timings:  # graphed: where the wall time went (decode steps = batches x max_new_tokens at most)
+        batches = -(-len(prompts) // batch_size)
+        result["phases_s"] = {name: round(value, 3) for name, value in timings.items()}
+        result["phases_s"]["outside_decoding"] = round(wall - sum(v for k, v in timings.items() if k != "host_check"), 3)
+        result["decode_ms_per_step_at_most_steps"] = round(1000 * timings.get("decode", 0.0) /
+                                                           (batches * max(max_new_tokens - 1, 1)), 2)
+    if profile_steps and method == "graphed" and device.startswith("cuda"):
+        result["decode_profile"] = decode_profile(model, tokenizer, prompts, batch_size=batch_size,
+                                                  steps=profile_steps)
+        log.info("%s", profile_table(variant, result["decode_profile"]))
+    return result
 
 
 def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, max_new_tokens: int, device: str,
-        warmup: bool) -> list[dict[str, Any]]:
+        warmup: bool, profile_steps: int = 0) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     texts = build_prompts(prompts)
     results: list[dict[str, Any]] = []
@@ -139,15 +160,18 @@ def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, m
                 dequantize_for_generation(model)
                 dequantized = True
                 log.info("dequantized in %.1f s", time.perf_counter() - started)
-            if variant == "merged_bf16" and not merged:
+            if variant in MERGED and not merged:
                 merge_lora_for_generation(model)
                 merged = True
-            elif merged:
+            elif merged and variant not in MERGED:
                 raise RuntimeError(f"{variant} must run before merged_bf16 (the merge is in place)")
+            if variant == "merged_bf16_sdpa_gqa":
+                use_attention(model, GQA_ATTENTION)
             if dequantized and variant not in DEQUANTIZED:
                 raise RuntimeError(f"{variant} must run before the dequantized variants (dequantization is in place)")
             results.append(measure(model, tokenizer, texts, variant=variant, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, device=device, warmup=warmup))
+                                   max_new_tokens=max_new_tokens, device=device, warmup=warmup,
+                                   profile_steps=profile_steps))
             log.info("%s: %s new tokens/s", variant, results[-1]["new_tokens_per_s"])
         except Exception as error:  # record and go on: one broken variant must not lose the others
             log.exception("variant %s failed", variant)
@@ -176,6 +200,16 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         summary["graphed_identical_to_plain"] = by_variant["graphed"]["rows_differing_from_plain"] == 0
     summary["by_variant"] = {name: {key: result.get(key) for key in ("speedup_vs_plain", "rows_differing_from_plain")}
                              for name, result in by_variant.items() if name != "plain"}
+    if plain:
+        fastest = max(by_variant.values(), key=lambda r: r["new_tokens_per_s"])
+        summary["fastest"] = {"variant": fastest["variant"], "speedup_vs_plain": fastest.get("speedup_vs_plain", 1.0)}
+    # the 12 GB path: variants whose peak stays under 11 GiB, and the fastest of them
+    small = [r for r in by_variant.values() if r["peak_memory_gib"] is not None and r["peak_memory_gib"] < SMALL_CARD_GIB]
+    summary["under_11_gib"] = {r["variant"]: r["peak_memory_gib"] for r in small}
+    if small and plain:
+        best = max(small, key=lambda r: r["new_tokens_per_s"])
+        summary["fastest_under_11_gib"] = {"variant": best["variant"],
+                                           "speedup_vs_plain": best.get("speedup_vs_plain", 1.0)}
     return summary
 
 
@@ -192,6 +226,8 @@ def table(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         lines.append(f"{r['variant']:<16} {r['new_tokens_per_s']:>10.1f} {r['wall_s']:>8.2f} {peak:>9} "
                      f"{r.get('rows_differing_from_plain', 0):>7} {r.get('speedup_vs_plain', 1.0):>8.2f}")
+    lines += [f"{r['variant']} phases s: {r['phases_s']}, decode <= {r['decode_ms_per_step_at_most_steps']} ms/step"
+              for r in results if "phases_s" in r]
     lines += [f"{key}: {value}" for key, value in summary.items()]
     return "\n".join(lines)
 
@@ -207,6 +243,9 @@ def main() -> None:
                         help=f"from {', '.join(VARIANTS)}, in that order (dequantization and merging are in place)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile this many eager decoding steps per graphed variant (top kernels; CUDA only)")
+    parser.add_argument("--agreement", type=Path, help="bench/sure_model.py's JSON: its agreement figures join this one")
     arguments = parser.parse_args()
     configure_logging()
     variants = [v for v in arguments.variants.split(",") if v]
@@ -214,7 +253,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     results = run(arguments.model_dir, variants, prompts=arguments.prompts, batch_size=arguments.batch_size,
-                  max_new_tokens=arguments.max_new_tokens, device=arguments.device, warmup=not arguments.no_warmup)
+                  max_new_tokens=arguments.max_new_tokens, device=arguments.device, warmup=not arguments.no_warmup,
+                  profile_steps=arguments.profile_steps)
     summary = summarize(results)
     eos_rows = sum(r.get("stopped_by_eos", 0) for r in results)
     payload = {
@@ -223,6 +263,8 @@ def main() -> None:
         "torch": torch.__version__,
         "batch_size": arguments.batch_size, "max_new_tokens": arguments.max_new_tokens, "prompts": arguments.prompts,
         **summary,
+        **({"agreement_on_sure_model": json.loads(arguments.agreement.read_text())["agreement_on_sure_model"]}
+           if arguments.agreement and arguments.agreement.is_file() else {}),
         "note": ("random-init weights never emit EOS: every row runs to max_new_tokens, so dropping finished rows "
                  "saves nothing in this benchmark" if eos_rows == 0 else f"{eos_rows} rows stopped by EOS"),
         "results": [{k: v for k, v in r.items() if k != "generations"} for r in results],

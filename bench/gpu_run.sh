@@ -14,8 +14,11 @@
 #   multinode  the train stage (ddp) as 1 node of 2 GPUs, then as 2 nodes of 1 GPU each on this host (the README's
 #              multi-node recipe, CUDA_VISIBLE_DEVICES=0 / 1); the two adapters compared
 #   train  bench/train_bench.py: baseline and the project's variants, and the memory table
-#   eval   bench/eval_bench.py: plain generate() against the project's generation
-#   evalstage  the evaluate stage (base model) with eval.generation plain, then graphed: rows that differ
+#   eval   bench/eval_bench.py: plain generate() against the project's generation (run agreement first to fold its
+#          figures in; EVAL_ARGS="--profile-steps 8" adds the top kernels per decoding step)
+#   evalstage  the evaluate stage (base model) over 500 eval prompts (data.eval_size=500, eval.max_new_tokens auto),
+#            eval.generation plain then auto: both wall times and the rows that differ (eval_stage_500.json)
+#   agreement  bench/sure_model.py: a small Mistral trained on the bundled data, every generation path against plain
 #   unsloth  bench/unsloth_bench.py in its own process, against the train phase's JSON (run train first);
 #            needs .whl/unsloth-site.tar.gz (bash bench/make_unsloth_site.sh)
 #   profile  bench/train_profile.py: where a training step's GPU time goes, baseline and project
@@ -97,18 +100,23 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
         | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
     eval)
       CUDA_VISIBLE_DEVICES=0 timeout "${EVAL_TIMEOUT:-420}" python -m bench.eval_bench "$model" \
-        --out "$out/eval_bench.json" ${EVAL_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
+        --out "$out/eval_bench.json" --agreement "$out/sure_model.json" ${EVAL_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
     evalstage)
-      for method in plain graphed; do
-        python -m bench.set_params "${stage_params[@]}" eval.generation=$method eval.batch_size=${EVAL_BATCH:-64} \
-          eval.max_new_tokens=64 && timeout "${STAGE_TIMEOUT:-300}" python stages/evaluate.py base 2>&1 \
-          | grep "INFO evaluate\|Error" | tail -3
+      eval_params=(data.eval_size=${EVAL_ROWS:-500} eval.batch_size=${EVAL_BATCH:-128} eval.max_new_tokens=${EVAL_TOKENS:-auto})
+      python -m bench.set_params "${stage_params[@]}" "${eval_params[@]}" && python stages/sample.py && python stages/format.py
+      for method in ${EVAL_METHODS:-plain auto}; do
+        python -m bench.set_params "${stage_params[@]}" "${eval_params[@]}" eval.generation=$method
+        started=$(date +%s.%N)
+        timeout "${STAGE_TIMEOUT:-540}" python stages/evaluate.py base 2>&1 | grep "INFO evaluate\|Error\|dequantized" | tail -4
+        python -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))" "$started" "$(date +%s.%N)" \
+          > "$out/evalstage_wall_$method.txt"
         cp metrics/eval_base.json "$out/eval_stage_base_$method.json"
         cp data/predictions/base.jsonl "$out/predictions_base_$method.jsonl"
       done
-      python -c "import json,sys; rows=[[json.loads(l)['raw'] for l in open(sys.argv[1] % m)] for m in ('plain','graphed')]; \
-print('evalstage: %d of %d rows differ between plain and graphed' % (sum(a != b for a, b in zip(*rows)), len(rows[0])))" \
-        "$out/predictions_base_%s.jsonl" | tee "$out/eval_stage_compare.txt" ;;
+      python -m bench.eval_stage_compare "$out" ${EVAL_METHODS:-plain auto} | tee "$out/eval_stage_compare.txt" ;;
+    agreement)
+      CUDA_VISIBLE_DEVICES=0 timeout "${AGREEMENT_TIMEOUT:-420}" python -m bench.sure_model --out "$out/sure_model.json" \
+        ${AGREEMENT_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights" | tail -60 ;;
     unsloth)
       mkdir -p /tmp/unsloth-site && tar xzf .whl/unsloth-site.tar.gz -C /tmp/unsloth-site
       CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 \

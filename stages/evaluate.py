@@ -15,7 +15,8 @@ from alpaca_qlora import io
 from alpaca_qlora.config import stage_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import stop_margin, token_limit
-from alpaca_qlora.generation import dequantize_for_generation, describe_weights, generate, merge_lora_for_generation
+from alpaca_qlora.generation import (dequantize_for_generation, dequantized_fits, describe_weights, generate,
+                                     merge_lora_for_generation, resolve_generation_method)
 from alpaca_qlora.metrics import aggregate, cut_by_limit, is_short_answer, score_row
 from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.models.numerics import base_weights_fingerprint, describe_cuda_path
@@ -40,13 +41,15 @@ def evaluate(which: str) -> None:
     started = time.perf_counter()
     loaded = load_for_inference(params.model.name, params.model.quantization,
                                 adapter_dir=ADAPTER if which == "finetuned" else None)
-    method = params.eval.generation  # validated with the params; generate() checks it again
+    method = resolve_generation_method(params.eval.generation, loaded.device)  # auto: graphed on CUDA, else plain
     merge = params.eval.merge_bf16
     # On CPU the loader already dequantized the 4-bit base to float64 (numerics.py). On CUDA it is dequantized
-    # once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for the fast loop, and always before
-    # merging LoRA (which changes precision: explicit only). The graphed loop keeps bnb's own 4-bit layers.
+    # once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for the fast loop, for auto where
+    # the bf16 weights fit, and always before merging LoRA (which changes precision: explicit only). An explicit
+    # graphed keeps bnb's own 4-bit layers: the path for 12 GB cards.
     on_cpu = bool(loaded.numeric_path)
-    on_cuda_fast = method == "fast" and loaded.device.startswith("cuda")
+    on_cuda_fast = loaded.device.startswith("cuda") and (
+        method == "fast" or (params.eval.generation == "auto" and dequantized_fits(loaded.model)))
     dequantized = loaded.plan.quantized and (on_cpu or merge or on_cuda_fast)
     if dequantized and not on_cpu:
         dequantize_for_generation(loaded.model)

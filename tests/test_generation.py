@@ -158,6 +158,9 @@ def test_generation_method_resolution(embedded):
     assert resolve_generation_method("plain") == "plain"
     assert resolve_generation_method("fast") == "fast"
     assert resolve_generation_method("graphed") == "graphed"
+    assert resolve_generation_method("auto", "cuda") == "graphed"  # the fastest where the device has graphs
+    assert resolve_generation_method("auto", "cpu") == "plain"
+    assert resolve_generation_method("auto", torch.device("cuda", 1)) == "graphed"
     with pytest.raises(PipelineError, match="generation method"):
         resolve_generation_method("turbo")
     original = model.generation_config.repetition_penalty
@@ -174,6 +177,7 @@ def test_eval_generation_params_validated():
     assert embedded.generation == "plain" and embedded.merge_bf16 is False
     params = embedded_params(eval={"generation": "fast", "merge_bf16": "true"})
     assert params.eval.generation == "fast" and params.eval.merge_bf16 is True
+    assert embedded_params(eval={"generation": "auto"}).eval.generation == "auto"
     with pytest.raises(ConfigError, match="eval.generation"):
         embedded_params(eval={"generation": "turbo"})
     with pytest.raises(ConfigError, match="eval.merge_bf16"):
@@ -197,3 +201,33 @@ def test_graphed_refuses_batches_beyond_the_sliding_window(tiny_lora):
             run(model, tokenizer, "graphed", max_new_tokens=30, prompts=PROMPTS[:2])
     finally:
         config.sliding_window = original
+
+
+def test_auto_is_plain_on_cpu_with_plain_tokens(embedded):
+    model, tokenizer, _ = embedded
+    generations, stats = generate(model, tokenizer, PROMPTS[:3], max_new_tokens=12, batch_size=3,
+                                  stop_markers=TEMPLATE.stop_markers, progress=False, method="auto")
+    assert stats["generation"] == "plain"  # what the metrics record: the method that ran
+    assert generations == run(model, tokenizer, "plain", max_new_tokens=12, prompts=PROMPTS[:3])
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 64])
+def test_graphed_stop_checks_a_chunk_behind_keep_plain_tokens(embedded, check_every):
+    """The host checks each chunk of steps while the next decodes, so the loop runs past the last stop; the
+    rows keep exactly plain's tokens at every chunk size, and the phase timings are filled."""
+    from alpaca_qlora.formatting import encode_prompt
+    from alpaca_qlora.generation.batching import left_pad, split_generated
+    from alpaca_qlora.generation.graphed import graphed_generate
+    from alpaca_qlora.generation.stop_checks import MarkerCheck
+
+    model, tokenizer, _ = embedded
+    plain = run(model, tokenizer, "plain", max_new_tokens=20)
+    input_ids, attention_mask = left_pad([encode_prompt(tokenizer, p) for p in PROMPTS], tokenizer.pad_token_id)
+    timings: dict[str, float] = {}
+    rows = graphed_generate(model, input_ids, attention_mask, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id,
+                            marker_check=MarkerCheck(tokenizer, TEMPLATE.stop_markers), check_every=check_every,
+                            timings=timings)
+    texts = [tokenizer.decode(split_generated(r, tokenizer.eos_token_id, tokenizer.pad_token_id)[0],
+                              skip_special_tokens=True) for r in rows]
+    assert texts == [g.raw for g in plain]
+    assert {"prefill", "capture", "decode", "host_check"} <= set(timings)

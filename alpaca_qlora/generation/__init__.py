@@ -10,7 +10,8 @@ Three ways to run the same greedy decoding (`generate(..., method=...)`), one mo
   the 4-bit base dequantized once (weights.py).
 - `graphed` (graphed.py): a static KV cache and a decoding step captured in a CUDA graph, 4-bit layers kept.
 Only `plain` is bitwise `generate()` on GPU: the other two run other kernels, under which near-tie logits can flip
-(bench/results/eval_bench_h200.json), so neither is ever picked for the user.
+(bench/results/eval_bench_h200.json). `auto` picks `graphed` on CUDA and `plain` elsewhere (on CPU every method
+gives the same tokens, and plain is the reference): it is the user's choice in eval.generation, never implied.
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ from alpaca_qlora.generation.batching import left_pad, length_sorted_batches, sp
 from alpaca_qlora.generation.graphed import graphed_generate
 from alpaca_qlora.generation.greedy import greedy_generate, greedy_loop_blockers
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
-from alpaca_qlora.generation.weights import dequantize_for_generation, describe_weights, merge_lora_for_generation
+from alpaca_qlora.generation.weights import (dequantize_for_generation, dequantized_fits, describe_weights,
+                                             merge_lora_for_generation)
 
-__all__ = ["GENERATION_METHODS", "Generation", "dequantize_for_generation", "describe_weights", "generate",
+__all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "dequantize_for_generation", "describe_weights", "dequantized_fits", "generate",
            "merge_lora_for_generation", "resolve_generation_method"]
 
 GENERATION_METHODS = ("plain", "fast", "graphed")
+GENERATION_CHOICES = ("auto", *GENERATION_METHODS)
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,12 @@ class Generation:
     new_tokens: int
 
 
-def resolve_generation_method(requested: str) -> str:
-    """Only an explicit choice: the faster methods are not bitwise `generate()` on GPU (see the module docstring)."""
-    if requested not in GENERATION_METHODS:
-        raise PipelineError(f"generation method {requested!r}: use one of {', '.join(GENERATION_METHODS)}.")
+def resolve_generation_method(requested: str, device: str | torch.device = "cpu") -> str:
+    """The method that runs: `auto` is graphed on CUDA (the fastest) and plain elsewhere (the reference)."""
+    if requested not in GENERATION_CHOICES:
+        raise PipelineError(f"generation method {requested!r}: use one of {', '.join(GENERATION_CHOICES)}.")
+    if requested == "auto":
+        return "graphed" if torch.device(device).type == "cuda" else "plain"
     return requested
 
 
@@ -77,16 +82,18 @@ def generate(
     stop_markers: Sequence[str],
     progress: bool = True,
     method: str = "plain",
+    timings: dict[str, float] | None = None,
 ) -> tuple[list[Generation], dict[str, Any]]:
     """Greedy answers in the prompts' order, and throughput figures for the whole run.
 
-    `method`: plain (model.generate), fast (greedy_generate, dropping finished rows) or graphed
-    (graphed_generate: static cache, CUDA graph). All decode greedily with the same stops."""
-    method = resolve_generation_method(method)
+    `method`: plain (model.generate), fast (greedy_generate, dropping finished rows), graphed (graphed_generate:
+    static cache, CUDA graph) or auto (see resolve_generation_method). All decode greedily with the same stops.
+    `timings`: graphed only, seconds per decoding phase are added to it (the bench's breakdown)."""
+    device = next(model.parameters()).device
+    method = resolve_generation_method(method, device)
     if method != "plain" and (blockers := greedy_loop_blockers(model)):
         raise PipelineError(f"the {method} generation loop applies no logits processors, but the model's generation "
                             f"config sets {', '.join(blockers)}; use generation 'plain'.")
-    device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     results: list[Generation | None] = [None] * len(prompts)
     new_token_total, started = 0, time.perf_counter()
@@ -98,8 +105,9 @@ def generate(
         input_ids, attention_mask = left_pad([encoded[index] for index in batch], tokenizer.pad_token_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if own_loop is not None:
+            extra = {"timings": timings} if method == "graphed" and timings is not None else {}
             rows_new_ids = own_loop(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                    eos_token_id=tokenizer.eos_token_id, marker_check=marker_check)
+                                    eos_token_id=tokenizer.eos_token_id, marker_check=marker_check, **extra)
         else:
             rows_new_ids = _plain_generate(model, tokenizer, input_ids, attention_mask,
                                            max_new_tokens=max_new_tokens, stop_markers=stop_markers)

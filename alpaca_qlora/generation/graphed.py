@@ -2,13 +2,14 @@
 preallocated KV cache with fixed shapes, so on CUDA it is captured once per batch in a CUDA graph and replayed:
 one launch per token instead of thousands of kernel launches from Python.
 
-Rows stay in the batch (as in `plain`) and stops are checked every few steps. The cache's unused tail is masked
+Rows stay in the batch (as in `plain`) and stops are checked every few steps, while the device decodes on. The cache's unused tail is masked
 out, so attention sees the keys `plain` sees, but over a longer range, for which sdpa may pick another kernel: on
 GPU near-tie argmaxes can flip (bench/results/attention_identity_h200.json). On CPU the same step runs eagerly and
 gives `generate()`'s tokens (tested).
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -87,6 +88,30 @@ class DecodeStep:
         return self.next_tokens
 
 
+class _Timer:
+    """Seconds spent in each phase of a decoding run, for the bench's breakdown; a no-op unless a dict is given.
+    Synchronizes the device at the few phase boundaries, so the figures are device time."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device):
+        self.timings, self.device, self.started = timings, device, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.started
+        self.started = now
+
+    def host(self, function: Any, *args: Any) -> None:
+        """Run a host-side step, adding its CPU seconds to `host_check` (it overlaps decoding on CUDA)."""
+        started = time.perf_counter()
+        function(*args)
+        if self.timings is not None:
+            self.timings["host_check"] = self.timings.get("host_check", 0.0) + time.perf_counter() - started
+
+
 @torch.inference_mode()
 def graphed_generate(
     model: Any,
@@ -97,14 +122,20 @@ def graphed_generate(
     eos_token_id: int,
     marker_check: MarkerCheck | None = None,
     check_every: int = 16,
+    use_graph: bool | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a left-padded batch with a static KV cache, the step graph-captured on CUDA.
 
     The prefill is `greedy_generate`'s (and `generate()`'s) first call; its cache is copied into a StaticKVCache
     of prompt + max_new_tokens slots. Each step attends to the prompt's real tokens and every generated one, the
     same keys `generate()`'s mask allows; masked slots add nothing. Rows keep decoding after they finish (their
-    tokens are discarded, as `generate()` discards its padding), and the host looks at the tokens only every
-    `check_every` steps, to stop once every row is done.
+    tokens are discarded, as `generate()` discards its padding). Every `check_every` steps the tokens so far are
+    copied to the host without waiting, and the host checks the previous chunk while the device decodes on, so
+    the device never idles for the stop checks; the run ends one chunk after every row is done.
+    `use_graph`: None captures the step on CUDA only (False runs it eagerly, for profiling). `timings`: when
+    given, seconds per phase are added to it: prefill, capture (the first step), decode (the rest, device time)
+    and host_check (the stop checks' CPU time, which overlaps decode).
     """
     from transformers import DynamicCache
 
@@ -117,6 +148,7 @@ def graphed_generate(
         raise PipelineError(f"graphed generation keeps every key in view, but the model attends within a "
                             f"{window}-token sliding window and this batch needs {slots} positions; use generation "
                             f"'plain' or 'fast'.")
+    timer = _Timer(timings, device)
     position_ids, prefill_mask = prefill_inputs(attention_mask)
     prefill = network(input_ids=input_ids, attention_mask=prefill_mask, position_ids=position_ids,
                       past_key_values=DynamicCache(config=network.config), use_cache=True, logits_to_keep=1,
@@ -128,23 +160,65 @@ def graphed_generate(
     mask = torch.zeros((batch, 1, 1, slots), dtype=torch.bool, device=device)
     mask[:, 0, 0, :prompt_length] = attention_mask.bool()
     step = DecodeStep(network, cache, first_tokens[:, None].clone(), position_ids[:, -1:] + 1, mask,
-                      use_graph=device.type == "cuda")
+                      use_graph=device.type == "cuda" if use_graph is None else use_graph)
+    timer.lap("prefill")
+    rows = _RowStops(batch, eos_token_id=eos_token_id, max_new_tokens=max_new_tokens, marker_check=marker_check)
     history = [first_tokens]
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    watched, finished = [False] * batch, [False] * batch
+    pending: _HostCopy | None = None
     checked = 0
     for produced in range(1, max_new_tokens + 1):
-        if produced == max_new_tokens or produced - checked >= check_every:
-            tokens = torch.stack(history[checked:produced], dim=1).tolist()
-            for row in range(batch):
-                for token in tokens[row]:
-                    if finished[row]:
-                        break
-                    finished[row], watched[row] = take_token(
-                        generated[row], token, watched=watched[row], eos_token_id=eos_token_id,
-                        max_new_tokens=max_new_tokens, marker_check=marker_check)
+        last = produced == max_new_tokens
+        if last or produced - checked >= check_every:
+            copy = _HostCopy(torch.stack(history[checked:produced], dim=1))
             checked = produced
-            if all(finished) or produced == max_new_tokens:
+            if pending is not None:  # the chunk before: long finished on the device, so no wait here
+                timer.host(rows.take, pending.tokens())
+            pending = copy
+            if last or rows.all_finished():
                 break
         history.append(step().clone())
-    return generated
+        if produced == 1:
+            timer.lap("capture")  # the first step: graph capture (CUDA) plus one replay
+    if pending is not None:
+        timer.host(rows.take, pending.tokens())
+    timer.lap("decode")
+    return rows.generated
+
+
+class _HostCopy:
+    """A chunk of tokens on its way to the host: a non-blocking copy into pinned memory on CUDA, read once done."""
+
+    def __init__(self, tokens: torch.Tensor):
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = tokens.clone(), None
+
+    def tokens(self) -> list[list[int]]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
+
+
+class _RowStops:
+    """Each row's tokens up to its stop (take_token's rule), fed a chunk of steps at a time."""
+
+    def __init__(self, batch: int, *, eos_token_id: int, max_new_tokens: int, marker_check: MarkerCheck | None):
+        self.generated: list[list[int]] = [[] for _ in range(batch)]
+        self.watched, self.finished = [False] * batch, [False] * batch
+        self.eos_token_id, self.max_new_tokens, self.marker_check = eos_token_id, max_new_tokens, marker_check
+
+    def take(self, chunk: list[list[int]]) -> None:
+        for row, tokens in enumerate(chunk):
+            for token in tokens:
+                if self.finished[row]:
+                    break
+                self.finished[row], self.watched[row] = take_token(
+                    self.generated[row], token, watched=self.watched[row], eos_token_id=self.eos_token_id,
+                    max_new_tokens=self.max_new_tokens, marker_check=self.marker_check)
+
+    def all_finished(self) -> bool:
+        return all(self.finished)

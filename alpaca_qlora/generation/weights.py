@@ -74,6 +74,25 @@ def dequantize_for_generation(model: Any) -> int:
     return replaced
 
 
+def dequantized_fits(model: Any, *, reserve_share: float = 0.25) -> bool:
+    """Whether the 4-bit layers, dequantized to their compute dtype, fit on the GPU with `reserve_share` of its
+    memory left for activations and the KV cache. False on a card too small for them (a 7B model on 12 GB), where
+    generation keeps the 4-bit layers."""
+    linear4bit = _linear4bit_class()
+    if linear4bit is None or not torch.cuda.is_available():
+        return False
+    layers = [module for module in model.modules() if isinstance(module, linear4bit)]
+    if not layers:
+        return False
+    device = layers[0].weight.device
+    if device.type != "cuda":
+        return False
+    needed = sum(layer.in_features * layer.out_features * torch.empty((), dtype=layer.compute_dtype or torch.bfloat16)
+                 .element_size() for layer in layers)
+    free, total = torch.cuda.mem_get_info(device)
+    return free - needed >= reserve_share * total
+
+
 def merge_lora_for_generation(model: Any) -> int:
     """Fold every LoRA adapter into its (dequantized or full-precision) base weight, in the base weight's dtype.
 
