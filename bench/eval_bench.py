@@ -16,7 +16,9 @@ the evaluation's stop rules. Variants, in this order on the same model object:
 - graphed_dequantized: the dequantized base with method="graphed";
 - merged_bf16:         LoRA merged into the dequantized weights, method="graphed" (explicit option: changes
                        precision);
-- merged_bf16_sdpa_gqa: the same, attention through sdpa with enable_gqa and the mask (bench/gqa_attention.py)
+- graphed_dequantized_sdpa_gqa: graphed_dequantized, attention through sdpa with enable_gqa and the mask
+                       (bench/gqa_attention.py); LoRA unmerged;
+- merged_bf16_sdpa_gqa: merged_bf16, attention through sdpa with enable_gqa and the mask (bench/gqa_attention.py)
                        instead of transformers' pack_gqa: a lever measured, not a path the stages take.
 Each reports new tokens/s, wall time, peak GPU memory, how many rows differ from plain (for merged_bf16 that
 is the precision change's effect, not a bug), and for graphed variants the decoding phases' seconds (prefill,
@@ -49,10 +51,12 @@ from bench.gqa_attention import NAME as GQA_ATTENTION, use_attention
 from bench.train_bench import profile_lora
 
 log = logging.getLogger("eval_bench")
-VARIANTS = ("plain", "graphed", "fast", "graphed_dequantized", "merged_bf16", "merged_bf16_sdpa_gqa")
+VARIANTS = ("plain", "graphed", "fast", "graphed_dequantized", "graphed_dequantized_sdpa_gqa", "merged_bf16",
+            "merged_bf16_sdpa_gqa")
 METHOD = {"plain": "plain", "graphed": "graphed", "fast": "fast", "graphed_dequantized": "graphed",
-          "merged_bf16": "graphed", "merged_bf16_sdpa_gqa": "graphed"}
-DEQUANTIZED = ("fast", "graphed_dequantized", "merged_bf16", "merged_bf16_sdpa_gqa")
+          "graphed_dequantized_sdpa_gqa": "graphed", "merged_bf16": "graphed", "merged_bf16_sdpa_gqa": "graphed"}
+DEQUANTIZED = ("fast", "graphed_dequantized", "graphed_dequantized_sdpa_gqa", "merged_bf16", "merged_bf16_sdpa_gqa")
+GQA = ("graphed_dequantized_sdpa_gqa", "merged_bf16_sdpa_gqa")
 MERGED = ("merged_bf16", "merged_bf16_sdpa_gqa")
 SMALL_CARD_GIB = 11.0  # what a 12 GB card leaves for one process
 
@@ -152,6 +156,7 @@ def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, m
     results: list[dict[str, Any]] = []
     model, _ = build_model(model_dir, device)
     dequantized = merged = False
+    own_attention = None
     for variant in variants:
         log.info("variant %s", variant)
         try:
@@ -165,8 +170,11 @@ def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, m
                 merged = True
             elif merged and variant not in MERGED:
                 raise RuntimeError(f"{variant} must run before merged_bf16 (the merge is in place)")
-            if variant == "merged_bf16_sdpa_gqa":
-                use_attention(model, GQA_ATTENTION)
+            if variant in GQA:
+                previous = use_attention(model, GQA_ATTENTION)
+                own_attention = own_attention or previous
+            elif own_attention is not None:
+                use_attention(model, own_attention)
             if dequantized and variant not in DEQUANTIZED:
                 raise RuntimeError(f"{variant} must run before the dequantized variants (dequantization is in place)")
             results.append(measure(model, tokenizer, texts, variant=variant, batch_size=batch_size,

@@ -37,13 +37,17 @@ from alpaca_qlora.sampling import split_rows
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.stop_rule import clean_generation
 from alpaca_qlora.training.model import attach_lora
+from bench.gqa_attention import NAME as GQA_ATTENTION, use_attention
 from bench.train_bench import profile_lora
 
 log = logging.getLogger("sure_model")
 SHORT_TASK_TYPES = ("closed_qa", "factual", "classification")  # params.yaml's eval.short_answer_task_types
-# (variant, generation method, weights prepared before it): in this order on one model, as the steps are in place
-PATHS = (("plain", "plain", None), ("graphed", "graphed", None), ("fast", "fast", "dequantize"),
-         ("graphed_dequantized", "graphed", "dequantize"), ("merged_bf16", "graphed", "merge"))
+# (variant, generation method, weights prepared before it, attention): in this order on one model, as the steps are
+# in place; attention None keeps the model's own, GQA is bench/gqa_attention.py's sdpa with enable_gqa
+PATHS = (("plain", "plain", None, None), ("graphed", "graphed", None, None), ("fast", "fast", "dequantize", None),
+         ("graphed_dequantized", "graphed", "dequantize", None),
+         ("graphed_dequantized_sdpa_gqa", "graphed", "dequantize", GQA_ATTENTION),
+         ("merged_bf16", "graphed", "merge", None), ("merged_bf16_sdpa_gqa", "graphed", "merge", GQA_ATTENTION))
 
 
 @dataclass(frozen=True)
@@ -210,9 +214,12 @@ def agreement(work: Path, built: dict[str, Any], size: Size, device: str, paths:
                               "max_new_tokens": limits, "by_path": {}}
     raws_plain: dict[str, list[str]] = {}
     prepared: set[str] = set()
-    for variant, method, prepare in PATHS:
+    own_attention = None
+    for variant, method, prepare, attention in PATHS:
         if variant not in paths:
             continue
+        previous = use_attention(loaded.model, attention) if attention else None
+        own_attention = own_attention or previous
         if prepare == "dequantize" and "dequantize" not in prepared:
             dequantize_for_generation(loaded.model)  # none left on CPU: the loader's float64 path did it
             prepared.add("dequantize")
@@ -235,6 +242,8 @@ def agreement(work: Path, built: dict[str, Any], size: Size, device: str, paths:
                              "new_tokens_per_s": stats["new_tokens_per_s"]}
         report["by_path"][variant] = figures
         log.info("%s: %s", variant, figures)
+        if attention:
+            use_attention(loaded.model, own_attention)
     plain = report["by_path"].get("plain")
     for variant, figures in report["by_path"].items():
         if plain is None or variant == "plain":
@@ -271,7 +280,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/sure-model"))
     parser.add_argument("--tiny", action="store_true", help="CPU-sized model and rows (seconds)")
     parser.add_argument("--train-seconds", type=float, help="override the training budget")
-    parser.add_argument("--paths", default=",".join(name for name, _, _ in PATHS))
+    parser.add_argument("--paths", default=",".join(name for name, *_ in PATHS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     arguments = parser.parse_args()
     configure_logging()
