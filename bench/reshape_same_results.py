@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from alpaca_qlora import io
+
 log = logging.getLogger("reshape_same_results")
 
 STAGES = ("fetch", "sample", "format", "train")
@@ -49,12 +51,12 @@ OVERRIDES = {
 
 
 def sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return io.sha256_file(path) if path.is_file() else None
 
 
 def column_sha256(path: Path) -> dict[str, str]:
     """A hash per field over all rows, so files that differ only by fields one side added still compare."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = io.read_jsonl(path)
     names = sorted({name for row in rows for name in row})
     return {name: hashlib.sha256(json.dumps([row.get(name) for row in rows]).encode()).hexdigest() for name in names}
 
@@ -154,13 +156,13 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.command == "run":
         record = run_side(arguments.checkout, arguments.max_steps, arguments.sampled_from)
-        arguments.record.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        io.write_json(arguments.record, record)
         return
-    before, after = (json.loads(path.read_text(encoding="utf-8")) for path in (arguments.before, arguments.after))
+    before, after = io.read_json(arguments.before), io.read_json(arguments.after)
     command = f"python -m bench.reshape_same_results compare {arguments.before} {arguments.after} --out {arguments.out}"
     result = {"command": command,
               "notes": arguments.note, **compare(before, after), "before": before, "after": after}
-    arguments.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    io.write_json(arguments.out, result)
     log.info("data equal: %s; losses identical over %d steps: %s (max |difference| %s)",
              result["data_files_equal"], result["steps_compared"], result["losses_identical"],
              result["max_abs_loss_difference"])
