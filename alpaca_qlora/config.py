@@ -1,9 +1,5 @@
-"""Typed, validated parameters from `params.yaml`, and the per-stage view of them.
-
-Two guarantees matter for reproducibility:
-- a typo or bad value in `params.yaml` (or in `dvc exp run -S ...`) fails before any work, naming the key;
-- a stage can read only the params that its `dvc.yaml` entry declares, so DVC's invalidation is exactly right:
-  reading an undeclared key raises instead of silently making the stage depend on something DVC doesn't track.
+"""Typed, validated parameters from `params.yaml`: a typo or bad value there (or in `dvc exp run -S ...`) fails
+before any work, naming the key. What one stage may read of them is alpaca_qlora/stage_params.py's job.
 """
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ import yaml
 from alpaca_qlora.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
-DVC_FILE = "dvc.yaml"
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_MODEL_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model whose Q4_1 GGUF it converts
@@ -293,73 +288,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     return params_from_mapping(raw)
 
 
-def declared_params(stage: str, dvc_file: str | Path = DVC_FILE) -> tuple[str, ...]:
-    """The dotted param keys that `dvc.yaml` declares for `stage` (the `do:` body of a foreach stage included)."""
-    spec = yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8"))
-    stages = spec.get("stages", {})
-    if stage not in stages:
-        raise ConfigError(f"dvc.yaml has no stage '{stage}'; stages: {', '.join(stages)}.")
-    body = stages[stage].get("do", stages[stage])
-    keys: list[str] = []
-    for entry in body.get("params", []) or []:
-        if isinstance(entry, str):
-            keys.append(entry)
-        elif entry == {PARAMS_FILE: None}:  # the whole file (check_params)
-            keys.extend(f.name for f in dataclasses.fields(Params))
-        elif isinstance(entry, dict):  # {other_file.yaml: [keys]} is not used by this project
-            raise ConfigError(f"dvc.yaml stage '{stage}': params from other files are not supported: {entry}.")
-    return tuple(keys)
-
-
-class _SectionView:
-    """Attribute access to one params section, limited to the keys a stage declared."""
-
-    def __init__(self, stage: str, section: str, values: Any, allowed: set[str]):
-        self._stage, self._section, self._values, self._allowed = stage, section, values, allowed
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if name not in self._allowed:
-            raise AttributeError(
-                f"stage '{self._stage}' reads {self._section}.{name} but dvc.yaml does not declare it: "
-                f"add it to the stage's params so DVC reruns the stage when it changes."
-            )
-        return getattr(self._values, name)
-
-
-@dataclass(frozen=True)
-class StageParams:
-    """What one stage may read: `params.data.template` works only if dvc.yaml lists `data.template`."""
-
-    stage: str
-    keys: tuple[str, ...]
-    data: Any
-    model: Any
-    lora: Any
-    train: Any
-    eval: Any
-
-
-def stage_params(stage: str, params_file: str | Path = PARAMS_FILE, dvc_file: str | Path = DVC_FILE) -> StageParams:
-    params = load_params(params_file)
-    keys = declared_params(stage, dvc_file)
-    allowed: dict[str, set[str]] = {f.name: set() for f in dataclasses.fields(Params)}
-    for key in keys:
-        section, _, name = key.partition(".")
-        if section not in allowed or (name and not hasattr(getattr(params, section), name)):
-            raise ConfigError(f"dvc.yaml stage '{stage}' declares param '{key}', which params.yaml's schema lacks.")
-        if name:
-            allowed[section].add(name)
-        else:  # the whole section
-            allowed[section].update(f.name for f in dataclasses.fields(getattr(params, section)))
-    views = {
-        section: _SectionView(stage, section, getattr(params, section), names) for section, names in allowed.items()
-    }
-    return StageParams(stage=stage, keys=keys, **views)
-
-
 __all__ = [
-    "ConfigError", "DataParams", "EvalParams", "LoraParams", "ModelParams", "Params", "StageParams", "TrainParams",
-    "EMBEDDED_MODEL", "declared_params", "load_params", "params_from_mapping", "stage_params",
+    "ConfigError", "DataParams", "EvalParams", "LoraParams", "ModelParams", "Params", "TrainParams",
+    "EMBEDDED_MODEL", "load_params", "params_from_mapping",
 ]

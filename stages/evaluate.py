@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from alpaca_qlora import io
-from alpaca_qlora.config import stage_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import stop_margin, token_limit
 from alpaca_qlora.generation import (dequantize_for_generation, dequantized_fits, describe_weights, generate,
@@ -22,6 +21,7 @@ from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.models.numerics import base_weights_fingerprint, describe_cuda_path
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
+from alpaca_qlora.stage_params import stage_params
 from alpaca_qlora.stop_rule import clean_generation
 
 EVAL_IN = Path("data/formatted/eval.jsonl")

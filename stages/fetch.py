@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 
 from alpaca_qlora import bundled, io
-from alpaca_qlora.config import stage_params
 from alpaca_qlora.records import DataFormatError, check_alpaca_shape, clean_rows, read_rows
 from alpaca_qlora.sources import hub_file, local_file
 from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage_params import stage_params
 
 ROWS_OUT = Path("data/raw/rows.jsonl")
 METRICS_OUT = Path("metrics/data.json")

@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 
 from alpaca_qlora import io
-from alpaca_qlora.config import stage_params
 from alpaca_qlora.metrics import is_short_answer
 from alpaca_qlora.sampling import split_rows
 from alpaca_qlora.stage import read_input_rows, require_rows, run_stage
+from alpaca_qlora.stage_params import stage_params
 
 ROWS_IN = Path("data/raw/rows.jsonl")
 TRAIN_OUT = Path("data/sampled/train.jsonl")

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alpaca_qlora.config import ConfigError, declared_params, load_params, params_from_mapping, stage_params
+from alpaca_qlora.config import ConfigError, load_params, params_from_mapping
 from alpaca_qlora.profiles import merged, read_yaml
+from alpaca_qlora.stage_params import declared_params, stage_params
 from support.params import embedded_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -186,7 +186,7 @@ def test_eval_generation_params_validated():
 
 @pytest.mark.parametrize("stage", ["evaluate_base", "evaluate_finetuned"])
 def test_evaluate_stages_declare_generation_params(stage):
-    from alpaca_qlora.config import declared_params
+    from alpaca_qlora.stage_params import declared_params
 
     assert {"eval.generation", "eval.merge_bf16"} <= set(declared_params(stage))
 

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from alpaca_qlora.answer_text import normalize_answer, word_count
 from alpaca_qlora.metrics import (
     MetricsMismatchError,
     aggregate,
@@ -9,11 +10,9 @@ from alpaca_qlora.metrics import (
     is_short_answer,
     key_fact_recall,
     metric_deltas,
-    normalize_answer,
     score_row,
     strict_exact_match,
     token_f1,
-    word_count,
 )
 
 

@@ -9,7 +9,7 @@ from itertools import islice
 from alpaca_qlora.bundled.facts import Element, Facts, is_prime
 from alpaca_qlora.bundled.rows import Row, distinct_pairs, make_row, take
 from alpaca_qlora.bundled.tables import CLASSIFIED_MAX_NUMBER, FAMILIES
-from alpaca_qlora.metrics import word_count
+from alpaca_qlora.answer_text import word_count
 
 
 def labelled(rng: random.Random, item: str, label: str, asked: Sequence[str], with_input: Sequence[str],

@@ -19,7 +19,7 @@ from alpaca_qlora.bundled.facts import load_facts
 from alpaca_qlora.bundled.factual import factual_rows
 from alpaca_qlora.bundled.open_ended import open_ended_rows
 from alpaca_qlora.bundled.rows import OPEN_ENDED_WORDS, TASK_TYPES, Row, is_short
-from alpaca_qlora.metrics import word_count
+from alpaca_qlora.answer_text import word_count
 from alpaca_qlora.records import prompt_key
 
 log = logging.getLogger(__name__)

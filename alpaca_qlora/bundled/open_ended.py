@@ -28,7 +28,7 @@ from alpaca_qlora.bundled.rows import (
     take,
 )
 from alpaca_qlora.bundled.tables import FAMILIES
-from alpaca_qlora.metrics import word_count
+from alpaca_qlora.answer_text import word_count
 
 def joined(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]

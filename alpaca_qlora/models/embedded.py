@@ -73,7 +73,7 @@ def _distribution_version(distribution: str) -> str:
 def embedded_dir_name(gguf_size: int, package_version: str) -> str:
     """Names the conversion after what it came from, so a new GGUF or converter never reuses an old directory.
 
-    Size and package version stand in for a content hash: hashing the 98 MB file on every stage start costs more.
+    Size and package version stand in for a content hash: hashing the whole file on every stage start costs more.
     """
     return f"smollm2-135m-instruct-{package_version}-{gguf_size:x}-c{CONVERSION_FORMAT}"
 
@@ -124,7 +124,7 @@ def align_special_tokens(tokenizer: Any, config: Any) -> None:
 
 
 def _remove_stale_scratch(target: Path) -> None:
-    """Conversions killed midway leave hidden 270 MB scratch directories; drop the old ones."""
+    """Conversions killed midway leave hidden scratch directories the size of a model; drop the old ones."""
     now = time.time()
     for scratch in target.parent.glob(f".{target.name}.*"):
         try:
@@ -159,7 +159,7 @@ def embedded_model_dir() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_scratch(target)
-    log.info("converting %s to a safetensors model in %s (once, ~20 s)", gguf.name, target)
+    log.info("converting %s to a safetensors model in %s (once per machine)", gguf.name, target)
     started = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

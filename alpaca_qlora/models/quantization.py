@@ -34,7 +34,7 @@ def probe_4bit(device: str) -> tuple[bool, str]:
         error = (restored.float() - weights).abs().mean().item()
     except Exception as problem:  # bitsandbytes raises many types when a backend is missing
         return False, f"bitsandbytes 4-bit is unavailable on {device} ({type(problem).__name__}: {problem})"
-    if error > 0.2:  # NF4 of N(0, 1) data gives ~0.07
+    if error > 0.2:  # well above a working NF4 round trip of N(0, 1) data; a broken backend returns noise
         return False, f"bitsandbytes NF4 on {device} gave a round-trip error of {error:.3f}"
     return True, f"bitsandbytes {bitsandbytes.__version__} supports NF4 on {device}"
 
@@ -53,8 +53,8 @@ def _cuda_compute_dtype() -> torch.dtype:
 def plan_quantization(requested: str, device: str) -> QuantizationPlan:
     """Decide 4-bit or not, openly: the reason lands in metrics/train.json and the eval metrics.
 
-    CPU computes in fp32: on CPUs without native bf16 (AVX2-only, like our CI) bnb's bf16 path is ~4-5x slower
-    for NF4 and ~45x slower unquantized, and fp32 is the exact one.
+    CPU computes in fp32: on CPUs without native bf16 (AVX2-only, like our CI) bnb's bf16 path is much slower
+    (README, "Details that matter"), and fp32 is the exact one.
     """
     if requested not in QUANTIZATION_CHOICES:
         raise PipelineError(f"model.quantization={requested!r}: use one of {', '.join(QUANTIZATION_CHOICES)}.")

@@ -4,6 +4,7 @@ Built in one function (`build_trainable_model`) so the bench measures the stage'
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from alpaca_qlora.config import LoraParams
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import QuantizationPlan
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 # logits, the largest activation of a 7B model's training step; with it, Liger's plain cross-entropy is unused.
 LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                  "fused_linear_cross_entropy": True}
+# `lora:` keys whose LoraConfig argument has another name; the others keep theirs.
+LORA_CONFIG_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,16 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     model.enable_input_require_grads()
 
 
+def lora_config_kwargs(lora: Any) -> dict[str, Any]:
+    """Every `lora:` key as PEFT's LoraConfig argument: the same name but where LORA_CONFIG_NAMES renames it.
+
+    Read by the fields of LoraParams, so the stage's declared-keys view and a LoraParams both work, and a key added
+    to LoraParams reaches PEFT without a line here."""
+    values = {field.name: getattr(lora, field.name) for field in dataclasses.fields(LoraParams)}
+    values["target_modules"] = list(values["target_modules"])
+    return {LORA_CONFIG_NAMES.get(name, name): value for name, value in values.items()}
+
+
 def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_checkpointing: bool,
                 frozen_dtype: str = "compute", checkpoint_offload: bool = False) -> Any:
     from peft import LoraConfig, get_peft_model
@@ -119,17 +133,7 @@ def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_
     if checkpoint_offload:
         log.info("checkpoint offload: %d decoder layers keep their checkpoints in host memory",
                  enable_checkpoint_offload(model))
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        bias=lora.bias,
-        use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, LoraConfig(**lora_config_kwargs(lora), task_type="CAUSAL_LM"))
 
 
 def build_trainable_model(source: str, plan: QuantizationPlan, lora: Any, switches: SpeedSwitches, *, device: str,
