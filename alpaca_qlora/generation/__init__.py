@@ -9,9 +9,10 @@ Three ways to run the same greedy decoding (`generate(..., method=...)`), one mo
   model as `generate()` does, so the tokens are the same (tested on CPU). On CUDA the evaluate stage pairs it with
   the 4-bit base dequantized once (weights.py).
 - `graphed` (graphed.py): a static KV cache and a decoding step captured in a CUDA graph, 4-bit layers kept.
-Only `plain` is bitwise `generate()` on GPU: the other two run other kernels, under which near-tie logits can flip
-(bench/results/eval_bench_h200.json). `auto` picks `graphed` on CUDA and `plain` elsewhere (on CPU every method
-gives the same tokens, and plain is the reference): it is the user's choice in eval.generation, never implied.
+Only `plain` is bitwise `generate()` on GPU: the other two run other kernels, under which near-tie logits can flip.
+Where the model is sure of its answers `graphed` agrees with `plain` (bench/sure_model.py), so `auto`, the params'
+default, picks `graphed` on CUDA and `plain` elsewhere (on CPU every method gives the same tokens, and plain is the
+reference); the metrics record the method that ran.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
 from alpaca_qlora.generation.weights import (dequantize_for_generation, dequantized_fits, describe_weights,
                                              merge_lora_for_generation)
 
-__all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "dequantize_for_generation", "describe_weights", "dequantized_fits", "generate",
-           "merge_lora_for_generation", "resolve_generation_method"]
+__all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "dequantize_for_generation", "dequantized_fits",
+           "describe_weights", "generate", "merge_lora_for_generation", "resolve_generation_method"]
 
 GENERATION_METHODS = ("plain", "fast", "graphed")
 GENERATION_CHOICES = ("auto", *GENERATION_METHODS)
