@@ -173,11 +173,12 @@ def test_generation_method_resolution(embedded):
 
 
 def test_eval_generation_params_validated():
-    embedded = embedded_params().eval  # params.yaml: plain generate(), LoRA kept apart
-    assert embedded.generation == "plain" and embedded.merge_bf16 is False
+    embedded = embedded_params().eval  # params.yaml: auto, which is plain generate() on CPU; LoRA kept apart
+    assert embedded.generation == "auto" and embedded.merge_bf16 is False
+    assert resolve_generation_method(embedded.generation, "cpu") == "plain"
     params = embedded_params(eval={"generation": "fast", "merge_bf16": "true"})
     assert params.eval.generation == "fast" and params.eval.merge_bf16 is True
-    assert embedded_params(eval={"generation": "auto"}).eval.generation == "auto"
+    assert embedded_params(eval={"generation": "plain"}).eval.generation == "plain"
     with pytest.raises(ConfigError, match="eval.generation"):
         embedded_params(eval={"generation": "turbo"})
     with pytest.raises(ConfigError, match="eval.merge_bf16"):
