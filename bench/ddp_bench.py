@@ -35,7 +35,8 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
 from alpaca_qlora.training.sharding import fsdp_training_arguments
-from bench.train_bench import collate, dense_batches, profile_lora
+from bench.train_bench import profile_lora
+from bench.workloads import collate, dense_batches
 
 log = logging.getLogger("ddp_bench")
 LENGTH = 2048

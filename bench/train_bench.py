@@ -4,7 +4,7 @@ transformers + PEFT + bitsandbytes baseline, measured in the same run on the sam
     python -m bench.make_random_mistral /tmp/mistral-7b-random
     python -m bench.train_bench /tmp/mistral-7b-random --out bench/results/train_h100.json
 
-Workloads:
+Workloads (bench/workloads.py):
 - dense:  micro-batches of 4 x 2048 tokens, every token real;
 - alpaca: Alpaca-length rows (prompt + response lengths drawn from a log-normal fitted to alpaca-style data,
           median ~190 tokens, clipped to [48, 1024]); the baseline pads each micro-batch of 8 rows to its longest
@@ -33,26 +33,22 @@ import dataclasses
 import gc
 import json
 import logging
-import math
-import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alpaca_qlora.formatting import IGNORE_INDEX
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training.data import ResponseOnlyCollator
 from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model, resolve_speed_switches
-from alpaca_qlora.training.packing import PackedCollator, PackedDataset, use_varlen_attention, varlen_attention_available
+from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
+from bench.train_results import Measurement, summarize, table
+from bench.workloads import alpaca_micro_batches, collate, dense_batches, workloads
 
 log = logging.getLogger("train_bench")
-VOCAB_LOW, VOCAB_HIGH = 100, 31000
 ROOT = Path(__file__).resolve().parents[1]
 MISTRAL_PROFILE = ROOT / "profiles" / "mistral-7b.yaml"
 
@@ -73,40 +69,7 @@ def profile_lora() -> Any:
     return mistral_profile().lora
 
 
-@dataclass
-class Measurement:
-    variant: str
-    workload: str
-    steps: int
-    step_time_s: float
-    tokens_per_s: float
-    useful_tokens_per_s: float
-    peak_memory_gib: float
-    losses: list[float]
-    padding_share: float = 0.0
 
-
-def dense_batches(count: int, rows: int, length: int, seed: int) -> list[list[dict[str, list[int]]]]:
-    rng = random.Random(seed)
-    batches = []
-    for _ in range(count):
-        batch = []
-        for _ in range(rows):
-            ids = [1] + [rng.randrange(VOCAB_LOW, VOCAB_HIGH) for _ in range(length - 1)]
-            batch.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]})
-        batches.append(batch)
-    return batches
-
-
-def alpaca_rows(count: int, seed: int) -> list[dict[str, list[int]]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        total = int(min(1024, max(48, rng.lognormvariate(math.log(190), 0.6))))
-        prompt = max(8, int(total * rng.uniform(0.35, 0.75)))
-        ids = [1] + [rng.randrange(VOCAB_LOW, VOCAB_HIGH) for _ in range(total - 1)]
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
-    return rows
 
 
 def baseline_model(model_dir: str, gradient_checkpointing: bool = True) -> Any:
@@ -218,36 +181,8 @@ def measure(model: Any, batches: list[dict[str, torch.Tensor]], *, variant: str,
                        padding_share=round(1 - timed_useful / timed_tokens, 4))
 
 
-def collate(rows_per_batch: list[list[Any]], packing: bool) -> tuple[list[dict], list[int]]:
-    """Micro-batches of rows (padded, or with packing one 2048-token row per bin) or, with packing, of bins."""
-    collator = PackedCollator(pad_token_id=0) if packing else ResponseOnlyCollator(pad_token_id=0)
-    batches, useful = [], []
-    for items in rows_per_batch:
-        bins = [item if isinstance(item, list) else [item] for item in items]
-        batches.append(collator(bins) if packing else collator(items))
-        useful.append(sum(len(row["input_ids"]) for group in bins for row in group))
-    return batches, useful
 
 
-def chunk(rows: list[dict], size: int) -> list[list[dict]]:
-    return [rows[start : start + size] for start in range(0, len(rows) - size + 1, size)]
-
-
-def workloads(steps: int, warmup: int) -> tuple[list[list[dict[str, list[int]]]], list[dict[str, list[int]]]]:
-    """The two workloads' rows, the same for every variant and script: dense micro-batches, Alpaca-length rows."""
-    return (dense_batches(steps + warmup, rows=4, length=2048, seed=0),
-            alpaca_rows(64 * (steps + warmup), seed=1))
-
-
-def alpaca_micro_batches(rows: list[dict], packing: bool, count: int) -> list[list[Any]]:
-    """Micro-batches of Alpaca-length rows: 4 of the 2048-token bins all rows were packed into once (bins shuffled
-    as the Trainer's sampler does), or 8 padded rows."""
-    if not packing:
-        return chunk(rows, 8)[:count]
-    dataset = PackedDataset(rows, bin_tokens=2048, seed=0)
-    order = list(range(len(dataset)))
-    random.Random(0).shuffle(order)
-    return chunk([dataset[index] for index in order], 4)[:count]
 
 
 def varlen_loss_check(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -319,54 +254,8 @@ def memory_table(model_dir: str, rows: list[int], limit_gib: float) -> dict[str,
             "by_micro_batch": table}
 
 
-def ratios(results: list[Measurement], variant: str) -> dict[str, Any]:
-    """One variant against the baseline of the same run, per workload."""
-    by_key = {(m.variant, m.workload.split("_")[0]): m for m in results}
-    out: dict[str, Any] = {}
-    base_dense, dense = by_key.get(("baseline", "dense")), by_key.get((variant, "dense"))
-    base_alpaca, alpaca = by_key.get(("baseline", "alpaca")), by_key.get((variant, "alpaca"))
-    if base_dense and dense:
-        out["train_speedup"] = round(dense.tokens_per_s / base_dense.tokens_per_s, 3)
-        out["train_peak_memory_ratio"] = round(dense.peak_memory_gib / base_dense.peak_memory_gib, 3)
-        differences = [abs(a - b) for a, b in zip(base_dense.losses, dense.losses)]
-        out["dense_loss_steps_compared"] = len(differences)
-        out["dense_loss_max_abs_diff"] = round(max(differences), 4)
-        out["dense_loss_mean_abs_diff"] = round(sum(differences) / len(differences), 5)
-    if dense and alpaca:
-        out["packed_vs_dense_tokens_per_s"] = round(alpaca.tokens_per_s / dense.tokens_per_s, 3)
-    if base_alpaca and alpaca:
-        out["useful_tokens_speedup"] = round(alpaca.useful_tokens_per_s / base_alpaca.useful_tokens_per_s, 3)
-        out["alpaca_padding_share"] = alpaca.padding_share
-        out["alpaca_peak_memory_ratio"] = round(alpaca.peak_memory_gib / base_alpaca.peak_memory_gib, 3)
-    return out
 
 
-def summarize(results: list[Measurement]) -> dict[str, Any]:
-    variants = sorted({m.variant for m in results} - {"baseline"})
-    summary: dict[str, Any] = dict(ratios(results, "project")) if "project" in variants else {}
-    summary["by_variant"] = {variant: ratios(results, variant) for variant in variants}
-    return summary
-
-
-def memory_lines(memory: dict[str, Any]) -> list[str]:
-    lines = [f"memory with the project's defaults (limit {memory['limit_gib']} GiB):"]
-    for entry in memory["by_micro_batch"]:
-        peak = "OOM" if entry["peak_memory_gib"] is None else f"{entry['peak_memory_gib']:.2f} GiB"
-        lines.append(f"  {entry['rows']} x 2048: {peak}")
-    lines.append(f"  largest micro-batch x 2048 under the limit: {memory['largest_micro_batch_x2048_under_limit']}")
-    return lines
-
-
-def table(results: list[Measurement], summary: dict[str, Any]) -> str:
-    lines = [f"{'variant':<10} {'workload':<22} {'step s':>8} {'tok/s':>9} {'useful tok/s':>13} {'peak GiB':>9}"]
-    for m in results:
-        lines.append(f"{m.variant:<10} {m.workload:<22} {m.step_time_s:>8.3f} {m.tokens_per_s:>9.0f} "
-                     f"{m.useful_tokens_per_s:>13.0f} {m.peak_memory_gib:>9.2f}")
-    lines += [f"{key}: {value}" for key, value in summary.items() if key not in ("by_variant", "memory")]
-    lines += [f"{variant}: {values}" for variant, values in summary.get("by_variant", {}).items()]
-    if "memory" in summary:
-        lines += memory_lines(summary["memory"])
-    return "\n".join(lines)
 
 
 def write_results(path: Path, results: list[Measurement], summary: dict[str, Any]) -> None:

@@ -29,7 +29,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from alpaca_qlora.stage import configure_logging
-from bench.train_bench import VARIANTS, build_variant, project_settings, collate, dense_batches, release_memory, train_step
+from bench.train_bench import VARIANTS, build_variant, project_settings, release_memory, train_step
+from bench.workloads import collate, dense_batches
 
 log = logging.getLogger("train_profile")
 

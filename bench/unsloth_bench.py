@@ -29,9 +29,9 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from alpaca_qlora.stage import configure_logging  # noqa: E402
-from bench.train_bench import (REFERENCE_LORA_DROPOUT, Measurement, alpaca_micro_batches, collate,  # noqa: E402
-                               measure, profile_lora,
-                               release_memory, workloads)
+from bench.train_bench import REFERENCE_LORA_DROPOUT, measure, profile_lora, release_memory  # noqa: E402
+from bench.train_results import Measurement  # noqa: E402
+from bench.workloads import alpaca_micro_batches, collate, workloads  # noqa: E402
 
 log = logging.getLogger("unsloth_bench")
 
