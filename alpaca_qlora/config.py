@@ -129,6 +129,8 @@ class TrainParams:
         _require(self.num_processes >= 1, "train.num_processes", self.num_processes, "a positive process count")
         _require(self.distributed != "none" or self.num_processes == 1, "train.num_processes", self.num_processes,
                  "1 when train.distributed is none (set train.distributed=ddp or fsdp to use more processes)")
+        _require(self.distributed != "fsdp" or self.num_processes >= 2, "train.num_processes", self.num_processes,
+                 "at least 2 with train.distributed=fsdp (one process has nothing to shard with)")
         _require(not self.checkpoint_offload or self.gradient_checkpointing is not False, "train.checkpoint_offload",
                  self.checkpoint_offload, "false when train.gradient_checkpointing is false (it moves checkpoints)")
 

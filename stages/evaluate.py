@@ -41,7 +41,7 @@ def evaluate(which: str) -> None:
     started = time.perf_counter()
     loaded = load_for_inference(params.model.name, params.model.quantization,
                                 adapter_dir=ADAPTER if which == "finetuned" else None)
-    method = resolve_generation_method(params.eval.generation, loaded.device)  # auto: graphed on CUDA, else plain
+    method = resolve_generation_method(params.eval.generation, loaded.device, loaded.model)  # auto: see generation
     merge = params.eval.merge_bf16
     # On CPU the loader already dequantized the 4-bit base to float64 (numerics.py). On CUDA it is dequantized
     # once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for the fast loop, for auto where
@@ -49,7 +49,7 @@ def evaluate(which: str) -> None:
     # graphed keeps bnb's own 4-bit layers: the path for 12 GB cards.
     on_cpu = bool(loaded.numeric_path)
     on_cuda_fast = loaded.device.startswith("cuda") and (
-        method == "fast" or (params.eval.generation == "auto" and dequantized_fits(loaded.model)))
+        method == "fast" or (params.eval.generation == "auto" and method == "graphed" and dequantized_fits(loaded.model)))
     dequantized = loaded.plan.quantized and (on_cpu or merge or on_cuda_fast)
     if dequantized and not on_cpu:
         dequantize_for_generation(loaded.model)

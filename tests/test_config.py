@@ -117,3 +117,9 @@ def test_speed_switches_take_auto_true_false_and_nothing_else():
             embedded_params(train={"liger_kernels": bad})
     with pytest.raises(ConfigError, match="train.checkpoint_offload"):
         embedded_params(train={"gradient_checkpointing": False, "checkpoint_offload": True})
+
+
+def test_fsdp_needs_at_least_two_processes():
+    with pytest.raises(ConfigError, match="at least 2 with train.distributed=fsdp"):
+        embedded_params(train={"distributed": "fsdp", "num_processes": 1})
+    assert embedded_params(train={"distributed": "fsdp", "num_processes": 2}).train.num_processes == 2

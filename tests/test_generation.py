@@ -168,6 +168,8 @@ def test_generation_method_resolution(embedded):
     try:
         with pytest.raises(PipelineError, match="repetition_penalty"):
             generate(model, None, [], max_new_tokens=1, batch_size=1, stop_markers=(), method="fast")
+        # auto never picks a loop that would refuse the model: plain applies the processors
+        assert resolve_generation_method("auto", "cuda", model) == "plain"
     finally:
         model.generation_config.repetition_penalty = original
 

@@ -439,9 +439,31 @@ def test_speed_switches_resolve_by_device():
     assert resolve_speed_switches(auto, "cpu", liger_installed=True) == SpeedSwitches(False, False)
     assert resolve_speed_switches(auto, "cuda", liger_installed=True) == SpeedSwitches(True, True)
     assert resolve_speed_switches(auto, "cuda", liger_installed=False) == SpeedSwitches(False, True)
+    # under FSDP Liger's fused cross-entropy meets a sharded output projection: auto leaves it off, true is refused
+    fsdp = dataclasses.replace(auto, distributed="fsdp", num_processes=2)
+    assert resolve_speed_switches(fsdp, "cuda", liger_installed=True) == SpeedSwitches(False, True)
+    with pytest.raises(PipelineError, match="fsdp"):
+        resolve_speed_switches(dataclasses.replace(fsdp, liger_kernels=True), "cuda", liger_installed=True)
     forced = dataclasses.replace(auto, gradient_checkpointing=True, liger_kernels=False)
     assert resolve_speed_switches(forced, "cpu") == SpeedSwitches(False, True)
     offload = dataclasses.replace(auto, checkpoint_offload=True)
     with pytest.raises(PipelineError, match="gradient_checkpointing=true"):
         resolve_speed_switches(offload, "cpu")
     assert resolve_speed_switches(offload, "cuda", liger_installed=True).gradient_checkpointing
+
+
+def test_offload_keeps_nothing_for_a_forward_without_backward():
+    """A checkpointed layer run with gradients off (train mode under no_grad) has no backward to wait for: nothing
+    goes to the host and nothing stays pending."""
+    from alpaca_qlora.training.offload import OffloadSchedule, offloaded_checkpoint
+
+    layer = torch.nn.Linear(4, 4)
+    hidden = torch.randn(2, 4, requires_grad=True)
+    schedule = OffloadSchedule()
+    with torch.no_grad():
+        out = offloaded_checkpoint(layer, hidden, schedule=schedule, layer_order=0)
+    assert torch.equal(out, layer(hidden).detach()) and schedule.pending == []
+    out = offloaded_checkpoint(layer, hidden, schedule=schedule, layer_order=0)
+    assert len(schedule.pending) == 1
+    out.sum().backward()
+    assert schedule.pending == [] and torch.allclose(hidden.grad, layer.weight.sum(0).expand(2, 4))

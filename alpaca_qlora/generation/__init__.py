@@ -48,13 +48,18 @@ class Generation:
     new_tokens: int
 
 
-def resolve_generation_method(requested: str, device: str | torch.device = "cpu") -> str:
-    """The method that runs: `auto` is graphed on CUDA (the fastest) and plain elsewhere (the reference)."""
+def resolve_generation_method(requested: str, device: str | torch.device = "cpu", model: Any = None) -> str:
+    """The method that runs: `auto` is graphed on CUDA (the fastest) and plain elsewhere (the reference), and plain
+    too where the model's generation config asks for logits processors graphed does not apply."""
     if requested not in GENERATION_CHOICES:
         raise PipelineError(f"generation method {requested!r}: use one of {', '.join(GENERATION_CHOICES)}.")
-    if requested == "auto":
-        return "graphed" if torch.device(device).type == "cuda" else "plain"
-    return requested
+    if requested != "auto":
+        return requested
+    if torch.device(device).type != "cuda":
+        return "plain"
+    if model is not None and greedy_loop_blockers(model):
+        return "plain"
+    return "graphed"
 
 
 def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -91,7 +96,7 @@ def generate(
     static cache, CUDA graph) or auto (see resolve_generation_method). All decode greedily with the same stops.
     `timings`: graphed only, seconds per decoding phase are added to it (the bench's breakdown)."""
     device = next(model.parameters()).device
-    method = resolve_generation_method(method, device)
+    method = resolve_generation_method(method, device, model)
     if method != "plain" and (blockers := greedy_loop_blockers(model)):
         raise PipelineError(f"the {method} generation loop applies no logits processors, but the model's generation "
                             f"config sets {', '.join(blockers)}; use generation 'plain'.")

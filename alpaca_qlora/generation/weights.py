@@ -75,8 +75,8 @@ def dequantize_for_generation(model: Any) -> int:
 
 
 def dequantized_fits(model: Any, *, reserve_share: float = 0.25) -> bool:
-    """Whether the 4-bit layers, dequantized to their compute dtype, fit on the GPU with `reserve_share` of its
-    memory left for activations and the KV cache. False on a card too small for them (a 7B model on 12 GB), where
+    """Whether the 4-bit layers, dequantized to their compute dtype, fit on the GPU beside what the process holds,
+    with `reserve_share` of the card left for activations and the KV cache. False on a card too small for them (a 7B model on 12 GB), where
     generation keeps the 4-bit layers."""
     linear4bit = _linear4bit_class()
     if linear4bit is None or not torch.cuda.is_available():
@@ -89,8 +89,9 @@ def dequantized_fits(model: Any, *, reserve_share: float = 0.25) -> bool:
         return False
     needed = sum(layer.in_features * layer.out_features * torch.empty((), dtype=layer.compute_dtype or torch.bfloat16)
                  .element_size() for layer in layers)
-    free, total = torch.cuda.mem_get_info(device)
-    return free - needed >= reserve_share * total
+    # the card's total memory, not what is free now: the same card gives both evaluations the same weights
+    total = torch.cuda.get_device_properties(device).total_memory
+    return torch.cuda.memory_allocated(device) + needed <= (1 - reserve_share) * total
 
 
 def merge_lora_for_generation(model: Any) -> int:

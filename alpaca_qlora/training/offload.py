@@ -1,7 +1,7 @@
 """Activation checkpoints kept in pinned host memory: GPU memory for checkpointed activations becomes host memory.
 
 On CUDA the copies run on a stream of their own, so they overlap the layers' compute: each layer's input goes to
-the host while the next layers run forward, and in backward the input of the layer below is fetched back while the
+the host while the next layers run forward (which holds because a decoder layer never writes its input in place), and in backward the input of the layer below is fetched back while the
 current layer recomputes (one layer's input in flight, double-buffered). On CPU the copies are plain copies.
 """
 from __future__ import annotations
@@ -22,14 +22,14 @@ class OffloadSchedule:
 
     def __init__(self) -> None:
         self.pending: list[Any] = []  # ctx of every layer whose backward has not run yet, in forward order
-        self._stream: torch.cuda.Stream | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def stream(self, device: torch.device) -> torch.cuda.Stream | None:
         if device.type != "cuda":
             return None
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
-        return self._stream
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     def to_host(self, ctx: Any, hidden_states: torch.Tensor) -> None:
         """Start the copy of a layer's input to pinned host memory, after the compute that produced it."""
@@ -117,6 +117,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
 def offloaded_checkpoint(run: Any, hidden_states: torch.Tensor, *args: Any, schedule: OffloadSchedule,
                          layer_order: int) -> Any:
+    if not torch.is_grad_enabled():  # no backward will ask for the checkpoint: nothing to keep
+        return run(hidden_states, *args)
     return OffloadedCheckpoint.apply(schedule, layer_order, run, hidden_states, *args)
 
 
