@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench import command_line
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -53,7 +54,7 @@ def main() -> None:
                 rows.append(compare(length, slots, backend))
             except RuntimeError as error:
                 rows.append({"length": length, "slots": slots, "backend": backend.name, "error": str(error)[:200]})
-    arguments.out.write_text(json.dumps({"command": " ".join(sys.argv), "torch": torch.__version__,
+    arguments.out.write_text(json.dumps({"command": command_line(), "torch": torch.__version__,
                                          "device": torch.cuda.get_device_name(0), "rows": rows}, indent=2) + "\n")
     for row in rows:
         print(row)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
 from alpaca_qlora.training.sharding import fsdp_training_arguments
+from bench import command_line
 from bench.train_bench import profile_lora
 from bench.workloads import collate, dense_batches
 
@@ -194,7 +194,7 @@ def main() -> None:
         print(cap_between(json.loads(arguments.cap_from.read_text())))
         return
     if arguments.summarize:
-        summary = {"command": " ".join(sys.argv), **summarize(arguments.summarize)}
+        summary = {"command": command_line(), **summarize(arguments.summarize)}
         arguments.out.write_text(json.dumps(summary, indent=2) + "\n")
         print_table(summary)
         return
@@ -203,7 +203,7 @@ def main() -> None:
     result = measure(arguments.model_dir, arguments.mode, arguments.steps, arguments.warmup, arguments.rows,
                      arguments.memory_cap_gib)
     if result.pop("is_main"):
-        result["command"] = " ".join(sys.argv)
+        result["command"] = command_line()
         arguments.out.parent.mkdir(parents=True, exist_ok=True)
         arguments.out.write_text(json.dumps(result, indent=2) + "\n")
         log.info("%s", {key: value for key, value in result.items() if key != "losses_rank0"})

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -46,6 +45,7 @@ from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora
+from bench import command_line
 from bench.decode_profile import decode_profile, profile_table
 from bench.gqa_attention import NAME as GQA_ATTENTION, use_attention
 from bench.train_bench import profile_lora
@@ -266,7 +266,7 @@ def main() -> None:
     summary = summarize(results)
     eos_rows = sum(r.get("stopped_by_eos", 0) for r in results)
     payload = {
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "device": torch.cuda.get_device_name(0) if arguments.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "batch_size": arguments.batch_size, "max_new_tokens": arguments.max_new_tokens, "prompts": arguments.prompts,

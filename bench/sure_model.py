@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from alpaca_qlora.sampling import split_rows
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.stop_rule import clean_generation
 from alpaca_qlora.training.model import attach_lora
+from bench import command_line
 from bench.gqa_attention import NAME as GQA_ATTENTION, use_attention
 from bench.train_bench import profile_lora
 
@@ -265,7 +265,7 @@ def run(out: Path, size: Size, device: str, paths: list[str], work: Path) -> dic
     built = build_sure_model(work, tokenizer, size, device)
     if device == "cuda":
         torch.cuda.empty_cache()
-    payload = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+    payload = {"command": command_line(), "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
                "torch": torch.__version__,
                "model": {key: built[key] for key in ("size", "train_rows", "eval_rows", "base", "adapter")},
                "agreement_on_sure_model": agreement(work, built, size, device, paths)}

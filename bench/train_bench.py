@@ -33,7 +33,6 @@ import dataclasses
 import gc
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model, resolve_speed_switches
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
+from bench import command_line
 from bench.train_results import Measurement, summarize, table
 from bench.workloads import alpaca_micro_batches, collate, dense_batches, workloads
 
@@ -259,7 +259,7 @@ def memory_table(model_dir: str, rows: list[int], limit_gib: float) -> dict[str,
 
 
 def write_results(path: Path, results: list[Measurement], summary: dict[str, Any]) -> None:
-    payload = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    payload = {"command": command_line(), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                **summary, "results": [m.__dict__ for m in results]}
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,6 +28,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from alpaca_qlora.stage import configure_logging
+from bench import command_line
 from bench.train_bench import VARIANTS, build_variant, project_settings, release_memory, train_step
 from bench.workloads import collate, dense_batches
 
@@ -183,7 +183,7 @@ def main() -> None:
             continue
         log.info("variant %s: %s", variant, {k: v for k, v in results[variant].items() if k != "top_kernels"})
     payload = {
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "workload": f"dense_{arguments.rows}x{arguments.length}",

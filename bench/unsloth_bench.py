@@ -22,13 +22,13 @@ from unsloth import FastLanguageModel
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
 from alpaca_qlora.stage import configure_logging  # noqa: E402
+from bench import command_line  # noqa: E402
 from bench.train_bench import REFERENCE_LORA_DROPOUT, measure, profile_lora, release_memory  # noqa: E402
 from bench.train_results import Measurement  # noqa: E402
 from bench.workloads import alpaca_micro_batches, collate, workloads  # noqa: E402
@@ -135,7 +135,7 @@ def main() -> None:
     results = run(arguments.model_dir, arguments.steps, arguments.warmup,
                   [float(value) for value in arguments.dropouts.split(",")])
     summary = ratios(results, baseline)
-    payload = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    payload = {"command": command_line(), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "unsloth": getattr(unsloth, "__version__", "?"), "baseline_command": baseline["command"],
                **goal_figures(summary), "ratios": summary, "results": [m.__dict__ for m in results]}
     arguments.out.write_text(json.dumps(payload, indent=2) + "\n")
