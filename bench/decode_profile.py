@@ -14,16 +14,8 @@ import torch
 from alpaca_qlora.formatting import encode_prompt
 from alpaca_qlora.generation.batching import left_pad
 from alpaca_qlora.generation.graphed import graphed_generate
+from bench.train_profile import categorize
 
-CATEGORIES = (("dequantize_4bit", ("dequantize", "kdequant")),
-              ("attention", ("fmha", "flash", "attention", "efficient", "sdpa", "softmax")),
-              ("gemm", ("gemm", "cutlass", "nvjet", "sm90", "sm80", "cublas", "matmul", "gemv")),
-              ("copy_cast", ("copy", "cast", "convert", "index", "cat", "fill")))
-
-
-def category(kernel: str) -> str:
-    lowered = kernel.lower()
-    return next((name for name, keys in CATEGORIES if any(key in lowered for key in keys)), "elementwise_other")
 
 
 def _kernel_times(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
@@ -63,7 +55,7 @@ def decode_profile(model: Any, tokenizer: Any, prompts: list[str], *, batch_size
     total_ms = sum(ms for ms, _ in per_step.values())
     by_category: dict[str, float] = defaultdict(float)
     for name, (ms, _) in per_step.items():
-        by_category[category(name)] += ms
+        by_category[categorize(name)] += ms
     ranked = sorted(per_step.items(), key=lambda item: -item[1][0])
     return {
         "batch_rows": len(encoded), "prompt_tokens": int(input_ids.shape[1]), "steps": steps,
