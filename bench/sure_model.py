@@ -38,10 +38,9 @@ from alpaca_qlora.stop_rule import clean_generation
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
 from bench.gqa_attention import NAME as GQA_ATTENTION, use_attention
-from bench.train_bench import profile_lora
+from bench.train_bench import mistral_profile, profile_lora
 
 log = logging.getLogger("sure_model")
-SHORT_TASK_TYPES = ("closed_qa", "factual", "classification")  # params.yaml's eval.short_answer_task_types
 # (variant, generation method, weights prepared before it, attention): in this order on one model, as the steps are
 # in place; attention None keeps the model's own, GQA is bench/gqa_attention.py's sdpa with enable_gqa
 PATHS = (("plain", "plain", None, None), ("graphed", "graphed", None, None), ("fast", "fast", "dequantize", None),
@@ -189,11 +188,13 @@ def build_sure_model(work: Path, tokenizer: Any, size: Size, device: str) -> dic
 
 def score(items: list[dict[str, Any]], generations: list[Any], markers: tuple[str, ...]) -> dict[str, Any]:
     """EM and F1 as the evaluate stage computes them."""
+    evaluation = mistral_profile().eval  # the short-answer rule the real run's evaluate stage applies
     rows = []
     for item, generation in zip(items, generations, strict=True):
         answer = clean_generation(generation.raw, markers)
-        short = is_short_answer(item.get("task_type"), item["reference"], short_answer_task_types=SHORT_TASK_TYPES,
-                                max_words=5)
+        short = is_short_answer(item.get("task_type"), item["reference"],
+                                short_answer_task_types=evaluation.short_answer_task_types,
+                                max_words=evaluation.short_answer_max_words)
         rows.append({**item, "answer": answer, "short_answer": short, "stopped_by_eos": generation.stopped_by_eos,
                      **score_row(answer, item["reference"], short_answer=short,
                                  context=f"{item['instruction']}\n{item['input']}", task_type=item.get("task_type"))})
