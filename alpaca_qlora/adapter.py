@@ -174,10 +174,15 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path, model_card: str, *, 
     """Adapter weights and config, the tokenizer with the training prompt as its chat template, the template as
     JSON and the card, swapped into place only when complete.
 
-    adapter_config.json names the base as a user resolves it (a hub id, not this machine's cache directory).
+    adapter_config.json names the base as a user resolves it (a hub id, not this machine's cache directory), and its
+    target modules sorted: PEFT keeps them as a set and writes them in hash order, which differs between runs and
+    would change the adapter's DVC hash with identical weights.
     """
-    for config in model.peft_config.values():
+    targets = {}
+    for name, config in model.peft_config.items():
         config.base_model_name_or_path = portable_base_model(model_name)
+        if isinstance(config.target_modules, set):
+            targets[name], config.target_modules = config.target_modules, sorted(config.target_modules)
     original_template = tokenizer.chat_template
     tokenizer.chat_template = training_chat_template(template, tokenizer)
     try:
@@ -190,6 +195,8 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path, model_card: str, *, 
             (tmp / CARD_FILE).write_text(model_card, encoding="utf-8")
     finally:
         tokenizer.chat_template = original_template
+        for name, modules in targets.items():
+            model.peft_config[name].target_modules = modules
 
 
 def package_release(adapter_dir: Path, release_dir: Path, compare: dict[str, Any]) -> None:

@@ -151,9 +151,11 @@ class EvalParams:
     # plain: model.generate(); graphed: the same 4-bit layers, static KV cache, decoding step replayed as a CUDA
     # graph; fast: own greedy loop dropping finished rows, with the 4-bit base dequantized once on CUDA (not bitwise
     # the same outputs on GPU); auto: graphed on CUDA (base dequantized once where it fits), plain on CPU.
-    # merge_bf16 folds LoRA into the dequantized weights: changes precision, opt-in.
+    # merge_bf16 folds LoRA into the dequantized weights, fold_lora keeps it beside them in the compute dtype with
+    # its add fused (faster than PEFT's forward): both change LoRA's precision, so both are opt-in.
     generation: Literal["auto", "plain", "fast", "graphed"]
     merge_bf16: bool
+    fold_lora: bool
     # compare's paired bootstrap intervals (alpaca_qlora/significance.py): resamples and the generator's seed
     bootstrap_resamples: int
     bootstrap_seed: int

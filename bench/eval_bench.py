@@ -3,29 +3,33 @@
 
     python -m bench.make_random_mistral /tmp/mistral-7b-random
     python -m bench.eval_bench /tmp/mistral-7b-random --out bench/results/eval_h100.json \
-        [--batch-size 128 --max-new-tokens 128 --prompts 256 --variants plain,graphed,fast,graphed_dequantized]
+        [--batch-size 128 --max-new-tokens 128 --prompts 256 --variants plain,graphed,graphed_dequantized,auto]
 
 The model loads in NF4 (alpaca_qlora.models.loading.load_model, plan_quantization("nf4", device)) with a freshly
 initialised, non-zero LoRA adapter on the seven projections (the Mistral profile's LoRA), as the fine-tuned evaluation
 runs; prompts are Alpaca-formatted instructions of Alpaca length, tokenized by the model's tokenizer, greedy with
 the evaluation's stop rules. Variants, in this order on the same model object:
 - plain:               generation.generate(method="plain"): model.generate(), 4-bit bnb layers (the baseline);
-- graphed:             method="graphed": the same 4-bit layers, static KV cache, decoding step in a CUDA graph;
+- graphed:             method="graphed": the same 4-bit layers, static KV cache, decoding step in a CUDA graph,
+                       attention through sdpa with enable_gqa (alpaca_qlora/generation/attention.py);
+- graphed_folded:      graphed with LoRA folded (fold_lora_for_generation): auto's path on a card too small for
+                       the dequantized weights;
 - fast:                the base dequantized once (dequantize_for_generation) + own greedy loop dropping finished
                        rows (method="fast");
-- graphed_dequantized: the dequantized base with method="graphed";
+- graphed_dequantized: the dequantized base with method="graphed", PEFT's LoRA;
+- auto:                what the evaluate stage runs by default (prepare_for_generation with eval.generation auto: on
+                       a large card graphed on the dequantized base); `eval_speedup` is this variant's when
+                       measured, else graphed_dequantized's, else graphed's;
+- auto_folded:         auto with eval.fold_lora true: LoRA folded beside the weights in bf16 (explicit option);
 - merged_bf16:         LoRA merged into the dequantized weights, method="graphed" (explicit option: changes
-                       precision);
-- graphed_dequantized_sdpa_gqa: graphed_dequantized, attention through sdpa with enable_gqa and the mask
-                       (bench/gqa_attention.py); LoRA unmerged;
-- merged_bf16_sdpa_gqa: merged_bf16, attention through sdpa with enable_gqa and the mask (bench/gqa_attention.py)
-                       instead of transformers' pack_gqa: a lever measured, not a path the stages take.
+                       precision).
 Each reports new tokens/s, wall time, peak GPU memory, how many rows differ from plain (for merged_bf16 that
 is the precision change's effect, not a bug), and for graphed variants the decoding phases' seconds (prefill,
 capture, decode, host checks). `--profile-steps N` adds, for each graphed variant, torch.profiler's top kernels
 per eager decoding step (bench/decode_profile.py). `under_11_gib` names the variants a 12 GB card can run;
-`--agreement FILE` copies `agreement_on_sure_model` from bench/sure_model.py's JSON. A random-init model never emits EOS, so every row runs to
-max_new_tokens and dropping finished rows saves nothing here (recorded in the JSON). Prints a table last.
+`--agreement FILE` copies `agreement_on_sure_model` from bench/sure_model.py's JSON. A random-init model never
+emits EOS, so every row runs to max_new_tokens and dropping finished rows saves nothing here (recorded in the
+JSON). Prints a table last.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ from typing import Any
 
 import torch
 
-from alpaca_qlora.generation import dequantize_for_generation, generate, merge_lora_for_generation
+from alpaca_qlora.generation import (dequantize_for_generation, fold_lora_for_generation, generate,
+                                     merge_lora_for_generation, prepare_for_generation, resolve_generation_method)
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.prompts import get_template
@@ -47,17 +52,16 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
 from bench.decode_profile import decode_profile, profile_table
-from bench.gqa_attention import NAME as GQA_ATTENTION, use_attention
 from bench.train_bench import profile_lora
 
 log = logging.getLogger("eval_bench")
-VARIANTS = ("plain", "graphed", "fast", "graphed_dequantized", "graphed_dequantized_sdpa_gqa", "merged_bf16",
-            "merged_bf16_sdpa_gqa")
-METHOD = {"plain": "plain", "graphed": "graphed", "fast": "fast", "graphed_dequantized": "graphed",
-          "graphed_dequantized_sdpa_gqa": "graphed", "merged_bf16": "graphed", "merged_bf16_sdpa_gqa": "graphed"}
-DEQUANTIZED = ("fast", "graphed_dequantized", "graphed_dequantized_sdpa_gqa", "merged_bf16", "merged_bf16_sdpa_gqa")
-GQA = ("graphed_dequantized_sdpa_gqa", "merged_bf16_sdpa_gqa")
-MERGED = ("merged_bf16", "merged_bf16_sdpa_gqa")
+# variant: (generation method, base weights, LoRA); the weights change in place, only forward: 4-bit -> dequantized,
+# PEFT LoRA -> folded or merged. auto and auto_folded are the evaluate stage's own preparation
+# (generation.prepare_for_generation), with eval.fold_lora false and true.
+VARIANTS = {"plain": ("plain", "nf4", "peft"), "graphed": ("graphed", "nf4", "peft"),
+            "graphed_folded": ("graphed", "nf4", "folded"), "fast": ("fast", "dequantized", "peft"),
+            "graphed_dequantized": ("graphed", "dequantized", "peft"), "auto": ("auto", None, None),
+            "auto_folded": ("auto", None, "folded"), "merged_bf16": ("graphed", "dequantized", "merged")}
 SMALL_CARD_GIB = 11.0  # what a 12 GB card leaves for one process
 
 INSTRUCTIONS = [
@@ -118,7 +122,7 @@ def peak_gib(device: str) -> float | None:
 def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, batch_size: int, max_new_tokens: int,
             device: str, warmup: bool, profile_steps: int = 0) -> dict[str, Any]:
     markers = get_template("alpaca").stop_markers
-    method = METHOD[variant]
+    method = VARIANTS[variant][0]
     if warmup:  # compile / cuDNN / allocator warm-up on one batch, a few tokens
         generate(model, tokenizer, prompts[:batch_size], max_new_tokens=4, batch_size=batch_size,
                  stop_markers=markers, progress=False, method=method)
@@ -149,37 +153,49 @@ def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, bat
     return result
 
 
+def prepare(model: Any, variant: str, state: dict[str, str], device: str) -> None:
+    """Bring the weights to what `variant` runs on, or refuse where an earlier variant's in-place change is past it."""
+    method, weights, lora = VARIANTS[variant]
+    if method == "auto":
+        resolved = resolve_generation_method("auto", device, model)
+        if state["lora"] == "merged" or (state["lora"] == "folded" and lora is None):
+            raise RuntimeError(f"{variant} must run before LoRA is {state['lora']} (in place)")
+        described = prepare_for_generation(model, requested="auto", method=resolved, device=device, quantized=True,
+                                           dequantized_on_load=False, merge=False, fold=lora == "folded")
+        state["weights"] = "dequantized" if "dequantized" in described else state["weights"]
+        state["lora"] = "folded" if "+lora" in described else state["lora"]  # or folded by graphed_folded before
+        return
+    if state["weights"] == "dequantized" and weights == "nf4":
+        raise RuntimeError(f"{variant} must run before the dequantized variants (dequantization is in place)")
+    if state["lora"] != "peft" and lora != state["lora"]:
+        raise RuntimeError(f"{variant} must run before LoRA is {state['lora']} (in place)")
+    if weights == "dequantized" and state["weights"] == "nf4":
+        started = time.perf_counter()
+        dequantize_for_generation(model)
+        log.info("dequantized in %.1f s", time.perf_counter() - started)
+        state["weights"] = "dequantized"
+    if lora == "folded" and state["lora"] == "peft":
+        fold_lora_for_generation(model)
+    if lora == "merged" and state["lora"] == "peft":
+        merge_lora_for_generation(model)
+    state["lora"] = lora
+
+
 def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, max_new_tokens: int, device: str,
         warmup: bool, profile_steps: int = 0) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     texts = build_prompts(prompts)
     results: list[dict[str, Any]] = []
     model, _ = build_model(model_dir, device)
-    dequantized = merged = False
-    own_attention = None
+    state = {"weights": "nf4", "lora": "peft"}
     for variant in variants:
         log.info("variant %s", variant)
         try:
-            if variant in DEQUANTIZED and not dequantized:
-                started = time.perf_counter()
-                dequantize_for_generation(model)
-                dequantized = True
-                log.info("dequantized in %.1f s", time.perf_counter() - started)
-            if variant in MERGED and not merged:
-                merge_lora_for_generation(model)
-                merged = True
-            elif merged and variant not in MERGED:
-                raise RuntimeError(f"{variant} must run before merged_bf16 (the merge is in place)")
-            if variant in GQA:
-                previous = use_attention(model, GQA_ATTENTION)
-                own_attention = own_attention or previous
-            elif own_attention is not None:
-                use_attention(model, own_attention)
-            if dequantized and variant not in DEQUANTIZED:
-                raise RuntimeError(f"{variant} must run before the dequantized variants (dequantization is in place)")
+            prepare(model, variant, state, device)
             results.append(measure(model, tokenizer, texts, variant=variant, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, device=device, warmup=warmup,
                                    profile_steps=profile_steps))
+            results[-1]["weights"] = f"{state['weights']}, LoRA {state['lora']}"
             log.info("%s: %s new tokens/s", variant, results[-1]["new_tokens_per_s"])
         except Exception as error:  # record and go on: one broken variant must not lose the others
             log.exception("variant %s failed", variant)
@@ -203,9 +219,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             result["differing_rows_shared_prefix_chars"] = (
                 round(sum(shared_prefix(a, b) for a, b in differing) / len(differing), 1) if differing else None)
             result["speedup_vs_plain"] = round(result["new_tokens_per_s"] / plain["new_tokens_per_s"], 3)
-    if plain and "graphed" in by_variant:
-        summary["eval_speedup"] = by_variant["graphed"]["speedup_vs_plain"]
-        summary["graphed_identical_to_plain"] = by_variant["graphed"]["rows_differing_from_plain"] == 0
+    auto = next((name for name in ("auto", "graphed_dequantized", "graphed") if name in by_variant), None)
+    if plain and auto:  # the evaluate stage's default path, or the nearest measured
+        summary["eval_speedup"] = by_variant[auto]["speedup_vs_plain"]
+        summary["eval_speedup_variant"] = auto
+        summary["identical_to_plain"] = by_variant[auto]["rows_differing_from_plain"] == 0
     summary["by_variant"] = {name: {key: result.get(key) for key in ("speedup_vs_plain", "rows_differing_from_plain")}
                              for name, result in by_variant.items() if name != "plain"}
     if plain:
@@ -226,13 +244,13 @@ def shared_prefix(first: str, second: str) -> int:
 
 
 def table(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    lines = [f"{'variant':<16} {'new tok/s':>10} {'wall s':>8} {'peak GiB':>9} {'differ':>7} {'speedup':>8}"]
+    lines = [f"{'variant':<20} {'new tok/s':>10} {'wall s':>8} {'peak GiB':>9} {'differ':>7} {'speedup':>8}"]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['variant']:<16} ERROR {r['error'][:90]}")
+            lines.append(f"{r['variant']:<20} ERROR {r['error'][:90]}")
             continue
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
-        lines.append(f"{r['variant']:<16} {r['new_tokens_per_s']:>10.1f} {r['wall_s']:>8.2f} {peak:>9} "
+        lines.append(f"{r['variant']:<20} {r['new_tokens_per_s']:>10.1f} {r['wall_s']:>8.2f} {peak:>9} "
                      f"{r.get('rows_differing_from_plain', 0):>7} {r.get('speedup_vs_plain', 1.0):>8.2f}")
     lines += [f"{r['variant']} phases s: {r['phases_s']}, decode <= {r['decode_ms_per_step_at_most_steps']} ms/step"
               for r in results if "phases_s" in r]
@@ -247,7 +265,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--variants", default="plain,graphed,fast,graphed_dequantized",
+    parser.add_argument("--variants", default="plain,graphed,graphed_dequantized,auto",
                         help=f"from {', '.join(VARIANTS)}, in that order (dequantization and merging are in place)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-warmup", action="store_true")

@@ -20,11 +20,13 @@ def compare(out: Path, methods: list[str]) -> dict[str, Any]:
     raws: dict[str, list[str]] = {}
     for method in methods:
         metrics = json.loads((out / f"eval_stage_base_{method}.json").read_text())
+        timing_file = out / f"eval_stage_base_{method}_timing.json"  # the stage writes timings apart from results
+        run = {**metrics["run"], **(json.loads(timing_file.read_text()) if timing_file.is_file() else {})}
         wall = out / f"evalstage_wall_{method}.txt"
         raws[method] = [json.loads(line)["raw"] for line in (out / f"predictions_base_{method}.jsonl").open()]
         report["by_method"][method] = {
             "stage_wall_s": float(wall.read_text()) if wall.is_file() else None,
-            **{key: metrics["run"].get(key) for key in RUN_KEYS},
+            **{key: run.get(key) for key in RUN_KEYS},
             **{key: metrics["overall"].get(key) for key in OVERALL_KEYS},
         }
     first, *others = methods

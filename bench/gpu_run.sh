@@ -11,8 +11,8 @@
 #   fsdpbench  bench/ddp_bench.py on 2 GPUs, ddp then fsdp (FSDP2), 4x2048 tokens per GPU: FSDP's speed over DDP's
 #   memcap  after fsdpbench: each GPU capped between FSDP's and DDP's peaks (or at $CAP_GIB): DDP on one capped
 #           card, then FSDP on two
-#   multinode  the train stage (ddp) as 1 node of 2 GPUs, then as 2 nodes of 1 GPU each on this host (the README's
-#              multi-node recipe, CUDA_VISIBLE_DEVICES=0 / 1); the two adapters compared
+#   multinode  the train stage (ddp) as 1 node of 2 GPUs (twice: the run-to-run spread), then as 2 nodes of 1 GPU
+#              each on this host (the README's multi-node recipe, CUDA_VISIBLE_DEVICES=0 / 1); the adapters compared
 #   train  bench/train_bench.py: baseline and the project's variants, and the memory table
 #   eval   bench/eval_bench.py: plain generate() against the project's generation (run agreement first to fold its
 #          figures in; EVAL_ARGS="--profile-steps 8" adds the top kernels per decoding step)
@@ -84,6 +84,10 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
     multinode)
       train_stage multinode_1node train.distributed=ddp train.num_processes=2
       rm -rf /tmp/adapter_1node && cp -r models/adapter /tmp/adapter_1node && rm -rf models/adapter
+      # the 1-node run again: its own run-to-run spread is the floor any 2-node difference is judged against
+      train_stage multinode_1node_again train.distributed=ddp train.num_processes=2
+      python -m bench.compare_adapters /tmp/adapter_1node models/adapter --out "$out/multinode_noise_floor.json"
+      rm -rf models/adapter
       port=$((29600 + RANDOM % 100))
       for rank in 0 1; do  # the README's recipe, this host as both machines
         CUDA_VISIBLE_DEVICES=$rank timeout "${STAGE_TIMEOUT:-300}" python -m accelerate.commands.launch --multi_gpu \
@@ -111,6 +115,7 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
         python -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))" "$started" "$(date +%s.%N)" \
           > "$out/evalstage_wall_$method.txt"
         cp metrics/eval_base.json "$out/eval_stage_base_$method.json"
+        cp metrics/timing/evaluate_base.json "$out/eval_stage_base_${method}_timing.json"
         cp data/predictions/base.jsonl "$out/predictions_base_$method.jsonl"
       done
       python -m bench.eval_stage_compare "$out" ${EVAL_METHODS:-plain auto} | tee "$out/eval_stage_compare.txt" ;;

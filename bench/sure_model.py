@@ -27,7 +27,8 @@ import torch
 
 from alpaca_qlora.bundled.dataset import generate_rows
 from alpaca_qlora.formatting import response_token_count, row_prompt, stop_margin, token_limit, tokenize_training_rows
-from alpaca_qlora.generation import dequantize_for_generation, generate, merge_lora_for_generation
+from alpaca_qlora.generation import (dequantize_for_generation, fold_lora_for_generation, generate,
+                                     merge_lora_for_generation, prepare_for_generation, resolve_generation_method)
 from alpaca_qlora.metrics import aggregate, is_short_answer, score_row
 from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.prompts import get_template
@@ -37,16 +38,14 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.stop_rule import clean_generation
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
-from bench.gqa_attention import NAME as GQA_ATTENTION, use_attention
 from bench.train_bench import mistral_profile, profile_lora
 
 log = logging.getLogger("sure_model")
-# (variant, generation method, weights prepared before it, attention): in this order on one model, as the steps are
-# in place; attention None keeps the model's own, GQA is bench/gqa_attention.py's sdpa with enable_gqa
-PATHS = (("plain", "plain", None, None), ("graphed", "graphed", None, None), ("fast", "fast", "dequantize", None),
-         ("graphed_dequantized", "graphed", "dequantize", None),
-         ("graphed_dequantized_sdpa_gqa", "graphed", "dequantize", GQA_ATTENTION),
-         ("merged_bf16", "graphed", "merge", None), ("merged_bf16_sdpa_gqa", "graphed", "merge", GQA_ATTENTION))
+# (variant, generation method, weights prepared before it), each on a freshly loaded model; auto is the evaluate
+# stage's own preparation (prepare_for_generation) and method
+PATHS = (("plain", "plain", None), ("graphed", "graphed", None), ("graphed_folded", "graphed", "fold"),
+         ("fast", "fast", "dequantize"), ("graphed_dequantized", "graphed", "dequantize"), ("auto", "auto", "auto"),
+         ("auto_folded", "auto", "auto_folded"), ("merged_bf16", "graphed", "merge"))
 
 
 @dataclass(frozen=True)
@@ -203,31 +202,34 @@ def score(items: list[dict[str, Any]], generations: list[Any], markers: tuple[st
 
 
 def agreement(work: Path, built: dict[str, Any], size: Size, device: str, paths: list[str]) -> dict[str, Any]:
-    """Every path over the same loaded NF4 model + adapter, in PATHS' order; figures per path and row set."""
+    """Every path over the NF4 model + adapter, loaded afresh for each; figures per path and row set."""
     template = get_template("alpaca")
-    loaded = load_for_inference(str(work / "base"), "nf4", adapter_dir=work / "adapter", device=device)
-    tokenizer, markers = loaded.tokenizer, template.stop_markers
+    markers = template.stop_markers
     sets = {"eval": built["eval"], "seen": built["seen"]}
-    limits = {name: token_limit("auto", [item["reference_tokens"] for item in items],
-                                margin=stop_margin(tokenizer, markers), cap=size.max_new_tokens_cap)["max_new_tokens"]
-              for name, items in sets.items()}
-    report: dict[str, Any] = {"rows": {name: len(items) for name, items in sets.items()},
-                              "max_new_tokens": limits, "by_path": {}}
+    report: dict[str, Any] = {"rows": {name: len(items) for name, items in sets.items()}, "by_path": {}}
     raws_plain: dict[str, list[str]] = {}
-    prepared: set[str] = set()
-    own_attention = None
-    for variant, method, prepare, attention in PATHS:
+    for variant, method, prepare in PATHS:
         if variant not in paths:
             continue
-        previous = use_attention(loaded.model, attention) if attention else None
-        own_attention = own_attention or previous
-        if prepare == "dequantize" and "dequantize" not in prepared:
-            dequantize_for_generation(loaded.model)  # none left on CPU: the loader's float64 path did it
-            prepared.add("dequantize")
+        loaded = load_for_inference(str(work / "base"), "nf4", adapter_dir=work / "adapter", device=device)
+        tokenizer = loaded.tokenizer
+        limits = {name: token_limit("auto", [item["reference_tokens"] for item in items],
+                                    margin=stop_margin(tokenizer, markers),
+                                    cap=size.max_new_tokens_cap)["max_new_tokens"] for name, items in sets.items()}
+        report["max_new_tokens"] = limits
+        on_cpu = bool(loaded.numeric_path)  # the loader's float64 path has no 4-bit layers left to dequantize
+        if prepare in ("dequantize", "merge") and not on_cpu:
+            dequantize_for_generation(loaded.model)
         if prepare == "merge":
             merge_lora_for_generation(loaded.model)
-            prepared.add("merge")
-        figures: dict[str, Any] = {"method": method}
+        if prepare == "fold":
+            fold_lora_for_generation(loaded.model)
+        weights = None
+        if prepare in ("auto", "auto_folded"):  # the evaluate stage's preparation, eval.fold_lora false / true
+            weights = prepare_for_generation(loaded.model, requested="auto", device=loaded.device, quantized=True,
+                                             method=resolve_generation_method("auto", loaded.device, loaded.model),
+                                             dequantized_on_load=on_cpu, merge=False, fold=prepare == "auto_folded")
+        figures: dict[str, Any] = {"method": method, **({"weights": weights} if weights else {})}
         for name, items in sets.items():
             started = time.perf_counter()
             generations, stats = generate(loaded.model, tokenizer, [item["prompt"] for item in items],
@@ -243,8 +245,6 @@ def agreement(work: Path, built: dict[str, Any], size: Size, device: str, paths:
                              "new_tokens_per_s": stats["new_tokens_per_s"]}
         report["by_path"][variant] = figures
         log.info("%s: %s", variant, figures)
-        if attention:
-            use_attention(loaded.model, own_attention)
     plain = report["by_path"].get("plain")
     for variant, figures in report["by_path"].items():
         if plain is None or variant == "plain":

@@ -14,8 +14,7 @@ from pathlib import Path
 from alpaca_qlora import io
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.formatting import stop_margin, token_limit
-from alpaca_qlora.generation import (dequantize_for_generation, dequantized_fits, describe_weights, generate,
-                                     merge_lora_for_generation, resolve_generation_method)
+from alpaca_qlora.generation import generate, prepare_for_generation, resolve_generation_method
 from alpaca_qlora.metrics import aggregate, cut_by_limit, is_short_answer, score_row
 from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.models.numerics import base_weights_fingerprint, describe_cuda_path
@@ -42,19 +41,10 @@ def evaluate(which: str) -> None:
     loaded = load_for_inference(params.model.name, params.model.quantization,
                                 adapter_dir=ADAPTER if which == "finetuned" else None)
     method = resolve_generation_method(params.eval.generation, loaded.device, loaded.model)  # auto: see generation
-    merge = params.eval.merge_bf16
-    # On CPU the loader already dequantized the 4-bit base to float64 (numerics.py). On CUDA it is dequantized
-    # once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for the fast loop, for auto where
-    # the bf16 weights fit, and always before merging LoRA (which changes precision: explicit only). An explicit
-    # graphed keeps bnb's own 4-bit layers: the path for 12 GB cards.
-    on_cpu = bool(loaded.numeric_path)
-    on_cuda_fast = loaded.device.startswith("cuda") and (
-        method == "fast" or (params.eval.generation == "auto" and method == "graphed" and dequantized_fits(loaded.model)))
-    dequantized = loaded.plan.quantized and (on_cpu or merge or on_cuda_fast)
-    if dequantized and not on_cpu:
-        dequantize_for_generation(loaded.model)
-    merged = merge and merge_lora_for_generation(loaded.model) > 0  # the base model has no adapter to merge
-    weights = describe_weights(loaded.model, quantized=loaded.plan.quantized, dequantized=dequantized, merged=merged)
+    weights = prepare_for_generation(loaded.model, requested=params.eval.generation, method=method,
+                                     device=loaded.device, quantized=loaded.plan.quantized,
+                                     dequantized_on_load=bool(loaded.numeric_path), merge=params.eval.merge_bf16,
+                                     fold=params.eval.fold_lora)
     requested = params.eval.max_new_tokens
     limit = token_limit(requested, [row["reference_tokens"] for row in rows],
                         margin=stop_margin(loaded.tokenizer, template.stop_markers),

@@ -82,6 +82,7 @@ def test_an_embedded_base_is_named_by_its_hub_origin_and_still_matches(tiny_mist
                  "card", model_name=EMBEDDED_MODEL, template=ALPACA)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == EMBEDDED_MODEL_ORIGIN
+    assert len(config["target_modules"]) == 7 and config["target_modules"] == sorted(config["target_modules"])
     check_adapter_matches(tmp_path / "a", "/cache/converted-smollm2", EMBEDDED_MODEL)
     with pytest.raises(PipelineError, match="trained on base model"):
         check_adapter_matches(tmp_path / "a", "org/other", "org/other")

@@ -7,8 +7,8 @@ import torch
 
 from alpaca_qlora.config import ConfigError
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.generation import (describe_weights, dequantize_for_generation, generate, merge_lora_for_generation,
-                                     resolve_generation_method)
+from alpaca_qlora.generation import (describe_weights, dequantize_for_generation, fold_lora_for_generation, generate,
+                                     merge_lora_for_generation, resolve_generation_method)
 from alpaca_qlora.generation.weights import DequantizedLinear
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
@@ -153,6 +153,63 @@ def test_merge_changes_weights_only_explicitly(tiny_lora):
     assert describe_weights(model, quantized=True, dequantized=True, merged=True) == "merged-fp32"
 
 
+@pytest.mark.parametrize("dequantized", [False, True])
+def test_folded_lora_gives_peft_logits_and_tokens(tiny_lora, dequantized):
+    """Folding keeps the adapter beside the base layer (4-bit or dequantized): in fp32, as here, the same logits as
+    PEFT's forward up to summation order, and the same greedy tokens, with a second active adapter stacked in."""
+    from peft import LoraConfig
+
+    from alpaca_qlora.generation.weights import FoldedLoraLinear
+
+    model, tokenizer = tiny_lora
+    torch.manual_seed(2)
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    if dequantized:
+        dequantize_for_generation(model)
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142]])
+    plain = run(model, tokenizer, "plain", markers=(), max_new_tokens=12)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert fold_lora_for_generation(model) == 6
+        after = model(input_ids=ids).logits
+    assert not any(hasattr(m, "lora_A") for m in model.modules())
+    assert sorted(m.lora_down.shape[0] for m in model.modules() if isinstance(m, FoldedLoraLinear)) == [4] * 4 + [6] * 2
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert run(model, tokenizer, "graphed", markers=(), max_new_tokens=12) == plain
+    assert describe_weights(model, quantized=True, dequantized=dequantized, merged=False, folded=True) == \
+        ("nf4-dequantized-fp32+lora-fp32" if dequantized else "nf4+lora-fp32")
+
+
+def test_folded_lora_in_bf16_adds_the_delta_within_bf16_rounding():
+    """bf16, as on CUDA, with a delta as large as the base output: the fused add keeps the delta (not dropped, not
+    scaled twice) to within bf16's rounding of the adapter and the sum."""
+    from alpaca_qlora.generation.weights import FoldedLoraLinear
+
+    torch.manual_seed(3)
+    base = torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    down, up = torch.randn(8, 256) * 0.1, torch.randn(64, 8) * 0.1
+    x = torch.randn(4, 6, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        folded = FoldedLoraLinear(base, down.to(torch.bfloat16), up.to(torch.bfloat16))(x)
+        exact = base(x).double() + (x.double() @ down.double().t()) @ up.double().t()
+    assert folded.shape == (4, 6, 64) and folded.dtype == torch.bfloat16
+    error = (folded.double() - exact).abs().max() / exact.abs().max()
+    assert error < 2 ** -6, error
+    assert (base(x).double() - exact).abs().max() / exact.abs().max() > 0.1  # the delta matters here
+
+
+def test_prepare_for_generation_folds_or_merges_only_when_asked(tiny_lora):
+    from alpaca_qlora.generation import prepare_for_generation
+
+    model, _ = tiny_lora
+    common = {"requested": "graphed", "method": "graphed", "device": "cpu", "quantized": True,
+              "dequantized_on_load": False}
+    assert prepare_for_generation(model, merge=False, fold=False, **common) == "nf4"
+    assert sum(hasattr(m, "lora_A") for m in model.modules()) == 6
+    assert prepare_for_generation(model, merge=True, fold=True, **common) == "merged-fp32"  # merging wins
+
+
 def test_generation_method_resolution(embedded):
     model, _, _ = embedded
     assert resolve_generation_method("plain") == "plain"
@@ -176,7 +233,7 @@ def test_generation_method_resolution(embedded):
 
 def test_eval_generation_params_validated():
     embedded = embedded_params().eval  # params.yaml: auto, which is plain generate() on CPU; LoRA kept apart
-    assert embedded.generation == "auto" and embedded.merge_bf16 is False
+    assert embedded.generation == "auto" and embedded.merge_bf16 is False and embedded.fold_lora is False
     assert resolve_generation_method(embedded.generation, "cpu") == "plain"
     params = embedded_params(eval={"generation": "fast", "merge_bf16": "true"})
     assert params.eval.generation == "fast" and params.eval.merge_bf16 is True
@@ -191,7 +248,7 @@ def test_eval_generation_params_validated():
 def test_evaluate_stages_declare_generation_params(stage):
     from alpaca_qlora.stage_params import declared_params
 
-    assert {"eval.generation", "eval.merge_bf16"} <= set(declared_params(stage))
+    assert {"eval.generation", "eval.merge_bf16", "eval.fold_lora"} <= set(declared_params(stage))
 
 
 def test_graphed_refuses_batches_beyond_the_sliding_window(tiny_lora):
@@ -234,3 +291,49 @@ def test_graphed_stop_checks_a_chunk_behind_keep_plain_tokens(embedded, check_ev
                               skip_special_tokens=True) for r in rows]
     assert texts == [g.raw for g in plain]
     assert {"prefill", "capture", "decode", "host_check"} <= set(timings)
+
+
+def test_graphed_attends_through_sdpa_enable_gqa_then_restores_the_models_attention(embedded, monkeypatch):
+    """The embedded model has fewer key/value heads than query heads: graphed must hand sdpa the key/value heads
+    unrepeated, and leave the model's own attention in place for the next caller."""
+    from alpaca_qlora.generation import attention
+
+    model, tokenizer, _ = embedded
+    seen, own = [], model.config._attn_implementation
+    original = attention.sdpa_enable_gqa
+
+    def spy(module, query, key, value, *args, **kwargs):
+        seen.append((query.shape[1], key.shape[1]))
+        return original(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_enable_gqa", spy)
+    run(model, tokenizer, "graphed", max_new_tokens=4, prompts=PROMPTS[:2])
+    assert seen and all(query_heads > kv_heads for query_heads, kv_heads in seen)
+    assert model.config._attn_implementation == own
+    seen.clear()
+    run(model, tokenizer, "plain", max_new_tokens=4, prompts=PROMPTS[:2])
+    assert not seen
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+def test_sdpa_enable_gqa_equals_attention_over_repeated_heads(queries):
+    """One decoding step (a padded mask) and a prompt (causal, no mask) against the textbook computation with each
+    key/value head repeated for its query heads."""
+    from alpaca_qlora.generation.attention import sdpa_enable_gqa
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, keys, dim = 2, 6, 2, 5, 8
+    query = torch.randn(batch, heads, queries, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, keys, dim, generator=generator) for _ in range(2))
+    mask = None
+    allowed = torch.ones(batch, 1, queries, keys, dtype=torch.bool).tril(diagonal=keys - queries)
+    if queries == 1:
+        mask = allowed.clone()
+        mask[0, ..., :2] = False  # row 0 is left-padded by two positions
+        allowed = mask
+    output, _ = sdpa_enable_gqa(None, query, key, value, mask, scaling=dim ** -0.5)
+    repeated_key, repeated_value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
+    scores = (query @ repeated_key.transpose(-1, -2)) * dim ** -0.5
+    expected = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ repeated_value
+    assert output.shape == (batch, queries, heads, dim)
+    torch.testing.assert_close(output, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@ Three ways to run the same greedy decoding (`generate(..., method=...)`), one mo
 - `fast` (greedy.py): our own loop that drops each row from the batch and the KV cache as it finishes, calling the
   model as `generate()` does, so the tokens are the same (tested on CPU). On CUDA the evaluate stage pairs it with
   the 4-bit base dequantized once (weights.py).
-- `graphed` (graphed.py): a static KV cache and a decoding step captured in a CUDA graph, 4-bit layers kept.
+- `graphed` (graphed.py): a static KV cache and a decoding step captured in a CUDA graph, 4-bit layers kept,
+  attention through sdpa with `enable_gqa` (attention.py).
 Only `plain` is bitwise `generate()` on GPU: the other two run other kernels, under which near-tie logits can flip.
 Where the model is sure of its answers `graphed` agrees with `plain` (bench/sure_model.py), so `auto`, the params'
 default, picks `graphed` on CUDA and `plain` elsewhere (on CPU every method gives the same tokens, and plain is the
@@ -32,10 +33,12 @@ from alpaca_qlora.generation.graphed import graphed_generate
 from alpaca_qlora.generation.greedy import greedy_generate, greedy_loop_blockers
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
 from alpaca_qlora.generation.weights import (dequantize_for_generation, dequantized_fits, describe_weights,
-                                             merge_lora_for_generation)
+                                             fold_lora_for_generation, merge_lora_for_generation,
+                                             prepare_for_generation)
 
 __all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "dequantize_for_generation", "dequantized_fits",
-           "describe_weights", "generate", "merge_lora_for_generation", "resolve_generation_method"]
+           "describe_weights", "fold_lora_for_generation", "generate", "merge_lora_for_generation",
+           "prepare_for_generation", "resolve_generation_method"]
 
 GENERATION_METHODS = ("plain", "fast", "graphed")
 GENERATION_CHOICES = ("auto", *GENERATION_METHODS)

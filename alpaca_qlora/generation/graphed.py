@@ -1,11 +1,12 @@
 """Generation `graphed`: generate()'s model calls with the 4-bit layers untouched, the decoding step run over a
 preallocated KV cache with fixed shapes, so on CUDA it is captured once per batch in a CUDA graph and replayed:
-one launch per token instead of thousands of kernel launches from Python.
+one launch per token instead of thousands of kernel launches from Python. Attention runs through sdpa with
+`enable_gqa` (attention.py), which reads each key/value head once instead of repeating it per query head.
 
-Rows stay in the batch (as in `plain`) and stops are checked every few steps, while the device decodes on. The cache's unused tail is masked
-out, so attention sees the keys `plain` sees, but over a longer range, for which sdpa may pick another kernel: on
-GPU near-tie argmaxes can flip (bench/results/attention_identity_h200.json). On CPU the same step runs eagerly and
-gives `generate()`'s tokens (tested).
+Rows stay in the batch (as in `plain`) and stops are checked every few steps, while the device decodes on. The
+cache's unused tail is masked out, so attention sees the keys `plain` sees, but over a longer range and through
+another kernel: on GPU near-tie argmaxes can flip (bench/results/attention_identity_h200.json), while a sure model's
+answers agree (bench/sure_model.py). On CPU the same step runs eagerly and gives `generate()`'s tokens (tested).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.generation.attention import gqa_attention
 from alpaca_qlora.generation.greedy import forward_model, greedy_tokens, prefill_inputs, take_token
 from alpaca_qlora.generation.stop_checks import MarkerCheck
 
@@ -148,41 +150,42 @@ def graphed_generate(
         raise PipelineError(f"graphed generation keeps every key in view, but the model attends within a "
                             f"{window}-token sliding window and this batch needs {slots} positions; use generation "
                             f"'plain' or 'fast'.")
-    timer = _Timer(timings, device)
-    position_ids, prefill_mask = prefill_inputs(attention_mask)
-    prefill = network(input_ids=input_ids, attention_mask=prefill_mask, position_ids=position_ids,
-                      past_key_values=DynamicCache(config=network.config), use_cache=True, logits_to_keep=1,
-                      return_dict=True)
-    first_tokens = greedy_tokens(prefill.logits)
-    write_positions = torch.tensor([prompt_length], dtype=torch.long, device=device)
-    cache = StaticKVCache.from_prefill(prefill.past_key_values, slots, write_positions)
-    del prefill
-    mask = torch.zeros((batch, 1, 1, slots), dtype=torch.bool, device=device)
-    mask[:, 0, 0, :prompt_length] = attention_mask.bool()
-    step = DecodeStep(network, cache, first_tokens[:, None].clone(), position_ids[:, -1:] + 1, mask,
-                      use_graph=device.type == "cuda" if use_graph is None else use_graph)
-    timer.lap("prefill")
-    rows = _RowStops(batch, eos_token_id=eos_token_id, max_new_tokens=max_new_tokens, marker_check=marker_check)
-    history = [first_tokens]
-    pending: _HostCopy | None = None
-    checked = 0
-    for produced in range(1, max_new_tokens + 1):
-        last = produced == max_new_tokens
-        if last or produced - checked >= check_every:
-            copy = _HostCopy(torch.stack(history[checked:produced], dim=1))
-            checked = produced
-            if pending is not None:  # the chunk before: long finished on the device, so no wait here
-                timer.host(rows.take, pending.tokens())
-            pending = copy
-            if last or rows.all_finished():
-                break
-        history.append(step().clone())
-        if produced == 1:
-            timer.lap("capture")  # the first step: graph capture (CUDA) plus one replay
-    if pending is not None:
-        timer.host(rows.take, pending.tokens())
-    timer.lap("decode")
-    return rows.generated
+    with gqa_attention(network):
+        timer = _Timer(timings, device)
+        position_ids, prefill_mask = prefill_inputs(attention_mask)
+        prefill = network(input_ids=input_ids, attention_mask=prefill_mask, position_ids=position_ids,
+                          past_key_values=DynamicCache(config=network.config), use_cache=True, logits_to_keep=1,
+                          return_dict=True)
+        first_tokens = greedy_tokens(prefill.logits)
+        write_positions = torch.tensor([prompt_length], dtype=torch.long, device=device)
+        cache = StaticKVCache.from_prefill(prefill.past_key_values, slots, write_positions)
+        del prefill
+        mask = torch.zeros((batch, 1, 1, slots), dtype=torch.bool, device=device)
+        mask[:, 0, 0, :prompt_length] = attention_mask.bool()
+        step = DecodeStep(network, cache, first_tokens[:, None].clone(), position_ids[:, -1:] + 1, mask,
+                          use_graph=device.type == "cuda" if use_graph is None else use_graph)
+        timer.lap("prefill")
+        rows = _RowStops(batch, eos_token_id=eos_token_id, max_new_tokens=max_new_tokens, marker_check=marker_check)
+        history = [first_tokens]
+        pending: _HostCopy | None = None
+        checked = 0
+        for produced in range(1, max_new_tokens + 1):
+            last = produced == max_new_tokens
+            if last or produced - checked >= check_every:
+                copy = _HostCopy(torch.stack(history[checked:produced], dim=1))
+                checked = produced
+                if pending is not None:  # the chunk before: long finished on the device, so no wait here
+                    timer.host(rows.take, pending.tokens())
+                pending = copy
+                if last or rows.all_finished():
+                    break
+            history.append(step().clone())
+            if produced == 1:
+                timer.lap("capture")  # the first step: graph capture (CUDA) plus one replay
+        if pending is not None:
+            timer.host(rows.take, pending.tokens())
+        timer.lap("decode")
+        return rows.generated
 
 
 class _HostCopy:

@@ -1,9 +1,10 @@
-"""Weights for generation: the 4-bit base dequantized once, LoRA optionally merged, and a name for the result.
+"""Weights for generation: the 4-bit base dequantized once, LoRA folded or merged, and a name for the result.
 
 bitsandbytes' 4-bit matmul for a batch of rows is dequantize + F.linear, so dequantizing once before decoding gives
-the same weights without redoing it at every step. Merging LoRA is different: it rounds base + delta to the compute
-dtype once, which changes the weights' precision, so it is an explicit option whose results differ from the 4-bit
-path.
+the same weights without redoing it at every step. Folding keeps LoRA beside the base weight, as its own two small
+GEMMs in the compute dtype with the add fused: fewer kernels per step, but the adapter rounded to bf16 on CUDA, so
+it is an explicit option too. Merging LoRA is different: it rounds base + delta to the
+compute dtype, which loses most of the delta's precision, so it is an explicit option whose results differ.
 """
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def dequantize_for_generation(model: Any) -> int:
 
 def dequantized_fits(model: Any, *, reserve_share: float = 0.25) -> bool:
     """Whether the 4-bit layers, dequantized to their compute dtype, fit on the GPU beside what the process holds,
-    with `reserve_share` of the card left for activations and the KV cache. False on a card too small for them (a 7B model on 12 GB), where
-    generation keeps the 4-bit layers."""
+    with `reserve_share` of the card left for activations and the KV cache. False on a card too small for them (a
+    7B model on 12 GB), where generation keeps the 4-bit layers."""
     linear4bit = _linear4bit_class()
     if linear4bit is None or not torch.cuda.is_available():
         return False
@@ -99,44 +100,116 @@ def merge_lora_for_generation(model: Any) -> int:
 
     Changes precision: base + scaling * B @ A is rounded to bf16 (on CUDA) once, where the 4-bit path adds the
     adapter's output at every call. Run dequantize_for_generation first on a 4-bit model. Returns the count."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return 0
     linear4bit = _linear4bit_class()
     merged = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if not isinstance(child, LoraLayer):
-                continue
-            base = child.get_base_layer()
-            if linear4bit is not None and isinstance(base, linear4bit):
-                raise PipelineError("merge_lora_for_generation needs dequantized base weights: "
-                                    "call dequantize_for_generation first.")
-            if not isinstance(base, torch.nn.Linear):
-                raise PipelineError(f"cannot merge LoRA into a {type(base).__name__} ({name}).")
-            weight = base.weight.data.float()
-            for adapter in child.active_adapters:
-                if adapter not in child.lora_A:
-                    continue
-                if getattr(child, "use_dora", {}).get(adapter) or adapter in getattr(child, "lora_variant", {}):
-                    raise PipelineError("merging for generation supports plain LoRA only (not DoRA or variants).")
+    for module, name, child in _lora_layers(model):
+        base = child.get_base_layer()
+        if linear4bit is not None and isinstance(base, linear4bit):
+            raise PipelineError("merge_lora_for_generation needs dequantized base weights: "
+                                "call dequantize_for_generation first.")
+        weight = base.weight.data.float()
+        for adapter in child.active_adapters:
+            if adapter in child.lora_A:
                 delta = child.lora_B[adapter].weight.data.float() @ child.lora_A[adapter].weight.data.float()
                 weight = weight + delta * child.scaling[adapter]
-            base.weight = torch.nn.Parameter(weight.to(base.weight.dtype), requires_grad=False)
-            setattr(module, name, base)
-            merged += 1
+        base.weight = torch.nn.Parameter(weight.to(base.weight.dtype), requires_grad=False)
+        setattr(module, name, base)
+        merged += 1
     if merged:
         log.info("merged %d LoRA layers into the base weights for generation", merged)
     return merged
 
 
-def describe_weights(model: Any, *, quantized: bool, dequantized: bool, merged: bool) -> str:
-    """What the generating weights are, for the metrics: nf4, nf4-dequantized-bf16, merged-bf16, unquantized-fp32."""
+class FoldedLoraLinear(torch.nn.Module):
+    """A PEFT LoRA layer for inference in two kernels instead of PEFT's six (input cast to the adapter's fp32, two
+    GEMMs, scale, add, cast back), which at decoding batch sizes are each launch-bound, 224 times per step on a 7B:
+    x A^T, then the base output + that times (scaling B)^T in one addmm. The adapters (all active ones, stacked) are
+    in the base's compute dtype, so on CUDA their weights and the rank-sized intermediate are rounded to bf16: the
+    delta loses precision (far less than merging), and the answers are not bitwise PEFT's (bench/sure_model.py)."""
+
+    def __init__(self, base_layer: torch.nn.Module, down: torch.Tensor, up: torch.Tensor):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_down = torch.nn.Parameter(down, requires_grad=False)  # (rank, in): the stacked A matrices
+        self.lora_up = torch.nn.Parameter(up, requires_grad=False)  # (out, rank): the stacked B matrices, scaled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        hidden = torch.nn.functional.linear(x.to(self.lora_down.dtype), self.lora_down)
+        if result.dtype != self.lora_up.dtype:
+            return result + (hidden @ self.lora_up.t()).to(result.dtype)
+        flat = result.reshape(-1, result.shape[-1])
+        return torch.addmm(flat, hidden.reshape(-1, hidden.shape[-1]), self.lora_up.t()).view(result.shape)
+
+
+def _lora_layers(model: Any) -> list[tuple[Any, str, Any]]:
+    """(parent, attribute, layer) for every PEFT LoRA layer, refusing the kinds folding and merging cannot take."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    found = []
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, LoraLayer):
+                continue
+            for adapter in child.active_adapters:
+                if adapter in child.lora_A and (getattr(child, "use_dora", {}).get(adapter)
+                                                or adapter in getattr(child, "lora_variant", {})):
+                    raise PipelineError("folding or merging LoRA for generation supports plain LoRA only (not DoRA "
+                                        "or variants): use eval.generation 'plain'.")
+            if not isinstance(child.get_base_layer(), torch.nn.Linear):
+                raise PipelineError(f"cannot fold or merge LoRA into a {type(child.get_base_layer()).__name__} "
+                                    f"({name}): use eval.generation 'plain'.")
+            found.append((module, name, child))
+    return found
+
+
+def fold_lora_for_generation(model: Any) -> int:
+    """Replace every PEFT LoRA layer by a FoldedLoraLinear over the same base layer (4-bit or dequantized);
+    returns how many. For inference only: the adapters can no longer be trained, disabled or saved."""
+    folded = 0
+    for module, name, child in _lora_layers(model):
+        base = child.get_base_layer()
+        dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
+        adapters = [adapter for adapter in child.active_adapters if adapter in child.lora_A]
+        if not adapters:
+            continue
+        down = torch.cat([child.lora_A[adapter].weight.float() for adapter in adapters])
+        up = torch.cat([child.lora_B[adapter].weight.float() * child.scaling[adapter] for adapter in adapters], dim=1)
+        setattr(module, name, FoldedLoraLinear(base, down.to(dtype), up.to(dtype)))
+        folded += 1
+    if folded:
+        log.info("folded %d LoRA layers for generation", folded)
+    return folded
+
+
+def describe_weights(model: Any, *, quantized: bool, dequantized: bool, merged: bool, folded: bool = False) -> str:
+    """What the generating weights are, for the metrics: nf4, nf4-dequantized-bf16, merged-bf16, unquantized-fp32;
+    `+lora-bf16` where the adapter was folded into the compute dtype."""
     dtype = str(getattr(model, "dtype", None) or next(model.parameters()).dtype).removeprefix("torch.")
     dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
     if merged:
         return f"merged-{dtype}"
-    if quantized:
-        return f"nf4-dequantized-{dtype}" if dequantized else "nf4"
-    return f"unquantized-{dtype}"
+    base = (f"nf4-dequantized-{dtype}" if dequantized else "nf4") if quantized else f"unquantized-{dtype}"
+    return f"{base}+lora-{dtype}" if folded else base
+
+
+def prepare_for_generation(model: Any, *, requested: str, method: str, device: str, quantized: bool,
+                           dequantized_on_load: bool, merge: bool, fold: bool) -> str:
+    """Put the weights in the form `method` runs fastest on with the agreement shown, and name them.
+
+    On CPU the loader already dequantized the 4-bit base to float64 (`dequantized_on_load`). On CUDA the base is
+    dequantized once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for the fast loop, for auto
+    where the bf16 weights fit, and always before merging LoRA. Merging and folding change LoRA's precision, so
+    both are explicit (`merge`, `fold`). An explicit graphed keeps bnb's own
+    4-bit layers."""
+    on_cuda = torch.device(device).type == "cuda"
+    auto_graphed = on_cuda and requested == "auto" and method == "graphed"
+    fast_weights = on_cuda and (method == "fast" or (auto_graphed and dequantized_fits(model)))
+    dequantized = quantized and (dequantized_on_load or merge or fast_weights)
+    if dequantized and not dequantized_on_load:
+        dequantize_for_generation(model)
+    merged = merge and merge_lora_for_generation(model) > 0  # the base model has no adapter to merge
+    folded = fold and not merged and fold_lora_for_generation(model) > 0
+    return describe_weights(model, quantized=quantized, dequantized=dequantized, merged=merged, folded=folded)
