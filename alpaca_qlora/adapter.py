@@ -178,14 +178,14 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path, model_card: str, *, 
     target modules sorted: PEFT keeps them as a set and writes them in hash order, which differs between runs and
     would change the adapter's DVC hash with identical weights.
     """
-    targets = {}
-    for name, config in model.peft_config.items():
-        config.base_model_name_or_path = portable_base_model(model_name)
-        if isinstance(config.target_modules, set):
-            targets[name], config.target_modules = config.target_modules, sorted(config.target_modules)
+    targets: dict[str, set[str]] = {}
     original_template = tokenizer.chat_template
-    tokenizer.chat_template = training_chat_template(template, tokenizer)
     try:
+        for name, config in model.peft_config.items():
+            config.base_model_name_or_path = portable_base_model(model_name)
+            if isinstance(config.target_modules, set):
+                targets[name], config.target_modules = config.target_modules, sorted(config.target_modules)
+        tokenizer.chat_template = training_chat_template(template, tokenizer)
         with io.atomic_dir(out_dir) as tmp:
             # The vocabulary is never resized, so no embedding copy: PEFT's "auto" would ask the hub to find out.
             model.save_pretrained(str(tmp), save_embedding_layers=False,

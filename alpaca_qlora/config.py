@@ -151,8 +151,9 @@ class EvalParams:
     # plain: model.generate(); graphed: the same 4-bit layers, static KV cache, decoding step replayed as a CUDA
     # graph; fast: own greedy loop dropping finished rows, with the 4-bit base dequantized once on CUDA (not bitwise
     # the same outputs on GPU); auto: graphed on CUDA (base dequantized once where it fits), plain on CPU.
-    # merge_bf16 folds LoRA into the dequantized weights, fold_lora keeps it beside them in the compute dtype with
-    # its add fused (faster than PEFT's forward): both change LoRA's precision, so both are opt-in.
+    # merge_bf16 merges LoRA into the dequantized weights; fold_lora keeps it unmerged beside them, in the compute
+    # dtype with its add fused (faster than PEFT's forward). Both change LoRA's precision, so both are opt-in, and
+    # they exclude each other.
     generation: Literal["auto", "plain", "fast", "graphed"]
     merge_bf16: bool
     fold_lora: bool
@@ -169,6 +170,8 @@ class EvalParams:
         _require(self.short_answer_max_words > 0, "eval.short_answer_max_words", self.short_answer_max_words,
                  "a positive integer")
         _require(self.num_examples >= 0, "eval.num_examples", self.num_examples, "zero or more")
+        _require(not (self.merge_bf16 and self.fold_lora), "eval.fold_lora", self.fold_lora,
+                 "false while eval.merge_bf16 is true (merging and folding LoRA exclude each other)")
         _require(self.bootstrap_resamples >= 10_000, "eval.bootstrap_resamples", self.bootstrap_resamples,
                  "at least 10000 resamples (fewer make the 95% interval's ends noisy)")
 

@@ -122,7 +122,7 @@ def peak_gib(device: str) -> float | None:
 def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, batch_size: int, max_new_tokens: int,
             device: str, warmup: bool, profile_steps: int = 0) -> dict[str, Any]:
     markers = get_template("alpaca").stop_markers
-    method = VARIANTS[variant][0]
+    method = resolve_generation_method(VARIANTS[variant][0], device, model)  # auto: what the stage would run
     if warmup:  # compile / cuDNN / allocator warm-up on one batch, a few tokens
         generate(model, tokenizer, prompts[:batch_size], max_new_tokens=4, batch_size=batch_size,
                  stop_markers=markers, progress=False, method=method)
@@ -266,7 +266,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--variants", default="plain,graphed,graphed_dequantized,auto",
-                        help=f"from {', '.join(VARIANTS)}, in that order (dequantization and merging are in place)")
+                        help=f"from {', '.join(VARIANTS)}, in that order; dequantizing, folding and merging are "
+                             "in place, so graphed_folded excludes the PEFT-LoRA variants after it, and merged_bf16 "
+                             "the folded ones")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=0,

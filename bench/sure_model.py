@@ -245,6 +245,9 @@ def agreement(work: Path, built: dict[str, Any], size: Size, device: str, paths:
                              "new_tokens_per_s": stats["new_tokens_per_s"]}
         report["by_path"][variant] = figures
         log.info("%s: %s", variant, figures)
+        del loaded  # before the next path loads its own copy
+        if device == "cuda":
+            torch.cuda.empty_cache()
     plain = report["by_path"].get("plain")
     for variant, figures in report["by_path"].items():
         if plain is None or variant == "plain":

@@ -207,7 +207,20 @@ def test_prepare_for_generation_folds_or_merges_only_when_asked(tiny_lora):
               "dequantized_on_load": False}
     assert prepare_for_generation(model, merge=False, fold=False, **common) == "nf4"
     assert sum(hasattr(m, "lora_A") for m in model.modules()) == 6
+    with torch.no_grad(), model.disable_adapter():  # a disabled adapter is one PEFT would not apply: left alone
+        assert fold_lora_for_generation(model) == 0
     assert prepare_for_generation(model, merge=True, fold=True, **common) == "merged-fp32"  # merging wins
+
+
+def test_folding_refuses_lora_bias_rather_than_dropping_it(tiny_mistral_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu")
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    with pytest.raises(PipelineError, match="lora_bias"):
+        fold_lora_for_generation(model)
+    with pytest.raises(PipelineError, match="lora_bias"):
+        merge_lora_for_generation(model)
 
 
 def test_generation_method_resolution(embedded):
@@ -242,6 +255,9 @@ def test_eval_generation_params_validated():
         embedded_params(eval={"generation": "turbo"})
     with pytest.raises(ConfigError, match="eval.merge_bf16"):
         embedded_params(eval={"merge_bf16": "yes"})
+    assert embedded_params(eval={"fold_lora": "true"}).eval.fold_lora is True
+    with pytest.raises(ConfigError, match="exclude each other"):
+        embedded_params(eval={"merge_bf16": "true", "fold_lora": "true"})
 
 
 @pytest.mark.parametrize("stage", ["evaluate_base", "evaluate_finetuned"])

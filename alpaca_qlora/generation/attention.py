@@ -1,10 +1,11 @@
 """Decode attention for `graphed`: torch's sdpa over the key/value heads with `enable_gqa=True` and the mask.
 
-transformers' sdpa path repeats (or re-lays out) the keys and values of each key/value head for its query heads
-whenever a mask is passed, which is every step of a padded batch: at batch 128 those copies cost more device time
-than the attention itself. sdpa's `enable_gqa` reads each key/value head once for its group of query heads. It is
-registered through transformers' AttentionInterface and switched on only for the duration of a `graphed` run;
-its answers agree with `plain` on a sure model (bench/sure_model.py).
+transformers' sdpa path (the 5.17 the GPU image ships) repeats or re-lays out the keys and values of each
+key/value head for its query heads whenever a mask is passed, which is every step of a padded batch, and those
+copies run at every decoding step (README: evaluation generation). sdpa's `enable_gqa` reads each key/value head
+once for its group of query heads. It is registered through transformers' AttentionInterface and switched on only
+for the duration of a `graphed` run, and only over the library's own sdpa (other implementations carry terms this
+function does not: soft-capping, sinks); its answers agree with `plain` on a sure model (bench/sure_model.py).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def sdpa_enable_gqa(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     """transformers' attention-function signature: (batch, heads, positions, dim) in, (batch, positions, heads,
     dim) out. Without a mask a prompt (more than one query position) attends causally, as the library's sdpa does."""
     causal = bool(query.shape[2] > 1 and attention_mask is None and (is_causal if is_causal is not None else True))
+    if causal and key.shape[2] != query.shape[2]:  # sdpa's is_causal aligns top-left: right only without a cache
+        raise ValueError("sdpa_enable_gqa: a causal call without a mask needs as many keys as queries.")
     output = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
         enable_gqa=key.shape[1] != query.shape[1])
@@ -31,15 +34,18 @@ def sdpa_enable_gqa(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
 
 @contextmanager
 def gqa_attention(network: Any) -> Iterator[None]:
-    """Run the model's attention through sdpa_enable_gqa inside the block (masks built as for sdpa), then restore
-    the model's own implementation, also on error."""
+    """Run the model's attention through sdpa_enable_gqa inside the block (masks built as for sdpa) where the model
+    uses the library's sdpa, then restore the model's own implementation, also on error."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(GQA_SDPA, sdpa_enable_gqa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)
     config = network.config
     own = config._attn_implementation
+    if own != "sdpa":
+        yield
+        return
+    AttentionInterface.register(GQA_SDPA, sdpa_enable_gqa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)
     config._attn_implementation = GQA_SDPA
     try:
         yield

@@ -143,7 +143,8 @@ class FoldedLoraLinear(torch.nn.Module):
 
 
 def _lora_layers(model: Any) -> list[tuple[Any, str, Any]]:
-    """(parent, attribute, layer) for every PEFT LoRA layer, refusing the kinds folding and merging cannot take."""
+    """(parent, attribute, layer) for every PEFT LoRA layer whose adapters PEFT would apply (not disabled, not
+    already merged), refusing the kinds folding and merging cannot take."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -151,13 +152,14 @@ def _lora_layers(model: Any) -> list[tuple[Any, str, Any]]:
     found = []
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if not isinstance(child, LoraLayer):
+            if not isinstance(child, LoraLayer) or child.disable_adapters or child.merged:
                 continue
             for adapter in child.active_adapters:
                 if adapter in child.lora_A and (getattr(child, "use_dora", {}).get(adapter)
-                                                or adapter in getattr(child, "lora_variant", {})):
-                    raise PipelineError("folding or merging LoRA for generation supports plain LoRA only (not DoRA "
-                                        "or variants): use eval.generation 'plain'.")
+                                                or adapter in getattr(child, "lora_variant", {})
+                                                or getattr(child, "lora_bias", {}).get(adapter)):
+                    raise PipelineError("folding or merging LoRA for generation supports plain LoRA only (not DoRA, "
+                                        "variants or lora_bias): set eval.fold_lora and eval.merge_bf16 to false.")
             if not isinstance(child.get_base_layer(), torch.nn.Linear):
                 raise PipelineError(f"cannot fold or merge LoRA into a {type(child.get_base_layer()).__name__} "
                                     f"({name}): use eval.generation 'plain'.")
@@ -171,10 +173,12 @@ def fold_lora_for_generation(model: Any) -> int:
     folded = 0
     for module, name, child in _lora_layers(model):
         base = child.get_base_layer()
-        dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
         adapters = [adapter for adapter in child.active_adapters if adapter in child.lora_A]
         if not adapters:
             continue
+        dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
+        if not dtype.is_floating_point:  # a 4-bit layer without a compute dtype: keep the adapter's own
+            dtype = child.lora_A[adapters[0]].weight.dtype
         down = torch.cat([child.lora_A[adapter].weight.float() for adapter in adapters])
         up = torch.cat([child.lora_B[adapter].weight.float() * child.scaling[adapter] for adapter in adapters], dim=1)
         setattr(module, name, FoldedLoraLinear(base, down.to(dtype), up.to(dtype)))
