@@ -1,7 +1,9 @@
 """DDP and FSDP on the 7B shape, through the project's training code path: tokens/s and memory per GPU.
 
-Each process builds the train stage's model (4-bit NF4 base, Liger, packing, bf16 frozen weights, gradient
-checkpointing, LoRA) and trains on its own micro-batches of ROWS x 2048 tokens. `--mode ddp`: accelerate wraps the
+Each process builds the train stage's model with the Mistral profile's settings as the stage resolves them for
+the mode (bench.train_bench.project_settings: 4-bit NF4 base, bf16 frozen weights, gradient checkpointing offloaded,
+LoRA; Liger under ddp, not under fsdp, where its fused cross-entropy cannot read the sharded output projection) and
+trains on its own micro-batches of ROWS x 2048 tokens. `--mode ddp`: accelerate wraps the
 model in DDP, every process holds the whole base, and the LoRA gradients are all-reduced. `--mode fsdp`: the
 train stage's FSDP2 settings (training.sharding, through the FullyShardedDataParallelPlugin the Trainer would
 build): one `fully_shard` unit per decoder layer, the NF4 weights stored in bf16-typed tensors and sharded.
@@ -29,13 +31,11 @@ from typing import Any
 
 import torch
 
-from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
 from alpaca_qlora.training.sharding import fsdp_training_arguments
 from bench import command_line
-from bench.train_bench import profile_lora
+from bench.train_bench import project_model, project_settings
 from bench.workloads import collate, dense_batches
 
 log = logging.getLogger("ddp_bench")
@@ -52,12 +52,12 @@ def fsdp_plugin() -> Any:
     return FullyShardedDataParallelPlugin(**arguments.fsdp_plugin_args)
 
 
-def build_model(model_dir: str, shardable: bool) -> Any:
-    """The train stage's model with its CUDA defaults (bench.train_bench's "project" variant), shardable for FSDP."""
-    model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), profile_lora(),
-                                  SpeedSwitches(liger_kernels=True, gradient_checkpointing=True), device="cuda",
-                                  frozen_dtype="compute", shardable=shardable)
-    model.config.use_cache = False
+def build_model(model_dir: str, mode: str) -> Any:
+    """The train stage's model with the Mistral profile's settings as the stage resolves them under `mode`
+    (bench.train_bench's "project" variant: under fsdp without Liger), shardable for FSDP."""
+    settings = project_settings(mode)
+    model = project_model(model_dir, shardable=mode == "fsdp", **{key: settings[key] for key in (
+        "liger", "gradient_checkpointing", "frozen_dtype", "checkpoint_offload", "lora_dropout")})
     if varlen_attention_available("cuda"):
         use_varlen_attention(model)  # packed bins, as the train stage trains them
     return model
@@ -89,7 +89,7 @@ def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_g
     losses: list[float] = []
     stage = "load"
     try:
-        model = build_model(model_dir, shardable=mode == "fsdp")
+        model = build_model(model_dir, mode)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         stage = "prepare"
         model, optimizer = accelerator.prepare(model, optimizer)

@@ -92,20 +92,24 @@ def baseline_model(model_dir: str, gradient_checkpointing: bool = True) -> Any:
 
 
 def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, frozen_dtype: str,
-                  checkpoint_offload: bool, lora_dropout: float) -> Any:
-    """The train stage's model (training.model.build_trainable_model) with the variant's switches."""
+                  checkpoint_offload: bool, lora_dropout: float, shardable: bool = False) -> Any:
+    """The train stage's model (training.model.build_trainable_model) with the variant's switches; `shardable`
+    stores the 4-bit weights so FSDP can shard them, as the stage does under fsdp."""
     lora = dataclasses.replace(profile_lora(), dropout=lora_dropout)
     model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), lora,
                                   SpeedSwitches(liger_kernels=liger, gradient_checkpointing=gradient_checkpointing),
-                                  device="cuda", frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
+                                  device="cuda", frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload,
+                                  shardable=shardable)
     model.config.use_cache = False  # as training.trainer.run_training sets it
     return model
 
 
-def project_settings() -> dict[str, Any]:
-    """The Mistral profile's speed settings on CUDA, as the train stage resolves them, plus whether it packs."""
+def project_settings(distributed: str = "none") -> dict[str, Any]:
+    """The Mistral profile's speed settings on CUDA, as the train stage resolves them under `distributed`, plus
+    whether it packs."""
     params = mistral_profile()
-    switches = resolve_speed_switches(params.train, "cuda", liger_installed=True)
+    train = dataclasses.replace(params.train, distributed=distributed, num_processes=1 if distributed == "none" else 2)
+    switches = resolve_speed_switches(train, "cuda", liger_installed=True)
     return {"liger": switches.liger_kernels, "gradient_checkpointing": switches.gradient_checkpointing,
             "frozen_dtype": params.train.frozen_dtype, "checkpoint_offload": params.train.checkpoint_offload,
             "lora_dropout": params.lora.dropout, "packing": params.train.packing}

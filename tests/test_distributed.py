@@ -159,3 +159,12 @@ def test_two_machine_ranks_of_one_process_each_train_the_one_machine_runs_adapte
     assert two_nodes["tokens"] == one_node["tokens"] and two_nodes["steps"] == one_node["steps"]
     assert two_nodes["train_loss"] == pytest.approx(one_node["train_loss"], rel=1e-4)
     assert_same_adapter(two_nodes_adapter, one_node_adapter)
+
+
+def test_the_parallel_bench_builds_each_mode_as_the_train_stage_resolves_it():
+    """bench/ddp_bench.py's FSDP run must not force Liger on: its fused cross-entropy fails on FSDP2's sharded
+    output projection, which is why the stage turns it off there."""
+    from bench.train_bench import project_settings
+
+    assert project_settings("ddp")["liger"] is True and project_settings("fsdp")["liger"] is False
+    assert project_settings("ddp")["gradient_checkpointing"] and project_settings("fsdp")["gradient_checkpointing"]
