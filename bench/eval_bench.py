@@ -153,18 +153,22 @@ def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, bat
     return result
 
 
-def prepare(model: Any, variant: str, state: dict[str, str], device: str) -> None:
-    """Bring the weights to what `variant` runs on, or refuse where an earlier variant's in-place change is past it."""
+def prepare(model: Any, variant: str, state: dict[str, str], device: str, *,
+            dequantized_on_load: bool = False) -> str | None:
+    """Bring the weights to what `variant` runs on, or refuse where an earlier variant's in-place change is past it;
+    for auto and auto_folded, the weights as the evaluate stage names them. `dequantized_on_load`: the CPU
+    loader's float64 path (load_for_inference), which left no 4-bit layers."""
     method, weights, lora = VARIANTS[variant]
     if method == "auto":
         resolved = resolve_generation_method("auto", device, model)
         if state["lora"] == "merged" or (state["lora"] == "folded" and lora is None):
             raise RuntimeError(f"{variant} must run before LoRA is {state['lora']} (in place)")
         described = prepare_for_generation(model, requested="auto", method=resolved, device=device, quantized=True,
-                                           dequantized_on_load=False, merge=False, fold=lora == "folded")
+                                           dequantized_on_load=dequantized_on_load, merge=False,
+                                           fold=lora == "folded")
         state["weights"] = "dequantized" if "dequantized" in described else state["weights"]
         state["lora"] = "folded" if "+lora" in described else state["lora"]  # or folded by graphed_folded before
-        return
+        return described
     if state["weights"] == "dequantized" and weights == "nf4":
         raise RuntimeError(f"{variant} must run before the dequantized variants (dequantization is in place)")
     if state["lora"] != "peft" and lora != state["lora"]:
@@ -179,6 +183,7 @@ def prepare(model: Any, variant: str, state: dict[str, str], device: str) -> Non
     if lora == "merged" and state["lora"] == "peft":
         merge_lora_for_generation(model)
     state["lora"] = lora
+    return None
 
 
 def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, max_new_tokens: int, device: str,

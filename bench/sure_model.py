@@ -27,8 +27,7 @@ import torch
 
 from alpaca_qlora.bundled.dataset import generate_rows
 from alpaca_qlora.formatting import response_token_count, row_prompt, stop_margin, token_limit, tokenize_training_rows
-from alpaca_qlora.generation import (dequantize_for_generation, fold_lora_for_generation, generate,
-                                     merge_lora_for_generation, prepare_for_generation, resolve_generation_method)
+from alpaca_qlora.generation import generate
 from alpaca_qlora.metrics import aggregate, is_short_answer, score_row
 from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.prompts import get_template
@@ -38,14 +37,14 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.stop_rule import clean_generation
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
+from bench.eval_bench import VARIANTS, prepare
 from bench.train_bench import mistral_profile, profile_lora
 
 log = logging.getLogger("sure_model")
-# (variant, generation method, weights prepared before it), each on a freshly loaded model; auto is the evaluate
-# stage's own preparation (prepare_for_generation) and method
-PATHS = (("plain", "plain", None), ("graphed", "graphed", None), ("graphed_folded", "graphed", "fold"),
-         ("fast", "fast", "dequantize"), ("graphed_dequantized", "graphed", "dequantize"), ("auto", "auto", "auto"),
-         ("auto_folded", "auto", "auto_folded"), ("merged_bf16", "graphed", "merge"))
+# (variant, generation method, base weights, LoRA) from the eval bench, each run on a freshly loaded model and
+# prepared by the eval bench's own step; auto and auto_folded are the evaluate stage's preparation and method
+PATHS = tuple((name, *VARIANTS[name]) for name in ("plain", "graphed", "graphed_folded", "fast", "graphed_dequantized",
+                                                    "auto", "auto_folded", "merged_bf16"))
 
 
 @dataclass(frozen=True)
@@ -208,7 +207,7 @@ def agreement(work: Path, built: dict[str, Any], size: Size, device: str, paths:
     sets = {"eval": built["eval"], "seen": built["seen"]}
     report: dict[str, Any] = {"rows": {name: len(items) for name, items in sets.items()}, "by_path": {}}
     raws_plain: dict[str, list[str]] = {}
-    for variant, method, prepare in PATHS:
+    for variant, method, *_ in PATHS:
         if variant not in paths:
             continue
         loaded = load_for_inference(str(work / "base"), "nf4", adapter_dir=work / "adapter", device=device)
@@ -217,18 +216,8 @@ def agreement(work: Path, built: dict[str, Any], size: Size, device: str, paths:
                                     margin=stop_margin(tokenizer, markers),
                                     cap=size.max_new_tokens_cap)["max_new_tokens"] for name, items in sets.items()}
         report["max_new_tokens"] = limits
-        on_cpu = bool(loaded.numeric_path)  # the loader's float64 path has no 4-bit layers left to dequantize
-        if prepare in ("dequantize", "merge") and not on_cpu:
-            dequantize_for_generation(loaded.model)
-        if prepare == "merge":
-            merge_lora_for_generation(loaded.model)
-        if prepare == "fold":
-            fold_lora_for_generation(loaded.model)
-        weights = None
-        if prepare in ("auto", "auto_folded"):  # the evaluate stage's preparation, eval.fold_lora false / true
-            weights = prepare_for_generation(loaded.model, requested="auto", device=loaded.device, quantized=True,
-                                             method=resolve_generation_method("auto", loaded.device, loaded.model),
-                                             dequantized_on_load=on_cpu, merge=False, fold=prepare == "auto_folded")
+        weights = prepare(loaded.model, variant, {"weights": "nf4", "lora": "peft"}, loaded.device,
+                          dequantized_on_load=bool(loaded.numeric_path))  # CPU: the loader's float64 path
         figures: dict[str, Any] = {"method": method, **({"weights": weights} if weights else {})}
         for name, items in sets.items():
             started = time.perf_counter()
