@@ -1,14 +1,12 @@
 """The train stage's checkpoints: one trainer at a time, and a run killed with SIGKILL resumes to the same results."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,10 +23,9 @@ from alpaca_qlora.training.checkpoints import (
 from alpaca_qlora.formatting import tokenize_training_rows
 from alpaca_qlora.models.loading import load_tokenizer
 from alpaca_qlora.prompts import ALPACA
+from support.killed_runs import RUN_METRICS, curves, kill_train_after_checkpoint, resumed_from_step
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_METRICS = ("steps", "epochs", "tokens", "labelled_tokens", "padding_fraction", "first_loss", "train_loss",
-               "final_loss")
 HOLDER = """
 import sys, time
 from pathlib import Path
@@ -156,60 +153,6 @@ def test_the_train_stage_refuses_while_another_run_holds_the_lock(tmp_path, tiny
     assert (project / "models/checkpoints" / LOCK_NAME).is_file()
 
 
-def descendants(pid: int) -> list[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def kill_train_after_checkpoint(command: list[str], cwd: Path, step: int) -> None:
-    """Start `command`, and once checkpoint-`step` is saved, SIGKILL the stages/train.py process and its workers."""
-    with (cwd / "killed.log").open("w") as log:
-        parent = subprocess.Popen(command, cwd=cwd, env=environment(cwd), stdout=log, stderr=log)
-    deadline = time.monotonic() + 300
-    while not list(cwd.glob(f"models/checkpoints/*/checkpoint-{step}/trainer_state.json")):
-        assert parent.poll() is None, f"{command} ended before checkpoint-{step}:\n{(cwd / 'killed.log').read_text()}"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    time.sleep(0.1)
-    train = [pid for pid in [parent.pid, *descendants(parent.pid)] if "stages/train.py" in cmdline(pid)][:1]
-    assert train and parent.poll() is None, "the run finished before it could be killed"
-    for pid in [*train, *descendants(train[0])]:
-        os.kill(pid, signal.SIGKILL)
-    parent.wait()
-
-
-def curves(project: Path) -> dict[str, list[tuple[int, float]]]:
-    result = {}
-    for name in ("loss", "learning_rate", "grad_norm"):
-        path = project / "metrics/train_log/plots/metrics/train" / f"{name}.tsv"
-        with path.open(encoding="utf-8") as handle:
-            result[name] = [(int(row["step"]), float(row[name])) for row in csv.DictReader(handle, delimiter="\t")]
-    return result
-
-
-def resumed_from_step(project: Path) -> int:
-    """A fact of the call, not of the result: it lives with the timing figures, out of `dvc metrics diff`."""
-    return json.loads((project / "metrics/timing/train.json").read_text())["resumed_from_step"]
-
-
 def assert_same_run(resumed: dict, resumed_curves: dict, whole: dict, whole_curves: dict, rel: float) -> None:
     for key in RUN_METRICS:
         assert resumed[key] == pytest.approx(whole[key], rel=rel), key
@@ -234,7 +177,7 @@ def test_kill_dash_nine_after_a_checkpoint_then_dvc_repro_gives_the_uninterrupte
     project = copy_project(tmp_path / "project", tiny_mistral_dir, max_steps=12, save_steps=3, logging_steps=2)
     dvc = dvc_project(project)
 
-    kill_train_after_checkpoint([*dvc, "repro", "train"], project, step=3)
+    kill_train_after_checkpoint([*dvc, "repro", "train"], project, step=3, env=environment(project))
     run([*dvc, "repro", "train"], cwd=project)
     resumed = json.loads((project / "metrics/train.json").read_text())
     resumed_curves = curves(project)
@@ -255,7 +198,7 @@ def test_a_killed_two_process_ddp_run_resumes_under_dvc_repro_to_the_uninterrupt
                            distributed="ddp", num_processes=2)
     dvc = dvc_project(project)
 
-    kill_train_after_checkpoint([*dvc, "repro", "train"], project, step=3)
+    kill_train_after_checkpoint([*dvc, "repro", "train"], project, step=3, env=environment(project))
     run([*dvc, "repro", "train"], cwd=project)
     resumed = json.loads((project / "metrics/train.json").read_text())
     resumed_curves = curves(project)
