@@ -2,11 +2,11 @@
 
 Each process builds the train stage's model with the Mistral profile's settings as the stage resolves them for
 the mode (bench.train_bench.project_settings: 4-bit NF4 base, bf16 frozen weights, gradient checkpointing offloaded,
-LoRA; Liger under ddp, not under fsdp, where its fused cross-entropy cannot read the sharded output projection) and
-trains on its own micro-batches of ROWS x 2048 tokens. `--mode ddp`: accelerate wraps the
+Liger, LoRA; `--no-liger` measures what Liger is worth) and trains on its own micro-batches of ROWS x 2048 tokens. `--mode ddp`: accelerate wraps the
 model in DDP, every process holds the whole base, and the LoRA gradients are all-reduced. `--mode fsdp`: the
 train stage's FSDP2 settings (training.sharding, through the FullyShardedDataParallelPlugin the Trainer would
-build): one `fully_shard` unit per decoder layer, the NF4 weights stored in bf16-typed tensors and sharded.
+build, the output projection left whole as the stage leaves it): one `fully_shard` unit per decoder layer, the
+NF4 weights stored in bf16-typed tensors and sharded.
 
 `--memory-cap-gib G` caps this process's CUDA allocator at G GiB (torch.cuda.set_per_process_memory_fraction), to
 show what FSDP is for: a shape that does not fit one capped card under DDP, trained on two. Running out of memory is
@@ -33,7 +33,7 @@ import torch
 
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
-from alpaca_qlora.training.sharding import fsdp_training_arguments
+from alpaca_qlora.training.sharding import fsdp_training_arguments, keep_output_projection_whole
 from bench import command_line
 from bench.train_bench import project_model, project_settings
 from bench.workloads import collate, dense_batches
@@ -52,10 +52,10 @@ def fsdp_plugin() -> Any:
     return FullyShardedDataParallelPlugin(**arguments.fsdp_plugin_args)
 
 
-def build_model(model_dir: str, mode: str) -> Any:
+def build_model(model_dir: str, mode: str, liger: bool) -> Any:
     """The train stage's model with the Mistral profile's settings as the stage resolves them under `mode`
-    (bench.train_bench's "project" variant: under fsdp without Liger), shardable for FSDP."""
-    settings = project_settings(mode)
+    (bench.train_bench's "project" variant), shardable for FSDP; `liger` False turns Liger's kernels off."""
+    settings = {**project_settings(mode), **({} if liger else {"liger": False})}
     model = project_model(model_dir, shardable=mode == "fsdp", **{key: settings[key] for key in (
         "liger", "gradient_checkpointing", "frozen_dtype", "checkpoint_offload", "lora_dropout")})
     if varlen_attention_available("cuda"):
@@ -74,7 +74,8 @@ def gathered_gib(accelerator: Any, value: float) -> list[float]:
     return [round(float(v), 3) for v in values.tolist()]
 
 
-def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_gib: float | None) -> dict[str, Any]:
+def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_gib: float | None,
+            liger: bool = True) -> dict[str, Any]:
     from accelerate import Accelerator
 
     # bf16 as the Trainer runs it: autocast for DDP, and for FSDP2 the policy that computes in bf16.
@@ -82,17 +83,21 @@ def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_g
     torch.cuda.set_device(accelerator.local_process_index)
     cap_memory(cap_gib, accelerator.local_process_index)
     result: dict[str, Any] = {
-        "mode": mode, "processes": accelerator.num_processes, "device": torch.cuda.get_device_name(0),
+        "mode": mode, "liger": liger, "processes": accelerator.num_processes, "device": torch.cuda.get_device_name(0),
         "micro_batch": f"{rows}x{LENGTH} per process", "memory_cap_gib": cap_gib, "steps": steps, "oom": None,
         "is_main": accelerator.is_main_process,
     }
     losses: list[float] = []
     stage = "load"
     try:
-        model = build_model(model_dir, mode)
+        model = build_model(model_dir, mode, liger)
+        if mode == "fsdp":
+            keep_output_projection_whole(accelerator.state.fsdp_plugin, model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         stage = "prepare"
         model, optimizer = accelerator.prepare(model, optimizer)
+        # every process loads the whole 4-bit base before FSDP shards it: the cap must hold this too
+        result["load_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         batches, _ = collate(dense_batches(steps + warmup, rows=rows, length=LENGTH,
                                            seed=1000 + accelerator.process_index), True)
         model.train()
@@ -137,7 +142,8 @@ def summarize(paths: list[Path]) -> dict[str, Any]:
     runs = [json.loads(path.read_text()) for path in paths]
     for run in runs:
         run.setdefault("mode", "ddp")  # runs from before FSDP was measured here
-    measured = [run for run in runs if not run.get("oom") and not run.get("memory_cap_gib")]
+    # the project's settings, uncapped: the runs the ratios compare (a --no-liger run is reported, not compared)
+    measured = [run for run in runs if not run.get("oom") and not run.get("memory_cap_gib") and run.get("liger", 1)]
     speed = {(run["mode"], run["processes"]): run["tokens_per_s"] for run in measured}
     summary: dict[str, Any] = {"runs": runs}
     if ("ddp", 1) in speed:
@@ -149,28 +155,31 @@ def summarize(paths: list[Path]) -> dict[str, Any]:
 
 
 def cap_between(summary: dict[str, Any]) -> float:
-    """A per-GPU cap between FSDP's reserved peak and DDP's allocated peak in an uncapped summary: DDP cannot fit
-    under it, and FSDP fits with room for the allocator's slack. An error if no cap separates them."""
-    runs = {run["mode"]: run for run in summary["runs"] if not run.get("oom") and not run.get("memory_cap_gib")}
+    """A per-GPU cap halfway between FSDP's allocated peak (loading included) and DDP's in an uncapped summary: DDP
+    cannot fit under it, and FSDP has the rest as the allocator's slack (a capped allocator frees its cache before
+    it gives up). An error if no cap separates them."""
+    runs = {run["mode"]: run for run in summary["runs"]
+            if not run.get("oom") and not run.get("memory_cap_gib") and run.get("liger", 1)}
     if not {"ddp", "fsdp"} <= runs.keys():
         raise SystemExit("--cap-from needs an uncapped ddp run and an uncapped fsdp run in the summary")
-    fsdp_needs = max(runs["fsdp"]["peak_reserved_gib_per_rank"])
+    fsdp_needs = max(runs["fsdp"]["peak_memory_gib"], runs["fsdp"].get("load_peak_memory_gib", 0))
     ddp_needs = runs["ddp"]["peak_memory_gib"]
     if fsdp_needs >= ddp_needs:
-        raise SystemExit(f"no cap separates them: FSDP reserved {fsdp_needs} GiB, DDP allocated {ddp_needs} GiB")
+        raise SystemExit(f"no cap separates them: FSDP allocated {fsdp_needs} GiB, DDP {ddp_needs} GiB")
     return round((fsdp_needs + ddp_needs) / 2, 2)
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"{'mode':>5} {'procs':>5} {'cap GiB':>8} {'step s':>8} {'tok/s':>9} {'peak GiB':>9}  result")
+    print(f"{'mode':>14} {'procs':>5} {'cap GiB':>8} {'step s':>8} {'tok/s':>9} {'peak GiB':>9}  result")
     for run in summary["runs"]:
-        cap = f"{run['memory_cap_gib']:.1f}" if run.get("memory_cap_gib") else "-"
+        cap = f"{run['memory_cap_gib']:.2f}" if run.get("memory_cap_gib") else "-"
+        mode = run["mode"] + ("" if run.get("liger", True) else " (no Liger)")
         if run.get("oom"):
-            print(f"{run['mode']:>5} {run['processes']:>5} {cap:>8} {'-':>8} {'-':>9} "
+            print(f"{mode:>14} {run['processes']:>5} {cap:>8} {'-':>8} {'-':>9} "
                   f"{run['peak_memory_gib']:>9.2f}  OOM at {run['oom'].split(':')[0]}")
             continue
         peak = run.get("peak_memory_gib", run.get("peak_memory_gib_rank0"))
-        print(f"{run['mode']:>5} {run['processes']:>5} {cap:>8} {run['step_time_s']:>8.3f} "
+        print(f"{mode:>14} {run['processes']:>5} {cap:>8} {run['step_time_s']:>8.3f} "
               f"{run['tokens_per_s']:>9.0f} {peak:>9.2f}  trained")
     for key in ("scaling_efficiency", "fsdp_over_ddp"):
         if summary.get(key):
@@ -185,6 +194,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="measured steps, after the warmup steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", type=int, default=4, help=f"rows of {LENGTH} tokens per process per step")
+    parser.add_argument("--no-liger", action="store_true", help="Liger's kernels off (what they are worth)")
     parser.add_argument("--memory-cap-gib", type=float, help="cap each process's CUDA allocator at this many GiB")
     parser.add_argument("--cap-from", type=Path, help="print cap_between() of this summary's runs, and exit")
     parser.add_argument("--summarize", nargs="+", type=Path, help="combine the per-run JSON files")
@@ -201,7 +211,7 @@ def main() -> None:
     if not arguments.model_dir:
         parser.error("model_dir is required unless --summarize is given")
     result = measure(arguments.model_dir, arguments.mode, arguments.steps, arguments.warmup, arguments.rows,
-                     arguments.memory_cap_gib)
+                     arguments.memory_cap_gib, liger=not arguments.no_liger)
     if result.pop("is_main"):
         result["command"] = command_line()
         arguments.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ stage's `gather_trainable_state_dict`; process 0 saves what it gathered beside t
     python -m support.fsdp_gather MODEL_DIR OUT_DIR PORT
 
 The Trainer cannot run FSDP on CPU (accelerate turns its FSDP plugin on for GPU process groups only), so this drives
-torch's `fully_shard` directly, as accelerate does on GPUs: one unit per decoder layer, then the root.
+torch's `fully_shard` directly, as accelerate does on GPUs: one unit per decoder layer, then the root, with the
+parameters the stage's `keep_output_projection_whole` names left out of the shards.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ def worker(rank: int, model_dir: str, out_dir: str, port: int) -> None:
     from alpaca_qlora.models.loading import load_model
     from alpaca_qlora.models.quantization import plan_quantization
     from alpaca_qlora.training.model import attach_lora
-    from alpaca_qlora.training.sharding import gather_trainable_state_dict, is_sharded
+    from alpaca_qlora.training.sharding import gather_trainable_state_dict, is_sharded, keep_output_projection_whole
     from support.params import embedded_params
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -38,12 +40,17 @@ def worker(rank: int, model_dir: str, out_dir: str, port: int) -> None:
             if "lora_B" in name:
                 parameter.normal_()  # B starts at zero: make every adapter weight tell
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    plugin = SimpleNamespace(ignored_modules=None)  # what accelerate's plugin carries into fully_shard
+    keep_output_projection_whole(plugin, model)
+    whole = {parameter for module in plugin.ignored_modules for parameter in module.parameters()}
     for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, ignored_params=whole)
+    fully_shard(model, ignored_params=whole)
     gathered = gather_trainable_state_dict(model)
-    facts = {"sharded": is_sharded(model), "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
-             "gathered": len(gathered)}
+    names = {parameter: name for name, parameter in model.named_parameters()}
+    facts = {"sharded": is_sharded(model), "gathered": len(gathered),
+             "whole": sorted(names[p] for p in model.parameters() if not isinstance(p, DTensor)),
+             "others_dtensor": all(isinstance(p, DTensor) for p in model.parameters() if p not in whole)}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(facts))
     if rank == 0:
         save_file(before, str(Path(out_dir, "before.safetensors")))

@@ -439,11 +439,9 @@ def test_speed_switches_resolve_by_device():
     assert resolve_speed_switches(auto, "cpu", liger_installed=True) == SpeedSwitches(False, False)
     assert resolve_speed_switches(auto, "cuda", liger_installed=True) == SpeedSwitches(True, True)
     assert resolve_speed_switches(auto, "cuda", liger_installed=False) == SpeedSwitches(False, True)
-    # under FSDP Liger's fused cross-entropy meets a sharded output projection: auto leaves it off, true is refused
+    # under FSDP too: the stage keeps the output projection, which Liger's cross-entropy reads, unsharded
     fsdp = dataclasses.replace(auto, distributed="fsdp", num_processes=2)
-    assert resolve_speed_switches(fsdp, "cuda", liger_installed=True) == SpeedSwitches(False, True)
-    with pytest.raises(PipelineError, match="fsdp"):
-        resolve_speed_switches(dataclasses.replace(fsdp, liger_kernels=True), "cuda", liger_installed=True)
+    assert resolve_speed_switches(fsdp, "cuda", liger_installed=True) == SpeedSwitches(True, True)
     forced = dataclasses.replace(auto, gradient_checkpointing=True, liger_kernels=False)
     assert resolve_speed_switches(forced, "cpu") == SpeedSwitches(False, True)
     offload = dataclasses.replace(auto, checkpoint_offload=True)

@@ -38,8 +38,7 @@ class SpeedSwitches:
 def resolve_speed_switches(train: Any, device: str, *, liger_installed: bool | None = None) -> SpeedSwitches:
     """`auto` turns Liger kernels and gradient checkpointing on for CUDA, where bench/train_bench.py measured them
     paying (README, "GPU numbers"), and off on CPU, where a small model needs no checkpointing and Triton does
-    not run. Liger on auto also needs liger-kernel installed; without it training goes on unfused, with a warning.
-    Under FSDP Liger stays off (see below)."""
+    not run. Liger on auto also needs liger-kernel installed; without it training goes on unfused, with a warning."""
     on_cuda = device == "cuda"
     checkpointing = on_cuda if train.gradient_checkpointing == "auto" else bool(train.gradient_checkpointing)
     liger = bool(train.liger_kernels)
@@ -50,14 +49,6 @@ def resolve_speed_switches(train: Any, device: str, *, liger_installed: bool | N
         if on_cuda and not liger_installed:
             log.warning("train.liger_kernels=auto: liger-kernel is not installed, so training runs without its fused "
                         "kernels (pip install liger-kernel: faster, and less memory)")
-    if liger and getattr(train, "distributed", "none") == "fsdp":
-        # Liger's fused linear cross-entropy multiplies by the output projection's weight while FSDP2 still holds
-        # it sharded (a DTensor): the first forward fails (README, "More than one GPU")
-        if train.liger_kernels is True:
-            raise PipelineError("train.liger_kernels=true does not run under train.distributed=fsdp (Liger's fused "
-                                "cross-entropy reads the sharded output projection); set it to auto or false.")
-        log.info("train.liger_kernels=auto: off under train.distributed=fsdp")
-        liger = False
     if train.checkpoint_offload and not checkpointing:
         raise PipelineError("train.checkpoint_offload=true moves gradient checkpoints to host memory, but gradient "
                             f"checkpointing is off on {device} (train.gradient_checkpointing="

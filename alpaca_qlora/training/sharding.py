@@ -11,6 +11,8 @@ launcher is the same plain `accelerate launch` as DDP's, and the README's multi-
 - Checkpoints hold the adapter and its optimizer state sharded (torch.distributed.checkpoint, one file per
   process): nothing gathers the 4-bit base to save a few megabytes of LoRA weights.
 - The adapter for the stage's out is gathered with torch.distributed.checkpoint.state_dict, trainable weights only.
+- The output projection stays whole on every process (`keep_output_projection_whole`), so Liger's kernels run
+  under FSDP as under DDP.
 """
 from __future__ import annotations
 
@@ -30,6 +32,17 @@ FSDP_CONFIG: dict[str, Any] = {
 def fsdp_training_arguments() -> dict[str, Any]:
     """TrainingArguments for FSDP2 through accelerate (Trainer builds the FullyShardedDataParallelPlugin)."""
     return {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)}
+
+
+def keep_output_projection_whole(plugin: Any, model: torch.nn.Module) -> None:
+    """Leave the output projection out of FSDP's shards (FSDP2's ignored params), on the Trainer's plugin before it
+    wraps the model.
+
+    Liger's fused linear cross-entropy reads `lm_head.weight` directly, not through the module's call where FSDP
+    would gather it, so a shard (a DTensor) reached the kernel and the first forward failed. The projection is
+    frozen: keeping it whole costs its size in bf16 on each GPU and no communication.
+    """
+    plugin.ignored_modules = [model.get_output_embeddings()]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -34,7 +34,8 @@ from alpaca_qlora.training.checkpoints import (
 from alpaca_qlora.training.data import TokenCounts, TokenizedDataset, make_collator, training_items
 from alpaca_qlora.training.distributed import all_reduce_counts, process_group
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
-from alpaca_qlora.training.sharding import fsdp_training_arguments, gather_trainable_state_dict, is_sharded
+from alpaca_qlora.training.sharding import (fsdp_training_arguments, gather_trainable_state_dict, is_sharded,
+                                            keep_output_projection_whole)
 from alpaca_qlora.training.tracking import LossLogger, wandb_environment
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
     if job.train.distributed == "fsdp" and ranks.world_size > 1 and not trainer.is_fsdp_enabled:
         raise PipelineError("train.distributed=fsdp, but accelerate did not enable FSDP for this process group "
                             f"({trainer.accelerator.distributed_type}); it does so on GPUs only. Use ddp here.")
+    if trainer.is_fsdp_enabled:
+        keep_output_projection_whole(trainer.accelerator.state.fsdp_plugin, job.model)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     if job.device == "cuda":
