@@ -53,16 +53,19 @@ class Generation:
 
 def resolve_generation_method(requested: str, device: str | torch.device = "cpu", model: Any = None) -> str:
     """The method that runs: `auto` is graphed on CUDA (the fastest) and plain elsewhere (the reference), and plain
-    too where the model's generation config asks for logits processors graphed does not apply."""
+    too where the model's generation config asks for logits processors our loops do not apply; an explicit fast or
+    graphed is refused there."""
     if requested not in GENERATION_CHOICES:
         raise PipelineError(f"generation method {requested!r}: use one of {', '.join(GENERATION_CHOICES)}.")
-    if requested != "auto":
-        return requested
-    if torch.device(device).type != "cuda":
+    if requested == "plain" or (requested == "auto" and torch.device(device).type != "cuda"):
         return "plain"
-    if model is not None and greedy_loop_blockers(model):
+    blockers = greedy_loop_blockers(model) if model is not None else []
+    if blockers and requested == "auto":
         return "plain"
-    return "graphed"
+    if blockers:
+        raise PipelineError(f"the {requested} generation loop applies no logits processors, but the model's "
+                            f"generation config sets {', '.join(blockers)}; use generation 'plain'.")
+    return "graphed" if requested == "auto" else requested
 
 
 def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -100,9 +103,6 @@ def generate(
     `timings`: graphed only, seconds per decoding phase are added to it (the bench's breakdown)."""
     device = next(model.parameters()).device
     method = resolve_generation_method(method, device, model)
-    if method != "plain" and (blockers := greedy_loop_blockers(model)):
-        raise PipelineError(f"the {method} generation loop applies no logits processors, but the model's generation "
-                            f"config sets {', '.join(blockers)}; use generation 'plain'.")
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     results: list[Generation | None] = [None] * len(prompts)
     new_token_total, started = 0, time.perf_counter()

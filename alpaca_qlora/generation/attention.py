@@ -9,6 +9,7 @@ function does not: soft-capping, sinks); its answers agree with `plain` on a sur
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,20 +33,26 @@ def sdpa_enable_gqa(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     return output.transpose(1, 2).contiguous(), None
 
 
+@functools.cache
+def _register() -> None:
+    """Make GQA_SDPA a name transformers resolves, once; the function is looked up at each call (a test wraps it)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(GQA_SDPA, lambda *args, **kwargs: sdpa_enable_gqa(*args, **kwargs))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)
+
+
 @contextmanager
 def gqa_attention(network: Any) -> Iterator[None]:
     """Run the model's attention through sdpa_enable_gqa inside the block (masks built as for sdpa) where the model
     uses the library's sdpa, then restore the model's own implementation, also on error."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     config = network.config
     own = config._attn_implementation
     if own != "sdpa":
         yield
         return
-    AttentionInterface.register(GQA_SDPA, sdpa_enable_gqa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)
+    _register()
     config._attn_implementation = GQA_SDPA
     try:
         yield

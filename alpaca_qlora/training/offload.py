@@ -1,8 +1,9 @@
 """Activation checkpoints kept in pinned host memory: GPU memory for checkpointed activations becomes host memory.
 
 On CUDA the copies run on a stream of their own, so they overlap the layers' compute: each layer's input goes to
-the host while the next layers run forward (which holds because a decoder layer never writes its input in place), and in backward the input of the layer below is fetched back while the
-current layer recomputes (one layer's input in flight, double-buffered). On CPU the copies are plain copies.
+the host while the next layers run forward (which holds because a decoder layer never writes its input in place),
+and in backward the input of the layer below is fetched back while the current layer recomputes (one layer's input
+in flight, double-buffered). On CPU the copies are plain copies.
 """
 from __future__ import annotations
 
