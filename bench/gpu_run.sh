@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements, run on the lent machine from the project root with .whl/ carried
-# (../shared/tools/device-wheels .whl, plus pycountry, periodictable, sentencepiece and mistral-common wheels):
+# (../shared/tools/device-wheels .whl, plus pycountry, periodictable, sentencepiece and mistral-common wheels; for the
+# resume phase, .whl/dvc/ with DVC and dvclive for Python 3.12: pip wheel antlr4-python3-runtime==4.9.3 -w .whl/dvc,
+# then pip download dvc dvclive -d .whl/dvc --find-links .whl/dvc --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --implementation cp, at requirements.txt's versions):
 #   bash bench/gpu_run.sh OUT_DIR PHASE...
 # Phases (setup runs first, once per machine):
 #   setup  install the wheels, build the random-init Mistral-7B-shaped model, run fetch/sample/format for it
@@ -8,11 +11,14 @@
 #   ddp    the train stage on 2 GPUs (train.distributed=ddp)
 #   ddpbench  bench/ddp_bench.py on 1 and 2 GPUs: DDP scaling efficiency
 #   fsdp   the train stage on 2 GPUs with train.distributed=fsdp
-#   fsdpbench  bench/ddp_bench.py on 2 GPUs, ddp then fsdp (FSDP2), 4x2048 tokens per GPU: FSDP's speed over DDP's
-#   memcap  after fsdpbench: each GPU capped between FSDP's and DDP's peaks (or at $CAP_GIB): DDP on one capped
-#           card, then FSDP on two
+#   fsdpbench  bench/ddp_bench.py on 2 GPUs, ddp, fsdp (FSDP2), fsdp without Liger, 4x2048 tokens per GPU: FSDP's
+#              speed over DDP's, and Liger's share of it
+#   memcap  after fsdpbench: each GPU capped between FSDP's and DDP's peaks (or at $CAP_GIB), expandable segments:
+#           DDP on one capped card, then FSDP on two
 #   multinode  the train stage (ddp) as 1 node of 2 GPUs (twice: the run-to-run spread), then as 2 nodes of 1 GPU
 #              each on this host (the README's multi-node recipe, CUDA_VISIBLE_DEVICES=0 / 1); the adapters compared
+#   resume  after setup, with .whl/dvc/ (dvc and dvclive wheels): bench/resume_check.py for ddp then fsdp on 2 GPUs
+#           (RESUME_MODES): the stage under `dvc repro` killed after checkpoint-3 of 6 steps, resumed, and run whole
 #   train  bench/train_bench.py: baseline and the project's variants, and the memory table
 #   eval   bench/eval_bench.py: plain generate() against the project's generation (run agreement first to fold its
 #          figures in; EVAL_ARGS="--profile-steps 8" adds the top kernels per decoding step)
@@ -49,6 +55,9 @@ for phase in "$@"; do
         $(ls .whl/*.whl | grep -v mistral_common) 2>&1 | tail -2
       python3 -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('.whl/mistral_common-*.whl')[0]); \
 open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer.model.v1'))"
+      # DVC for the resume phase, in its own directory, behind the image's packages (the resume phase adds it last)
+      [ -d .whl/dvc ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/dvc-site .whl/dvc/*.whl 2>&1 | tail -2
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       [ -d "$model" ] || python -m bench.make_random_mistral "$model"
       python -m bench.set_params "${stage_params[@]}"
@@ -64,15 +73,18 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
       python -m bench.ddp_bench --summarize "$out/ddp_1.json" "$out/ddp_2.json" --out "$out/ddp_scaling.json" ;;
     fsdp) train_stage train_stage_fsdp2 train.distributed=fsdp train.num_processes=2 ;;
     fsdpbench)
-      for mode in ddp fsdp; do
+      for run in ddp fsdp "fsdp --no-liger"; do
+        name=$(echo "${run}_2" | tr -d ' -')
         timeout "${BENCH_TIMEOUT:-180}" python -m accelerate.commands.launch --multi_gpu --num_processes 2 \
-          --num_machines 1 --mixed_precision no --dynamo_backend no -m bench.ddp_bench "$model" --mode $mode \
-          --out "$out/${mode}_2.json" --steps "${BENCH_STEPS:-12}" --warmup 3 2>&1 | grep -v "Warning" | tail -3
+          --num_machines 1 --mixed_precision no --dynamo_backend no -m bench.ddp_bench "$model" --mode $run \
+          --out "$out/$name.json" --steps "${BENCH_STEPS:-12}" --warmup 3 2>&1 | grep -v "Warning\|liger_kernel" | tail -3
       done
-      python -m bench.ddp_bench --summarize "$out/ddp_2.json" "$out/fsdp_2.json" --out "$out/fsdp_vs_ddp.json" ;;
+      python -m bench.ddp_bench --summarize "$out"/ddp_2.json "$out"/fsdp_2.json "$out"/fsdpnoliger_2.json \
+        --out "$out/fsdp_vs_ddp.json" ;;
     memcap)
       cap=${CAP_GIB:-$(python -m bench.ddp_bench --cap-from "$out/fsdp_vs_ddp.json" --out /dev/null)} || continue
       echo "cap: $cap GiB per GPU"
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # both runs: the cap meets allocations, not cache slack
       CUDA_VISIBLE_DEVICES=0 timeout "${BENCH_TIMEOUT:-180}" python -m accelerate.commands.launch --num_processes 1 \
         --num_machines 1 --mixed_precision no --dynamo_backend no -m bench.ddp_bench "$model" --mode ddp \
         --memory-cap-gib "$cap" --out "$out/ddp_1_capped.json" --steps 4 --warmup 1 2>&1 | tail -2
@@ -98,6 +110,14 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
       tr '\r' '\n' < "$out/multinode_node0.log" | grep -v "it/s]\|step/s\|s/step" | tail -5
       [ -f metrics/train.json ] && cp metrics/train.json "$out/multinode_2nodes.json" && rm -f metrics/train.json
       python -m bench.compare_adapters /tmp/adapter_1node models/adapter --out "$out/multinode.json" ;;
+    resume)
+      for mode in ${RESUME_MODES:-ddp fsdp}; do
+        python -m bench.set_params "${stage_params[@]}" train.distributed=$mode train.num_processes=2 \
+          train.max_steps=6 train.save_steps=3 train.logging_steps=1 train.dvclive=true
+        PYTHONPATH=$PYTHONPATH:/tmp/dvc-site timeout "${RESUME_TIMEOUT:-540}" python -m bench.resume_check \
+          --mode $mode --kill-after 3 --out "$out/resume_$mode.json" 2>&1 | grep -v "Warning" | tail -16
+        cp killed.log "$out/resume_${mode}_killed.log" 2>/dev/null
+      done ;;
     train)
       CUDA_VISIBLE_DEVICES=0 timeout "${TRAIN_TIMEOUT:-420}" python -m bench.train_bench "$model" \
         --out "$out/train_bench.json" --steps "${BENCH_STEPS:-10}" --warmup 2 ${TRAIN_ARGS:-} 2>&1 \
