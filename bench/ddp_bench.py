@@ -1,9 +1,9 @@
 """DDP and FSDP on the 7B shape, through the project's training code path: tokens/s and memory per GPU.
 
-Each process builds the train stage's model with the Mistral profile's settings as the stage resolves them for
-the mode (bench.train_bench.project_settings: 4-bit NF4 base, bf16 frozen weights, gradient checkpointing offloaded,
-Liger, LoRA; `--no-liger` measures what Liger is worth) and trains on its own micro-batches of ROWS x 2048 tokens. `--mode ddp`: accelerate wraps the
-model in DDP, every process holds the whole base, and the LoRA gradients are all-reduced. `--mode fsdp`: the
+Each process builds the train stage's model with the Mistral profile's settings as the stage resolves them
+(bench.train_bench.project_settings: 4-bit NF4 base, bf16 frozen weights, gradient checkpointing offloaded, Liger,
+LoRA; `--no-liger` measures what Liger is worth) and trains on its own micro-batches of ROWS x 2048 tokens.
+`--mode ddp`: accelerate wraps the model in DDP, every process holds the whole base, and the LoRA gradients are all-reduced. `--mode fsdp`: the
 train stage's FSDP2 settings (training.sharding, through the FullyShardedDataParallelPlugin the Trainer would
 build, the output projection left whole as the stage leaves it): one `fully_shard` unit per decoder layer, the
 NF4 weights stored in bf16-typed tensors and sharded.
@@ -55,7 +55,7 @@ def fsdp_plugin() -> Any:
 def build_model(model_dir: str, mode: str, liger: bool) -> Any:
     """The train stage's model with the Mistral profile's settings as the stage resolves them under `mode`
     (bench.train_bench's "project" variant), shardable for FSDP; `liger` False turns Liger's kernels off."""
-    settings = {**project_settings(mode), **({} if liger else {"liger": False})}
+    settings = {**project_settings(), **({} if liger else {"liger": False})}
     model = project_model(model_dir, shardable=mode == "fsdp", **{key: settings[key] for key in (
         "liger", "gradient_checkpointing", "frozen_dtype", "checkpoint_offload", "lora_dropout")})
     if varlen_attention_available("cuda"):
@@ -92,7 +92,7 @@ def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_g
     try:
         model = build_model(model_dir, mode, liger)
         if mode == "fsdp":
-            keep_output_projection_whole(accelerator.state.fsdp_plugin, model)
+            keep_output_projection_whole(accelerator.state.fsdp_plugin, model, torch.bfloat16)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         stage = "prepare"
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -138,12 +138,16 @@ def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_g
     }
 
 
+def comparable(run: dict[str, Any]) -> bool:
+    """An uncapped run with the project's settings: the runs ratios compare (a --no-liger run is reported only)."""
+    return not run.get("oom") and not run.get("memory_cap_gib") and run.get("liger", True)
+
+
 def summarize(paths: list[Path]) -> dict[str, Any]:
     runs = [json.loads(path.read_text()) for path in paths]
     for run in runs:
         run.setdefault("mode", "ddp")  # runs from before FSDP was measured here
-    # the project's settings, uncapped: the runs the ratios compare (a --no-liger run is reported, not compared)
-    measured = [run for run in runs if not run.get("oom") and not run.get("memory_cap_gib") and run.get("liger", 1)]
+    measured = [run for run in runs if comparable(run)]
     speed = {(run["mode"], run["processes"]): run["tokens_per_s"] for run in measured}
     summary: dict[str, Any] = {"runs": runs}
     if ("ddp", 1) in speed:
@@ -158,11 +162,12 @@ def cap_between(summary: dict[str, Any]) -> float:
     """A per-GPU cap halfway between FSDP's allocated peak (loading included) and DDP's in an uncapped summary: DDP
     cannot fit under it, and FSDP has the rest as the allocator's slack (a capped allocator frees its cache before
     it gives up). An error if no cap separates them."""
-    runs = {run["mode"]: run for run in summary["runs"]
-            if not run.get("oom") and not run.get("memory_cap_gib") and run.get("liger", 1)}
+    runs = {run["mode"]: run for run in summary["runs"] if comparable(run)}
     if not {"ddp", "fsdp"} <= runs.keys():
         raise SystemExit("--cap-from needs an uncapped ddp run and an uncapped fsdp run in the summary")
-    fsdp_needs = max(runs["fsdp"]["peak_memory_gib"], runs["fsdp"].get("load_peak_memory_gib", 0))
+    if "load_peak_memory_gib" not in runs["fsdp"]:
+        raise SystemExit("--cap-from needs FSDP's peak while loading (load_peak_memory_gib): measure it again")
+    fsdp_needs = max(runs["fsdp"]["peak_memory_gib"], runs["fsdp"]["load_peak_memory_gib"])
     ddp_needs = runs["ddp"]["peak_memory_gib"]
     if fsdp_needs >= ddp_needs:
         raise SystemExit(f"no cap separates them: FSDP allocated {fsdp_needs} GiB, DDP {ddp_needs} GiB")

@@ -104,12 +104,11 @@ def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, 
     return model
 
 
-def project_settings(distributed: str = "none") -> dict[str, Any]:
-    """The Mistral profile's speed settings on CUDA, as the train stage resolves them under `distributed`, plus
-    whether it packs."""
+def project_settings() -> dict[str, Any]:
+    """The Mistral profile's speed settings on CUDA, as the train stage resolves them (the same under ddp and fsdp),
+    plus whether it packs."""
     params = mistral_profile()
-    train = dataclasses.replace(params.train, distributed=distributed, num_processes=1 if distributed == "none" else 2)
-    switches = resolve_speed_switches(train, "cuda", liger_installed=True)
+    switches = resolve_speed_switches(params.train, "cuda", liger_installed=True)
     return {"liger": switches.liger_kernels, "gradient_checkpointing": switches.gradient_checkpointing,
             "frozen_dtype": params.train.frozen_dtype, "checkpoint_offload": params.train.checkpoint_offload,
             "lora_dropout": params.lora.dropout, "packing": params.train.packing}

@@ -41,7 +41,7 @@ def worker(rank: int, model_dir: str, out_dir: str, port: int) -> None:
                 parameter.normal_()  # B starts at zero: make every adapter weight tell
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     plugin = SimpleNamespace(ignored_modules=None)  # what accelerate's plugin carries into fully_shard
-    keep_output_projection_whole(plugin, model)
+    keep_output_projection_whole(plugin, model, compute_dtype=None)
     whole = {parameter for module in plugin.ignored_modules for parameter in module.parameters()}
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, ignored_params=whole)

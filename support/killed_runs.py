@@ -51,15 +51,26 @@ def kill_train_after_checkpoint(command: list[str], cwd: Path, step: int, env: d
         if parent.poll() is not None:
             raise AssertionError(f"{command} ended before checkpoint-{step}:\n{(cwd / 'killed.log').read_text()}")
         if time.monotonic() > deadline:
-            parent.kill()
+            kill_tree(parent)
             raise AssertionError(f"no checkpoint-{step} within {timeout_s} s:\n{(cwd / 'killed.log').read_text()}")
         time.sleep(0.02)
     time.sleep(0.1)
     train = [pid for pid in [parent.pid, *descendants(parent.pid)] if "stages/train.py" in cmdline(pid)][:1]
     if not train or parent.poll() is not None:
+        kill_tree(parent)
         raise AssertionError("the run finished before it could be killed")
     for pid in [*train, *descendants(train[0])]:
         os.kill(pid, signal.SIGKILL)
+    parent.wait()
+
+
+def kill_tree(parent: subprocess.Popen) -> None:
+    """SIGKILL a command and everything it started (the launcher and its workers hold GPUs)."""
+    for pid in [*descendants(parent.pid), parent.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     parent.wait()
 
 

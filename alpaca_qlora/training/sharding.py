@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from alpaca_qlora.errors import PipelineError
+
 FSDP_CONFIG: dict[str, Any] = {
     "version": 2,
     "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
@@ -34,15 +36,26 @@ def fsdp_training_arguments() -> dict[str, Any]:
     return {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)}
 
 
-def keep_output_projection_whole(plugin: Any, model: torch.nn.Module) -> None:
+def keep_output_projection_whole(plugin: Any, model: torch.nn.Module, compute_dtype: torch.dtype | None) -> None:
     """Leave the output projection out of FSDP's shards (FSDP2's ignored params), on the Trainer's plugin before it
     wraps the model.
 
     Liger's fused linear cross-entropy reads `lm_head.weight` directly, not through the module's call where FSDP
     would gather it, so a shard (a DTensor) reached the kernel and the first forward failed. The projection is
-    frozen: keeping it whole costs its size in bf16 on each GPU and no communication.
+    frozen: keeping it whole costs its size on each GPU and no communication. FSDP's mixed precision no longer casts
+    it, so it is cast to `compute_dtype` here, as the hidden states reaching it are.
     """
-    plugin.ignored_modules = [model.get_output_embeddings()]
+    projection = model.get_output_embeddings()
+    if any(parameter.requires_grad for parameter in projection.parameters()):
+        # FSDP never reduces ignored parameters: trained ones would drift apart between processes
+        raise PipelineError("train.distributed=fsdp keeps the output projection unsharded, so it cannot be trained "
+                            "there; remove lm_head from lora.target_modules, or use ddp.")
+    if isinstance(plugin.ignored_modules, str):
+        raise PipelineError(f"FSDP's ignored modules are set as a pattern ({plugin.ignored_modules!r}, e.g. from "
+                            "FSDP_IGNORED_MODULES); unset it, the train stage names the modules FSDP leaves whole.")
+    if compute_dtype is not None:
+        projection.to(compute_dtype)
+    plugin.ignored_modules = [*(plugin.ignored_modules or []), projection]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

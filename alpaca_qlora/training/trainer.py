@@ -208,7 +208,8 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         raise PipelineError("train.distributed=fsdp, but accelerate did not enable FSDP for this process group "
                             f"({trainer.accelerator.distributed_type}); it does so on GPUs only. Use ddp here.")
     if trainer.is_fsdp_enabled:
-        keep_output_projection_whole(trainer.accelerator.state.fsdp_plugin, job.model)
+        compute_dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
+        keep_output_projection_whole(trainer.accelerator.state.fsdp_plugin, job.model, compute_dtype)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     if job.device == "cuda":
