@@ -3,10 +3,10 @@
 Each process builds the train stage's model with the Mistral profile's settings as the stage resolves them
 (bench.train_bench.project_settings: 4-bit NF4 base, bf16 frozen weights, gradient checkpointing offloaded, Liger,
 LoRA; `--no-liger` measures what Liger is worth) and trains on its own micro-batches of ROWS x 2048 tokens.
-`--mode ddp`: accelerate wraps the model in DDP, every process holds the whole base, and the LoRA gradients are all-reduced. `--mode fsdp`: the
-train stage's FSDP2 settings (training.sharding, through the FullyShardedDataParallelPlugin the Trainer would
-build, the output projection left whole as the stage leaves it): one `fully_shard` unit per decoder layer, the
-NF4 weights stored in bf16-typed tensors and sharded.
+`--mode ddp`: accelerate wraps the model in DDP, every process holds the whole base, and the LoRA gradients are
+all-reduced. `--mode fsdp`: the train stage's FSDP2 settings (training.sharding, through the
+FullyShardedDataParallelPlugin the Trainer would build, the output projection left whole as the stage leaves it):
+one `fully_shard` unit per decoder layer, the NF4 weights stored in bf16-typed tensors and sharded.
 
 `--memory-cap-gib G` caps this process's CUDA allocator at G GiB (torch.cuda.set_per_process_memory_fraction), to
 show what FSDP is for: a shape that does not fit one capped card under DDP, trained on two. Running out of memory is
