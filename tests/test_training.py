@@ -72,6 +72,8 @@ def test_two_steps_then_the_saved_adapter_reloads_with_the_same_logits(tiny_mist
     metrics = run_training(job, resume=False).metrics
     assert metrics["steps"] == 2 and metrics["quantized"] is False
     assert 0 < metrics["trainable_percent"] < 100
+    assert metrics["trainable_params"] == sum(p.numel() for p in job.model.parameters() if p.requires_grad)
+    assert metrics["total_params"] == sum(p.numel() for p in job.model.parameters())
     save_adapter(job.model, job.tokenizer, tmp_path / "adapter", "card", model_name=str(tiny_mistral_dir),
                  template=ALPACA)
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= {

@@ -212,6 +212,8 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         keep_output_projection_whole(trainer.accelerator.state.fsdp_plugin, job.model, compute_dtype)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
+    # Counted before train() prepares the model: under FSDP the parameters become one process's shards.
+    trainable, total = job.model.get_nb_trainable_parameters()
     if job.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -229,7 +231,6 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         state_dict = gather_trainable_state_dict(trainer.model)
     this_call = all_reduce_counts(local_counts)
     counts = carried + this_call
-    trainable, total = job.model.get_nb_trainable_parameters()
     loss_curve = logged_losses(trainer.state.log_history)
     last_losses = [loss for _, loss in loss_curve[-3:]]
     train_loss = mean_step_loss(trainer.state.log_history)
