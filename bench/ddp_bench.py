@@ -56,8 +56,8 @@ def build_model(model_dir: str, mode: str, liger: bool) -> Any:
     """The train stage's model with the Mistral profile's settings as the stage resolves them under `mode`
     (bench.train_bench's "project" variant), shardable for FSDP; `liger` False turns Liger's kernels off."""
     settings = {**project_settings(), **({} if liger else {"liger": False})}
-    model = project_model(model_dir, shardable=mode == "fsdp", **{key: settings[key] for key in (
-        "liger", "gradient_checkpointing", "frozen_dtype", "checkpoint_offload", "lora_dropout")})
+    settings.pop("packing")  # the bench's rows are always packed bins
+    model = project_model(model_dir, shardable=mode == "fsdp", **settings)
     if varlen_attention_available("cuda"):
         use_varlen_attention(model)  # packed bins, as the train stage trains them
     return model

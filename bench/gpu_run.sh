@@ -73,14 +73,15 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
       python -m bench.ddp_bench --summarize "$out/ddp_1.json" "$out/ddp_2.json" --out "$out/ddp_scaling.json" ;;
     fsdp) train_stage train_stage_fsdp2 train.distributed=fsdp train.num_processes=2 ;;
     fsdpbench)
+      runs=()
       for run in ddp fsdp "fsdp --no-liger"; do
         name=$(echo "${run}_2" | tr -d ' -')
+        runs+=("$out/$name.json")
         timeout "${BENCH_TIMEOUT:-180}" python -m accelerate.commands.launch --multi_gpu --num_processes 2 \
           --num_machines 1 --mixed_precision no --dynamo_backend no -m bench.ddp_bench "$model" --mode $run \
           --out "$out/$name.json" --steps "${BENCH_STEPS:-12}" --warmup 3 2>&1 | grep -v "Warning\|liger_kernel" | tail -3
       done
-      python -m bench.ddp_bench --summarize "$out"/ddp_2.json "$out"/fsdp_2.json "$out"/fsdpnoliger_2.json \
-        --out "$out/fsdp_vs_ddp.json" ;;
+      python -m bench.ddp_bench --summarize "${runs[@]}" --out "$out/fsdp_vs_ddp.json" ;;
     memcap)
       cap=${CAP_GIB:-$(python -m bench.ddp_bench --cap-from "$out/fsdp_vs_ddp.json" --out /dev/null)} || continue
       echo "cap: $cap GiB per GPU"

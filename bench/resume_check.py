@@ -74,7 +74,7 @@ def main() -> None:
         dvc("config", "--local", "core.no_scm", "true")
     log.info("%s: a run killed after checkpoint-%d", arguments.mode, arguments.kill_after)
     kill_train_after_checkpoint([sys.executable, "-m", "dvc", "repro", "-s", "train"], ROOT, arguments.kill_after,
-                                environment(), timeout_s=300)
+                                environment())
     log.info("%s: dvc repro resumes it", arguments.mode)
     dvc("repro", "-s", "train")
     resumed = run_report()

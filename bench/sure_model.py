@@ -135,8 +135,10 @@ def train(model: Any, examples: list[dict[str, Any]], held_out: list[dict[str, A
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(examples) / size.batch_rows)
     total = max(1, steps_per_epoch * epochs)
+    warmup = max(1, min(20, total // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, min(20, total // 10))) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0))))
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0))))
     rng, started, step, losses = random.Random(0), time.perf_counter(), 0, []
     model.train()
     for epoch in range(epochs):
@@ -207,15 +209,18 @@ def agreement(work: Path, built: dict[str, Any], size: Size, device: str, paths:
     sets = {"eval": built["eval"], "seen": built["seen"]}
     report: dict[str, Any] = {"rows": {name: len(items) for name, items in sets.items()}, "by_path": {}}
     raws_plain: dict[str, list[str]] = {}
+    limits: dict[str, int] = {}
     for variant, method, *_ in PATHS:
         if variant not in paths:
             continue
         loaded = load_for_inference(str(work / "base"), "nf4", adapter_dir=work / "adapter", device=device)
         tokenizer = loaded.tokenizer
-        limits = {name: token_limit("auto", [item["reference_tokens"] for item in items],
-                                    margin=stop_margin(tokenizer, markers),
-                                    cap=size.max_new_tokens_cap)["max_new_tokens"] for name, items in sets.items()}
-        report["max_new_tokens"] = limits
+        if not limits:  # the tokenizer is the same at every load
+            limits = {name: token_limit("auto", [item["reference_tokens"] for item in items],
+                                        margin=stop_margin(tokenizer, markers),
+                                        cap=size.max_new_tokens_cap)["max_new_tokens"]
+                      for name, items in sets.items()}
+            report["max_new_tokens"] = limits
         weights = prepare(loaded.model, variant, {"weights": "nf4", "lora": "peft"}, loaded.device,
                           dequantized_on_load=bool(loaded.numeric_path))  # CPU: the loader's float64 path
         figures: dict[str, Any] = {"method": method, **({"weights": weights} if weights else {})}

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 
 def worker(rank: int, model_dir: str, out_dir: str, port: int) -> None:
+    from accelerate.utils.fsdp_utils import get_parameters_from_modules
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -42,7 +43,7 @@ def worker(rank: int, model_dir: str, out_dir: str, port: int) -> None:
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     plugin = SimpleNamespace(ignored_modules=None)  # what accelerate's plugin carries into fully_shard
     keep_output_projection_whole(plugin, model, compute_dtype=None)
-    whole = {parameter for module in plugin.ignored_modules for parameter in module.parameters()}
+    whole = get_parameters_from_modules(plugin.ignored_modules, model, torch.device("cpu"))  # as accelerate does
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, ignored_params=whole)
     fully_shard(model, ignored_params=whole)

@@ -32,13 +32,12 @@ from alpaca_qlora.generation.batching import left_pad, length_sorted_batches, sp
 from alpaca_qlora.generation.graphed import graphed_generate
 from alpaca_qlora.generation.greedy import greedy_generate, greedy_loop_blockers
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
-from alpaca_qlora.generation.weights import (dequantize_for_generation, dequantized_fits, describe_weights,
-                                             fold_lora_for_generation, merge_lora_for_generation,
-                                             prepare_for_generation)
+from alpaca_qlora.generation.weights import (dequantize_for_generation, describe_weights, fold_lora_for_generation,
+                                             merge_lora_for_generation, prepare_for_generation)
 
-__all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "dequantize_for_generation", "dequantized_fits",
-           "describe_weights", "fold_lora_for_generation", "generate", "merge_lora_for_generation",
-           "prepare_for_generation", "resolve_generation_method"]
+__all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "dequantize_for_generation", "describe_weights",
+           "fold_lora_for_generation", "generate", "merge_lora_for_generation", "prepare_for_generation",
+           "resolve_generation_method"]
 
 GENERATION_METHODS = ("plain", "fast", "graphed")
 GENERATION_CHOICES = ("auto", *GENERATION_METHODS)

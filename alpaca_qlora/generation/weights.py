@@ -102,16 +102,15 @@ def merge_lora_for_generation(model: Any) -> int:
     adapter's output at every call. Run dequantize_for_generation first on a 4-bit model. Returns the count."""
     linear4bit = _linear4bit_class()
     merged = 0
-    for module, name, child in _lora_layers(model):
+    for module, name, child, adapters in _lora_layers(model):
         base = child.get_base_layer()
         if linear4bit is not None and isinstance(base, linear4bit):
             raise PipelineError("merge_lora_for_generation needs dequantized base weights: "
                                 "call dequantize_for_generation first.")
         weight = base.weight.data.float()
-        for adapter in child.active_adapters:
-            if adapter in child.lora_A:
-                delta = child.lora_B[adapter].weight.data.float() @ child.lora_A[adapter].weight.data.float()
-                weight = weight + delta * child.scaling[adapter]
+        for adapter in adapters:
+            delta = child.lora_B[adapter].weight.data.float() @ child.lora_A[adapter].weight.data.float()
+            weight = weight + delta * child.scaling[adapter]
         base.weight = torch.nn.Parameter(weight.to(base.weight.dtype), requires_grad=False)
         setattr(module, name, base)
         merged += 1
@@ -142,9 +141,9 @@ class FoldedLoraLinear(torch.nn.Module):
         return torch.addmm(flat, hidden.reshape(-1, hidden.shape[-1]), self.lora_up.t()).view(result.shape)
 
 
-def _lora_layers(model: Any) -> list[tuple[Any, str, Any]]:
-    """(parent, attribute, layer) for every PEFT LoRA layer whose adapters PEFT would apply (not disabled, not
-    already merged), refusing the kinds folding and merging cannot take."""
+def _lora_layers(model: Any) -> list[tuple[Any, str, Any, list[str]]]:
+    """(parent, attribute, layer, active adapters) for every PEFT LoRA layer whose adapters PEFT would apply (not
+    disabled, not already merged), refusing the kinds folding and merging cannot take."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -154,16 +153,16 @@ def _lora_layers(model: Any) -> list[tuple[Any, str, Any]]:
         for name, child in list(module.named_children()):
             if not isinstance(child, LoraLayer) or child.disable_adapters or child.merged:
                 continue
-            for adapter in child.active_adapters:
-                if adapter in child.lora_A and (getattr(child, "use_dora", {}).get(adapter)
-                                                or adapter in getattr(child, "lora_variant", {})
-                                                or getattr(child, "lora_bias", {}).get(adapter)):
+            adapters = [adapter for adapter in child.active_adapters if adapter in child.lora_A]
+            for adapter in adapters:
+                if (getattr(child, "use_dora", {}).get(adapter) or adapter in getattr(child, "lora_variant", {})
+                        or getattr(child, "lora_bias", {}).get(adapter)):
                     raise PipelineError("folding or merging LoRA for generation supports plain LoRA only (not DoRA, "
                                         "variants or lora_bias): set eval.fold_lora and eval.merge_bf16 to false.")
             if not isinstance(child.get_base_layer(), torch.nn.Linear):
                 raise PipelineError(f"cannot fold or merge LoRA into a {type(child.get_base_layer()).__name__} "
                                     f"({name}): use eval.generation 'plain'.")
-            found.append((module, name, child))
+            found.append((module, name, child, adapters))
     return found
 
 
@@ -171,9 +170,8 @@ def fold_lora_for_generation(model: Any) -> int:
     """Replace every PEFT LoRA layer by a FoldedLoraLinear over the same base layer (4-bit or dequantized);
     returns how many. For inference only: the adapters can no longer be trained, disabled or saved."""
     folded = 0
-    for module, name, child in _lora_layers(model):
+    for module, name, child, adapters in _lora_layers(model):
         base = child.get_base_layer()
-        adapters = [adapter for adapter in child.active_adapters if adapter in child.lora_A]
         if not adapters:
             continue
         dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
