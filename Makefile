@@ -23,6 +23,7 @@ repro: setup
 	dvc repro
 
 test: setup
+	ruff check .
 	python -m pytest -q
 
 # The real run, profiles/mistral-7b.yaml (Mistral-7B-Instruct-v0.2 on alpaca-cleaned; needs a CUDA GPU and the hub):
@@ -49,7 +50,7 @@ pull: setup
 
 # Fine-tuned predictions of two revisions or experiments, row by row, with intervals: make compare-revs A=main B=<exp>
 compare-revs: setup
-	python -m alpaca_qlora.compare_revisions "$(A)" "$(B)" $(if $(JSON),--json "$(JSON)")
+	python -m alpaca_qlora.evaluation.compare_revisions "$(A)" "$(B)" $(if $(JSON),--json "$(JSON)")
 
 # Remove the pipeline's outputs (not the venv, not the converted base model in the model cache).
 clean:

@@ -14,8 +14,8 @@ from typing import Any
 
 from alpaca_qlora import io
 from alpaca_qlora.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ORIGIN
-from alpaca_qlora.formatting import special_prefix
-from alpaca_qlora.prompts import PromptTemplate
+from alpaca_qlora.data.formatting import special_prefix
+from alpaca_qlora.data.prompts import PromptTemplate
 
 PROMPT_TEMPLATE_FILE = "prompt_template.json"
 CARD_FILE = "README.md"

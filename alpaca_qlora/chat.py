@@ -15,10 +15,10 @@ import torch
 from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from alpaca_qlora.data.formatting import encode_prompt
+from alpaca_qlora.data.prompts import PromptTemplate
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.formatting import encode_prompt
 from alpaca_qlora.generation.stop_checks import StopOnMarker
-from alpaca_qlora.prompts import PromptTemplate
 from alpaca_qlora.stop_rule import clean_generation, may_become_stop
 
 INPUT_SEPARATOR = "\t"  # a line "instruction<TAB>input" gives the instruction its context

@@ -4,7 +4,6 @@ before any work, naming the key. What one stage may read of them is alpaca_qlora
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +11,14 @@ from typing import Any, Literal
 
 import yaml
 
-from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.coercion import coerce
+from alpaca_qlora.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_MODEL_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model whose Q4_1 GGUF it converts
 Switch = Literal["auto", True, False]  # a speed setting: auto picks it by device, true / false force it
-
-
-class ConfigError(PipelineError, ValueError):
-    """A parameter is missing, unknown or out of range; the message names it and says what is allowed."""
 
 
 # The sections below have no defaults: params.yaml (the embedded profile) sets every key, and its comments say what
@@ -36,15 +32,25 @@ class DataParams:
     """Where the rows come from, how many train on, and how the held-out eval split is drawn (`data:`)."""
 
     source: Literal["bundled", "hub", "local"]
+    """Where the rows come from: the bundled set, the hub data set (hub_id), or a file under data/external/."""
     hub_id: str
+    """The hub data set for source=hub (yahma/alpaca-cleaned)."""
     hub_revision: str
+    """Branch, tag or commit sha of hub_id; pin a sha for reproducibility (fetch records the resolved one)."""
     hub_file: str
+    """The data file inside the hub repository."""
     path: str
+    """For source=local: a .json/.jsonl/.parquet under data/external/ (a URL: `dvc import-url` it there)."""
     sample_frac: float
+    """Share of the fetched rows (after the eval split) used for training, in (0, 1]."""
     eval_size: int
+    """Held-out rows, stratified by task type, never sharing a prompt with training."""
     seed: int
+    """Seed of the eval split and the training sample."""
     template: Literal["alpaca", "instruction_context"]
+    """The prompt template (alpaca_qlora/data/prompts.py); saved with the adapter."""
     overlong: Literal["truncate", "drop"]
+    """Rows longer than train.max_seq_length: cut the response (no EOS), or drop the row."""
 
     def validate(self) -> None:
         _require(0.0 < self.sample_frac <= 1.0, "data.sample_frac", self.sample_frac, "a fraction in (0, 1]")
@@ -58,7 +64,9 @@ class ModelParams:
     """The base model and whether it loads in 4-bit (`model:`)."""
 
     name: str
+    """A hub id, a local model directory, or embedded:smollm2-135m-instruct (shipped on PyPI)."""
     quantization: Literal["auto", "nf4", "none"]
+    """auto: NF4 where bitsandbytes supports the device; nf4 forces it; none loads unquantized."""
 
     def validate(self) -> None:
         _require(bool(self.name.strip()), "model.name", self.name, "a hub id, a local directory or " + EMBEDDED_MODEL)
@@ -69,12 +77,19 @@ class LoraParams:
     """The adapter: rank, scaling, dropout and the modules it wraps (`lora:`; PEFT's LoraConfig names)."""
 
     r: int
+    """LoRA rank."""
     alpha: int
+    """Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
     dropout: float
+    """Dropout on the LoRA input, in [0, 1)."""
     target_modules: tuple[str, ...]
+    """Names of the linear layers that get adapters (PEFT matches them by suffix)."""
     bias: Literal["none", "all", "lora_only"]
+    """Which biases train (PEFT's meaning)."""
     use_rslora: bool
+    """Rank-stabilized scaling, alpha / sqrt(r)."""
     use_dora: bool
+    """Weight-decomposed LoRA (DoRA)."""
 
     def validate(self) -> None:
         _require(self.r > 0, "lora.r", self.r, "a positive rank")
@@ -88,31 +103,55 @@ class TrainParams:
     """The optimizer, batches, speed switches, checkpoints, logging and launch (`train:`)."""
 
     learning_rate: float
+    """Peak learning rate of the AdamW optimizer."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    """The Trainer's schedule after warm-up."""
     warmup_ratio: float
+    """Share of the steps spent warming up, in [0, 1)."""
     epochs: float
+    """Passes over the training rows (ignored when max_steps is set)."""
     max_steps: int
+    """-1: run for `epochs`; a positive count stops there."""
     micro_batch_size: int
+    """Rows per device step; with packing, bins of max_seq_length tokens."""
     gradient_accumulation_steps: int
-    # auto: on where it pays, i.e. on CUDA (training.resolve_speed_switches); true / false force it
+    """Micro-batches per optimizer step; the loss is normalized by labelled tokens across them."""
     gradient_checkpointing: Switch
+    """Recompute each layer in backward; auto: on for CUDA, off on CPU (training.model)."""
     checkpoint_offload: bool
+    """With gradient checkpointing: the layers' checkpoints wait in pinned host memory."""
     frozen_dtype: Literal["compute", "fp32"]
+    """compute: frozen embeddings, norms and lm_head stay in the compute dtype; fp32: PEFT's upcast."""
     packing: bool
+    """Padding-free micro-batches: rows packed into bins, attention kept within each row."""
     liger_kernels: Switch
+    """Liger's Triton kernels incl. fused linear cross-entropy; auto: on for CUDA when installed."""
     seed: int
+    """The Trainer's seed (LoRA init, dropout, bin order)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"]
+    """Compute dtype; auto: bf16 on GPUs that have it, fp16 on others, fp32 on CPU."""
     max_seq_length: int
+    """Tokens per row at most (and per packed bin)."""
     weight_decay: float
+    """AdamW's weight decay."""
     max_grad_norm: float
+    """Gradient clipping norm; 0 turns clipping off."""
     logging_steps: int
+    """Steps between logged losses (curves, W&B)."""
     save_steps: int
+    """Steps between the checkpoints an interrupted run resumes from."""
     resume: Literal["auto", "never"]
+    """auto: continue from the last checkpoint of an interrupted run; never: start over."""
     dvclive: bool
+    """Loss and learning-rate curves for `dvc plots` (metrics/train_log); needs DVC installed."""
     wandb: bool
+    """W&B logging (offline mode unless WANDB_API_KEY is set)."""
     wandb_project: str
+    """The W&B project runs are logged to."""
     distributed: Literal["none", "ddp", "fsdp"]
+    """none, or ddp / fsdp: the stage re-executes itself under `accelerate launch`."""
     num_processes: int
+    """Processes (GPUs) for ddp / fsdp; the global batch is micro x accumulation x this."""
 
     def validate(self) -> None:
         _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number (e.g. 2e-4)")
@@ -139,27 +178,30 @@ class TrainParams:
 class EvalParams:
     """Decoding limits, the short-answer (EM) rule, the decoding path and compare's bootstrap (`eval:`)."""
 
-    # auto: the 99th percentile of the eval references' token counts plus the stop margin, at most the cap
     max_new_tokens: Literal["auto"] | int
+    """auto: the 99th percentile of the eval references' token counts plus the stop margin, at most the cap."""
     max_new_tokens_cap: int
-    # short-answer rows the eval split draws first, so EM rests on at least this many where the data has them
+    """The most tokens auto may choose (the share of references it cuts is in the metrics)."""
     min_short_answer: int
+    """Short-answer rows the eval split draws first, so EM rests on at least this many where they exist."""
     batch_size: int
+    """Prompts generated together."""
     short_answer_max_words: int
+    """A reference of at most this many words is a short answer, scored by EM."""
     short_answer_task_types: tuple[str, ...]
+    """Task types whose short references count for EM (data without task types: length alone)."""
     num_examples: int
-    # plain: model.generate(); graphed: the same 4-bit layers, static KV cache, decoding step replayed as a CUDA
-    # graph; fast: own greedy loop dropping finished rows, with the 4-bit base dequantized once on CUDA (not bitwise
-    # the same outputs on GPU); auto: graphed on CUDA (base dequantized once where it fits), plain on CPU.
-    # merge_bf16 merges LoRA into the dequantized weights; fold_lora keeps it unmerged beside them, in the compute
-    # dtype with its add fused (faster than PEFT's forward). Both change LoRA's precision, so both are opt-in, and
-    # they exclude each other.
+    """Wins and losses the report shows."""
     generation: Literal["auto", "plain", "fast", "graphed"]
+    """plain: model.generate(); graphed: static KV cache + CUDA graph; fast: own loop; auto: graphed on CUDA."""
     merge_bf16: bool
+    """Merge LoRA into the dequantized bf16 weights (changes precision; metrics record it)."""
     fold_lora: bool
-    # compare's paired bootstrap intervals (alpaca_qlora/significance.py): resamples and the generator's seed
+    """Keep LoRA beside the dequantized weights in bf16, its add fused (rounds the adapter; excludes merge_bf16)."""
     bootstrap_resamples: int
+    """Compare's paired bootstrap resamples for each delta's 95% interval (at least 10000)."""
     bootstrap_seed: int
+    """The bootstrap's seed: the same predictions give the same intervals."""
 
     def validate(self) -> None:
         _require(self.max_new_tokens == "auto" or self.max_new_tokens > 0, "eval.max_new_tokens",
@@ -190,66 +232,6 @@ def _require(condition: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"params: {key} = {value!r} is invalid: expected {expected}.")
 
 
-def _expected(annotation: Any) -> str:
-    if typing.get_origin(annotation) is Literal:
-        return " or ".join(map(repr, typing.get_args(annotation)))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(annotation, "a value")
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a YAML value to the declared type; YAML 1.1 reads `2e-4` as a string, so numbers may come as text."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):  # e.g. auto or an integer: the first reading that fits
-        for option in typing.get_args(annotation):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"params: {key} = {value!r} is invalid: expected "
-                          f"{' or '.join(_expected(option) for option in typing.get_args(annotation))}.")
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        if True in choices and isinstance(value, str) and value.lower() in ("true", "false"):
-            value = value.lower() == "true"  # a switch given on the command line
-        if not isinstance(value, (str, bool)) or value not in choices:
-            raise ConfigError(f"params: {key} = {value!r} is not one of {', '.join(map(repr, choices))}.")
-        return value
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"params: {key} = {value!r} must be a list of strings.")
-        return tuple(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"params: {key} = {value!r} must be true or false.")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"params: {key} = {value!r} must be an integer.")
-        try:
-            number = float(value) if isinstance(value, str) else value
-        except ValueError:
-            raise ConfigError(f"params: {key} = {value!r} must be an integer.") from None
-        if not isinstance(number, (int, float)) or float(number) != int(number):
-            raise ConfigError(f"params: {key} = {value!r} must be an integer.")
-        return int(number)
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"params: {key} = {value!r} must be a number.")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"params: {key} = {value!r} must be a number (e.g. 2e-4).") from None
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"params: {key} = {value!r} must be a string.")
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
-
-
 def _build_section(cls: type, values: Any, section: str) -> Any:
     if values is None:
         raise ConfigError(f"params: section '{section}' is missing or empty. {EVERY_KEY}")
@@ -266,7 +248,7 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
     if missing:
         raise ConfigError(f"params: missing key(s) {', '.join(f'{section}.{k}' for k in missing)}. {EVERY_KEY}")
-    kwargs = {name: _coerce(value, hints[name], f"{section}.{name}") for name, value in values.items()}
+    kwargs = {name: coerce(value, hints[name], f"{section}.{name}") for name, value in values.items()}
     instance = cls(**kwargs)
     instance.validate()
     return instance

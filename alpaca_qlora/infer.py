@@ -18,11 +18,11 @@ import torch
 from alpaca_qlora import io
 from alpaca_qlora.chat import ChatSession, chat
 from alpaca_qlora.config import load_params
+from alpaca_qlora.data.prompts import get_template
 from alpaca_qlora.generation import generate
 from alpaca_qlora.models.inference import check_adapter_matches, check_adapter_weights, load_for_inference
 from alpaca_qlora.models.loading import load_model, load_tokenizer, resolve_model_source
 from alpaca_qlora.models.quantization import QuantizationPlan
-from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import run_stage
 from alpaca_qlora.stop_rule import clean_generation
 

@@ -1,8 +1,8 @@
 """Do two CPUs give the same greedy answers, byte for byte? (issue 11, section 1)
 
-    python bench/cpu_determinism.py prepare DIR          # here: a tiny Mistral trained on the bundled data + LoRA
-    python bench/cpu_determinism.py predict DIR OUT       # on each machine (CUDA hidden): predictions + environment
-    python bench/cpu_determinism.py compare RESULT A B... # the comparison JSON (bench/results/cpu_determinism.json)
+    python -m bench.cpu_determinism prepare DIR         # here: a tiny Mistral trained on the bundled data + LoRA
+    python -m bench.cpu_determinism predict DIR OUT      # on each machine (CUDA hidden): predictions + environment
+    python -m bench.cpu_determinism compare RESULT A B... # the comparison JSON (bench/results/cpu_determinism.json)
 
 `prepare` builds what can be carried to the GPU machine (its CPU has AVX512-BF16 and AMX): a random-init 4-layer
 Mistral-shaped model with Mistral's tokenizer (briefly trained, such a model collapses to repeating one token, whose
@@ -25,11 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from alpaca_qlora import io  # noqa: E402
-from alpaca_qlora.generation import generate  # noqa: E402
-from alpaca_qlora.prompts import get_template  # noqa: E402
+from alpaca_qlora import io
+from alpaca_qlora.data.prompts import get_template
+from alpaca_qlora.generation import generate
 
 log = logging.getLogger("cpu_determinism")
 TEMPLATE = get_template("alpaca")
@@ -45,7 +43,7 @@ def prepare(out: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
-    from alpaca_qlora.bundled import generate_rows
+    from alpaca_qlora.data.bundled import generate_rows
     from alpaca_qlora.models.loading import load_model
     from alpaca_qlora.models.quantization import plan_quantization
     from support.mistral import build_tiny_mistral

@@ -11,11 +11,10 @@ from typing import Any
 
 import torch
 
-from alpaca_qlora.formatting import encode_prompt
+from alpaca_qlora.data.formatting import encode_prompt
 from alpaca_qlora.generation.batching import left_pad
 from alpaca_qlora.generation.graphed import graphed_generate
 from bench.train_profile import categorize
-
 
 
 def _kernel_times(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,

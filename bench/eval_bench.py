@@ -34,20 +34,29 @@ JSON). Prints a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alpaca_qlora.generation import (dequantize_for_generation, fold_lora_for_generation, generate,
-                                     merge_lora_for_generation, prepare_for_generation, resolve_generation_method)
+from alpaca_qlora.data.prompts import get_template
+from alpaca_qlora.generation import (
+    Recorder,
+    dequantize_for_generation,
+    fold_lora_for_generation,
+    generate,
+    merge_lora_for_generation,
+    prepare_for_generation,
+    resolve_generation_method,
+)
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
@@ -119,6 +128,30 @@ def peak_gib(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None
 
 
+class PhaseTimer(Recorder):
+    """Seconds per decoding phase, summed over batches; synchronizes the device at each phase's end, so they are
+    device time. `host_check`: the stop checks' CPU time, which overlaps decoding on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.started = device, {}, time.perf_counter()
+
+    def begin(self) -> None:
+        self.started = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.started
+        self.started = now
+
+    @contextlib.contextmanager
+    def host_work(self) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds["host_check"] = self.seconds.get("host_check", 0.0) + time.perf_counter() - started
+
+
 def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, batch_size: int, max_new_tokens: int,
             device: str, warmup: bool, profile_steps: int = 0) -> dict[str, Any]:
     markers = get_template("alpaca").stop_markers
@@ -129,10 +162,11 @@ def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, bat
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    timings: dict[str, float] = {}
+    timer = PhaseTimer(torch.device(device))
     started = time.perf_counter()
     generations, stats = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  stop_markers=markers, progress=False, method=method, timings=timings)
+                                  stop_markers=markers, progress=False, method=method, recorder=timer)
+    timings = timer.seconds if method == "graphed" else {}
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - started
@@ -143,7 +177,8 @@ def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, bat
     if timings:  # graphed: where the wall time went (decode steps = batches x max_new_tokens at most)
         batches = -(-len(prompts) // batch_size)
         result["phases_s"] = {name: round(value, 3) for name, value in timings.items()}
-        result["phases_s"]["outside_decoding"] = round(wall - sum(v for k, v in timings.items() if k != "host_check"), 3)
+        decoding = sum(value for phase, value in timings.items() if phase != "host_check")
+        result["phases_s"]["outside_decoding"] = round(wall - decoding, 3)
         result["decode_ms_per_step_at_most_steps"] = round(1000 * timings.get("decode", 0.0) /
                                                            (batches * max(max_new_tokens - 1, 1)), 2)
     if profile_steps and method == "graphed" and device.startswith("cuda"):
@@ -235,7 +270,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         fastest = max(by_variant.values(), key=lambda r: r["new_tokens_per_s"])
         summary["fastest"] = {"variant": fastest["variant"], "speedup_vs_plain": fastest.get("speedup_vs_plain", 1.0)}
     # the 12 GB path: variants whose peak stays under 11 GiB, and the fastest of them
-    small = [r for r in by_variant.values() if r["peak_memory_gib"] is not None and r["peak_memory_gib"] < SMALL_CARD_GIB]
+    small = [r for r in by_variant.values()
+             if r["peak_memory_gib"] is not None and r["peak_memory_gib"] < SMALL_CARD_GIB]
     summary["under_11_gib"] = {r["variant"]: r["peak_memory_gib"] for r in small}
     if small and plain:
         best = max(small, key=lambda r: r["new_tokens_per_s"])
@@ -278,7 +314,8 @@ def main() -> None:
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile this many eager decoding steps per graphed variant (top kernels; CUDA only)")
-    parser.add_argument("--agreement", type=Path, help="bench/sure_model.py's JSON: its agreement figures join this one")
+    parser.add_argument("--agreement", type=Path,
+                        help="bench/sure_model.py's JSON: its agreement figures join this one")
     arguments = parser.parse_args()
     configure_logging()
     variants = [v for v in arguments.variants.split(",") if v]

@@ -147,7 +147,8 @@ def main() -> None:
     run.add_argument("checkout", type=Path)
     run.add_argument("--record", type=Path, required=True)
     run.add_argument("--max-steps", type=int, default=20)
-    run.add_argument("--sampled-from", type=Path, help="a checkout whose data/sampled/ rows this one formats and trains")
+    run.add_argument("--sampled-from", type=Path,
+                     help="a checkout whose data/sampled/ rows this one formats and trains")
     both = commands.add_parser("compare", help="two records side by side")
     both.add_argument("before", type=Path)
     both.add_argument("after", type=Path)

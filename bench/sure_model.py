@@ -25,16 +25,22 @@ from typing import Any
 
 import torch
 
-from alpaca_qlora.bundled.dataset import generate_rows
-from alpaca_qlora.formatting import response_token_count, row_prompt, stop_margin, token_limit, tokenize_training_rows
+from alpaca_qlora.data.bundled.dataset import generate_rows
+from alpaca_qlora.data.formatting import (
+    response_token_count,
+    row_prompt,
+    stop_margin,
+    token_limit,
+    tokenize_training_rows,
+)
+from alpaca_qlora.data.prompts import get_template
+from alpaca_qlora.data.records import clean_rows
+from alpaca_qlora.data.sampling import split_rows
+from alpaca_qlora.evaluation.metrics import aggregate
+from alpaca_qlora.evaluation.scoring import score_generations
 from alpaca_qlora.generation import generate
-from alpaca_qlora.metrics import aggregate, is_short_answer, score_row
 from alpaca_qlora.models.inference import load_for_inference
-from alpaca_qlora.prompts import get_template
-from alpaca_qlora.records import clean_rows
-from alpaca_qlora.sampling import split_rows
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.stop_rule import clean_generation
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
 from bench.eval_bench import VARIANTS, prepare
@@ -186,18 +192,9 @@ def build_sure_model(work: Path, tokenizer: Any, size: Size, device: str) -> dic
             "seen": eval_items(train_rows[: size.seen_rows], tokenizer, template)}
 
 
-def score(items: list[dict[str, Any]], generations: list[Any], markers: tuple[str, ...]) -> dict[str, Any]:
-    """EM and F1 as the evaluate stage computes them."""
-    evaluation = mistral_profile().eval  # the short-answer rule the real run's evaluate stage applies
-    rows = []
-    for item, generation in zip(items, generations, strict=True):
-        answer = clean_generation(generation.raw, markers)
-        short = is_short_answer(item.get("task_type"), item["reference"],
-                                short_answer_task_types=evaluation.short_answer_task_types,
-                                max_words=evaluation.short_answer_max_words)
-        rows.append({**item, "answer": answer, "short_answer": short, "stopped_by_eos": generation.stopped_by_eos,
-                     **score_row(answer, item["reference"], short_answer=short,
-                                 context=f"{item['instruction']}\n{item['input']}", task_type=item.get("task_type"))})
+def score(items: list[dict[str, Any]], generations: list[Any], template: Any, max_new_tokens: int) -> dict[str, Any]:
+    """EM and F1 through the evaluate stage's own scoring, under the real run's short-answer rule."""
+    rows = score_generations(items, generations, template, mistral_profile().eval, max_new_tokens)
     overall = aggregate(rows)["overall"]
     return {"exact_match": overall["exact_match"], "f1": overall["f1"], "n_short_answer": overall["n_short_answer"]}
 
@@ -232,7 +229,7 @@ def agreement(work: Path, built: dict[str, Any], size: Size, device: str, paths:
             raws = [generation.raw for generation in generations]
             raws_plain.setdefault(name, raws)
             same = sum(a == b for a, b in zip(raws_plain[name], raws))
-            figures[name] = {**score(items, generations, markers), "identical_to_plain": same,
+            figures[name] = {**score(items, generations, template, limits[name]), "identical_to_plain": same,
                              "identical_share": round(same / max(len(raws), 1), 4),
                              "stopped_by_eos": sum(g.stopped_by_eos for g in generations),
                              "wall_s": round(time.perf_counter() - started, 2),

@@ -178,7 +178,8 @@ def measure(model: Any, batches: list[dict[str, torch.Tensor]], *, variant: str,
     steps = len(batches) - warmup
     del optimizer
     return Measurement(variant=variant, workload=workload, steps=steps, step_time_s=round(elapsed / steps, 4),
-                       tokens_per_s=round(timed_tokens / elapsed, 1), useful_tokens_per_s=round(timed_useful / elapsed, 1),
+                       tokens_per_s=round(timed_tokens / elapsed, 1),
+                       useful_tokens_per_s=round(timed_useful / elapsed, 1),
                        peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                        losses=[round(value, 4) for value in losses],
                        padding_share=round(1 - timed_useful / timed_tokens, 4))

@@ -20,8 +20,9 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch.autograd import DeviceType

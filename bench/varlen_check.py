@@ -43,7 +43,8 @@ def main() -> None:
             start = 0
             for row in group:
                 alone = model(input_ids=torch.tensor([row["input_ids"]], device="cuda")).logits[0].float()
-                alone_diff = max(alone_diff, (logits["varlen"][0][index, start : start + len(alone)] - alone).abs().max().item())
+                packed = logits["varlen"][0][index, start : start + len(alone)]
+                alone_diff = max(alone_diff, (packed - alone).abs().max().item())
                 start += len(alone)
     result["varlen_vs_rows_alone_max_abs_logit_diff"] = alone_diff
     result["varlen_vs_sdpa_max_abs_logit_diff"] = (logits["varlen"][0] - logits["sdpa"][0]).abs().max().item()

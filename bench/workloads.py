@@ -9,7 +9,7 @@ import math
 import random
 from typing import Any
 
-from alpaca_qlora.formatting import IGNORE_INDEX
+from alpaca_qlora.data.formatting import IGNORE_INDEX
 from alpaca_qlora.training.data import ResponseOnlyCollator
 from alpaca_qlora.training.packing import PackedCollator, PackedDataset
 

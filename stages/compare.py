@@ -10,9 +10,9 @@ import logging
 from pathlib import Path
 
 from alpaca_qlora import io
-from alpaca_qlora.metrics import metric_deltas
-from alpaca_qlora.report import plot_rows, render_report, select_examples
-from alpaca_qlora.significance import CONFIDENCE, delta_significance, with_significance
+from alpaca_qlora.evaluation.metrics import metric_deltas
+from alpaca_qlora.evaluation.report import plot_rows, render_report, select_examples
+from alpaca_qlora.evaluation.significance import CONFIDENCE, delta_significance, with_significance
 from alpaca_qlora.stage import read_input_rows, run_stage
 from alpaca_qlora.stage_params import stage_params
 

@@ -12,16 +12,16 @@ import time
 from pathlib import Path
 
 from alpaca_qlora import io
+from alpaca_qlora.data.formatting import stop_margin, token_limit
+from alpaca_qlora.data.prompts import get_template
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.formatting import stop_margin, token_limit
+from alpaca_qlora.evaluation.metrics import aggregate
+from alpaca_qlora.evaluation.scoring import score_generations
 from alpaca_qlora.generation import generate, prepare_for_generation, resolve_generation_method
-from alpaca_qlora.metrics import aggregate, cut_by_limit, is_short_answer, score_row
 from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.models.numerics import base_weights_fingerprint, describe_cuda_path
-from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
 from alpaca_qlora.stage_params import stage_params
-from alpaca_qlora.stop_rule import clean_generation
 
 EVAL_IN = Path("data/formatted/eval.jsonl")
 ADAPTER = Path("models/adapter")
@@ -59,25 +59,7 @@ def evaluate(which: str) -> None:
         max_new_tokens=max_new_tokens, batch_size=params.eval.batch_size,
         stop_markers=template.stop_markers, method=method,
     )
-    predictions = []
-    for row, generation in zip(rows, generations, strict=True):
-        answer = clean_generation(generation.raw, template.stop_markers)
-        short = is_short_answer(row.get("task_type"), row["reference"],
-                                short_answer_task_types=params.eval.short_answer_task_types,
-                                max_words=params.eval.short_answer_max_words)
-        predictions.append({
-            **row,
-            "answer": answer,
-            "raw": generation.raw,
-            "stopped_by_eos": generation.stopped_by_eos,
-            "new_tokens": generation.new_tokens,
-            "short_answer": short,
-            "cut_by_limit": cut_by_limit(generation.raw, stopped_by_eos=generation.stopped_by_eos,
-                                         new_tokens=generation.new_tokens, max_new_tokens=max_new_tokens,
-                                         stop_markers=template.stop_markers),
-            **score_row(answer, row["reference"], short_answer=short,
-                        context=f"{row['instruction']}\n{row['input']}", task_type=row.get("task_type")),
-        })
+    predictions = score_generations(rows, generations, template, params.eval, max_new_tokens)
     metrics = aggregate(predictions)
     run, timing = split_timing({
         "model": params.model.name,

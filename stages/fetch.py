@@ -9,9 +9,10 @@ import logging
 import tempfile
 from pathlib import Path
 
-from alpaca_qlora import bundled, io
-from alpaca_qlora.records import DataFormatError, check_alpaca_shape, clean_rows, read_rows
-from alpaca_qlora.sources import hub_file, local_file
+from alpaca_qlora import io
+from alpaca_qlora.data import bundled
+from alpaca_qlora.data.records import DataFormatError, check_alpaca_shape, clean_rows, read_rows
+from alpaca_qlora.data.sources import hub_file, local_file
 from alpaca_qlora.stage import run_stage
 from alpaca_qlora.stage_params import stage_params
 

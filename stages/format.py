@@ -9,10 +9,17 @@ import logging
 from pathlib import Path
 
 from alpaca_qlora import io
-from alpaca_qlora.formatting import (format_report, length_histogram, length_stats, require_training_examples,
-                                     response_token_count, row_prompt, tokenize_training_rows)
+from alpaca_qlora.data.formatting import (
+    format_report,
+    length_histogram,
+    length_stats,
+    require_training_examples,
+    response_token_count,
+    row_prompt,
+    tokenize_training_rows,
+)
+from alpaca_qlora.data.prompts import get_template
 from alpaca_qlora.models.loading import load_tokenizer, resolve_model_source
-from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import read_input_rows, run_stage
 from alpaca_qlora.stage_params import stage_params
 

@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 
 from alpaca_qlora import io
-from alpaca_qlora.metrics import is_short_answer
-from alpaca_qlora.sampling import split_rows
+from alpaca_qlora.data.sampling import split_rows
+from alpaca_qlora.evaluation.metrics import is_short_answer
 from alpaca_qlora.stage import read_input_rows, require_rows, run_stage
 from alpaca_qlora.stage_params import stage_params
 

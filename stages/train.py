@@ -24,13 +24,17 @@ from transformers import set_seed
 from alpaca_qlora import io
 from alpaca_qlora.adapter import render_model_card, save_adapter
 from alpaca_qlora.config import LoraParams, ModelParams, TrainParams
+from alpaca_qlora.data.prompts import get_template
 from alpaca_qlora.models.loading import load_tokenizer, resolve_model_source
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
 from alpaca_qlora.stage_params import StageParams, stage_params
-from alpaca_qlora.training.checkpoints import (lock_checkpoints, remove_stale_runs, run_fingerprint,
-                                               share_lock_with_workers)
+from alpaca_qlora.training.checkpoints import (
+    lock_checkpoints,
+    remove_stale_runs,
+    run_fingerprint,
+    share_lock_with_workers,
+)
 from alpaca_qlora.training.data import TokenizedDataset
 from alpaca_qlora.training.distributed import accelerate_command, process_group
 from alpaca_qlora.training.model import build_trainable_model, resolve_speed_switches

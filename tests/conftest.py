@@ -4,14 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from alpaca_qlora.adapter import save_adapter
+from alpaca_qlora.data.prompts import ALPACA
 from alpaca_qlora.models.embedded import EMBEDDED_SMOLLM2
 from alpaca_qlora.models.loading import load_model, load_tokenizer, resolve_model_source
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.training.model import attach_lora
 from support.mistral import build_tiny_mistral
 from support.params import embedded_params, write_embedded_params

@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alpaca_qlora.adapter import package_release, render_model_card, save_adapter
 from alpaca_qlora.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ORIGIN
+from alpaca_qlora.data.formatting import IGNORE_INDEX, tokenize_training_rows
+from alpaca_qlora.data.prompts import ALPACA, INSTRUCTION_CONTEXT
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.formatting import IGNORE_INDEX, tokenize_training_rows
 from alpaca_qlora.models.inference import check_adapter_matches
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import ALPACA, INSTRUCTION_CONTEXT
 from alpaca_qlora.training.model import attach_lora
 from support.params import embedded_params
 
@@ -33,7 +33,8 @@ HUB_DATA = {"source": "hub", "hub_id": "yahma/alpaca-cleaned", "revision": "main
 def trained_like_adapter(model_dir):
     """A LoRA with non-zero B, so the adapter changes the logits and a lost weight would show."""
     model = attach_lora(load_model(str(model_dir), plan_quantization("none", "cpu"), device="cpu"),
-                        embedded_params(lora={"r": 4, "alpha": 8, "dropout": 0.0}).lora, quantized=False, gradient_checkpointing=False)
+                        embedded_params(lora={"r": 4, "alpha": 8, "dropout": 0.0}).lora, quantized=False,
+                        gradient_checkpointing=False)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

@@ -10,11 +10,11 @@ from pathlib import Path
 import periodictable
 import pytest
 
-from alpaca_qlora.bundled import BUNDLED_VERSION, generate_rows, write_rows
-from alpaca_qlora.bundled.dataset import main
-from alpaca_qlora.bundled.facts import format_weight, group_of, load_facts, period_of
-from alpaca_qlora.bundled.questions import country_questions, country_reverse_questions, element_questions
-from alpaca_qlora.records import clean_rows, prompt_key
+from alpaca_qlora.data.bundled import BUNDLED_VERSION, generate_rows, write_rows
+from alpaca_qlora.data.bundled.dataset import main
+from alpaca_qlora.data.bundled.facts import format_weight, group_of, load_facts, period_of
+from alpaca_qlora.data.bundled.questions import country_questions, country_reverse_questions, element_questions
+from alpaca_qlora.data.records import clean_rows, prompt_key
 
 EXACT_MATCH_TYPES = {"closed_qa", "factual", "classification"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,7 +268,7 @@ def test_generation_is_deterministic_byte_for_byte(tmp_path, rows):
 
 def test_output_does_not_depend_on_hash_seed():
     """Set or dict-hash order leaking into the rows would show up as different bytes under another PYTHONHASHSEED."""
-    script = ("import hashlib, json; from alpaca_qlora.bundled import generate_rows; "
+    script = ("import hashlib, json; from alpaca_qlora.data.bundled import generate_rows; "
               "print(hashlib.sha256(json.dumps(generate_rows()).encode()).hexdigest())")
     digests = set()
     for seed in ("1", "2"):

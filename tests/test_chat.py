@@ -9,10 +9,10 @@ import yaml
 
 from alpaca_qlora import infer
 from alpaca_qlora.chat import AnswerStreamer, questions
+from alpaca_qlora.data.prompts import ALPACA
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation import generate
 from alpaca_qlora.models import inference
-from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.stop_rule import clean_generation
 
 QUESTIONS = ["What is the capital of France?", "Name a noble gas.\tAnswer in one word."]

@@ -13,6 +13,9 @@ import pytest
 import yaml
 
 from alpaca_qlora import io
+from alpaca_qlora.data.formatting import tokenize_training_rows
+from alpaca_qlora.data.prompts import ALPACA
+from alpaca_qlora.models.loading import load_tokenizer
 from alpaca_qlora.training.checkpoints import (
     LOCK_HANDED_TO_WORKERS,
     LOCK_NAME,
@@ -20,9 +23,6 @@ from alpaca_qlora.training.checkpoints import (
     lock_checkpoints,
     share_lock_with_workers,
 )
-from alpaca_qlora.formatting import tokenize_training_rows
-from alpaca_qlora.models.loading import load_tokenizer
-from alpaca_qlora.prompts import ALPACA
 from support.killed_runs import RUN_METRICS, curves, kill_train_after_checkpoint, resumed_from_step
 
 ROOT = Path(__file__).resolve().parents[1]

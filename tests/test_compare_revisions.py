@@ -1,4 +1,4 @@
-"""`python -m alpaca_qlora.compare_revisions A B` on a tiny git + DVC repository: commits and an experiment."""
+"""`python -m alpaca_qlora.evaluation.compare_revisions A B` on a tiny git + DVC repository: commits, an experiment."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alpaca_qlora.significance import compare_paired
+from alpaca_qlora.evaluation.significance import compare_paired
 
 ROOT = Path(__file__).resolve().parents[1]
 RESAMPLES = 10_000
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 # A stand-in for the evaluate stage: scored predictions of 60 fixed rows, the share answered right set by a param.
 PREDICT = textwrap.dedent('''
     import json, random, yaml
-    from alpaca_qlora.metrics import score_row
+    from alpaca_qlora.evaluation.metrics import score_row
     quality = yaml.safe_load(open("quality.yaml"))["quality"]
     layout, answers = random.Random(0), random.Random(1)
     with open("data/predictions/finetuned.jsonl", "w") as handle:
@@ -50,7 +50,7 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def compare(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "alpaca_qlora.compare_revisions", *args], cwd=cwd, check=check)
+    return run([sys.executable, "-m", "alpaca_qlora.evaluation.compare_revisions", *args], cwd=cwd, check=check)
 
 
 def read_rows(path: Path) -> list[dict]:

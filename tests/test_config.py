@@ -1,9 +1,14 @@
+import ast
+import dataclasses
+import inspect
+import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from alpaca_qlora.config import ConfigError, load_params, params_from_mapping
+from alpaca_qlora.config import ConfigError, Params, load_params, params_from_mapping
 from alpaca_qlora.profiles import merged, read_yaml
 from alpaca_qlora.stage_params import declared_params, stage_params
 from support.params import embedded_params
@@ -123,3 +128,52 @@ def test_fsdp_needs_at_least_two_processes():
     with pytest.raises(ConfigError, match="at least 2 with train.distributed=fsdp"):
         embedded_params(train={"distributed": "fsdp", "num_processes": 1})
     assert embedded_params(train={"distributed": "fsdp", "num_processes": 2}).train.num_processes == 2
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """Each annotated field of a dataclass and the string literal right under it (litgpt's per-field docs)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: following.value.value
+            for node, following in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)}
+
+
+def test_every_param_is_documented_on_its_dataclass_field():
+    for section in dataclasses.fields(Params):
+        cls = typing.get_type_hints(Params)[section.name]
+        documented = _field_docstrings(cls)
+        undocumented = [f.name for f in dataclasses.fields(cls) if not documented.get(f.name, "").strip()]
+        assert not undocumented, f"{section.name}: fields without a docstring: {undocumented}"
+
+
+def _yaml_comment_choices() -> dict[str, set[str]]:
+    """params.yaml's `key: value  # a | b | c` reminders (continued on comment-only lines): key -> choices named."""
+    comments: dict[str, str] = {}
+    section = key = None
+    for line in (ROOT / "params.yaml").read_text(encoding="utf-8").splitlines():
+        if re.match(r"^\w+:", line):
+            section = line.split(":")[0]
+        elif match := re.match(r"^  (\w+):[^#]*#(.*)$", line):
+            key = f"{section}.{match.group(1)}"
+            comments[key] = match.group(2)
+        elif key and re.match(r"^\s+#", line):
+            comments[key] += " " + line.split("#", 1)[1]
+        else:
+            key = None
+    return {key: {re.match(r"\s*([\w-]+)", part).group(1) for part in text.split("|")}
+            for key, text in comments.items() if "|" in text}
+
+
+def test_params_yaml_reminders_name_exactly_the_choices_the_schema_accepts():
+    hints = typing.get_type_hints(Params)
+    checked = 0
+    for key, named in _yaml_comment_choices().items():
+        section, name = key.split(".")
+        annotation = typing.get_type_hints(hints[section])[name]
+        if typing.get_origin(annotation) is not typing.Literal:
+            continue
+        accepted = {str(choice).lower() for choice in typing.get_args(annotation)}
+        assert named == accepted, f"params.yaml on {key} names {sorted(named)}; the schema: {sorted(accepted)}"
+        checked += 1
+    assert checked >= 8 and dataclasses.is_dataclass(Params)

@@ -17,13 +17,20 @@ import pytest
 import yaml
 from alpaca_like import alpaca_like_rows, write_alpaca_like
 
-from alpaca_qlora.answer_text import is_stated_option
-from alpaca_qlora.bundled import generate_rows
-from alpaca_qlora.formatting import nearest_rank, response_token_count, stop_margin, token_limit
-from alpaca_qlora.metrics import (aggregate, cut_by_limit, is_label_row, is_short_answer, metric_deltas, score_row,
-                                  unsupported_word_share)
+from alpaca_qlora.data.bundled import generate_rows
+from alpaca_qlora.data.formatting import nearest_rank, response_token_count, stop_margin, token_limit
+from alpaca_qlora.data.sampling import split_rows
+from alpaca_qlora.evaluation.answer_text import is_stated_option
+from alpaca_qlora.evaluation.metrics import (
+    aggregate,
+    cut_by_limit,
+    is_label_row,
+    is_short_answer,
+    metric_deltas,
+    score_row,
+    unsupported_word_share,
+)
 from alpaca_qlora.models.loading import load_tokenizer
-from alpaca_qlora.sampling import split_rows
 from support.params import embedded_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,10 +2,10 @@ import re
 
 import pytest
 
+from alpaca_qlora.data.formatting import encode_prompt, require_training_examples, row_prompt, tokenize_training_rows
+from alpaca_qlora.data.prompts import ALPACA
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.formatting import encode_prompt, require_training_examples, row_prompt, tokenize_training_rows
 from alpaca_qlora.models.loading import load_tokenizer
-from alpaca_qlora.prompts import ALPACA
 
 ROWS = [
     {"id": "a", "instruction": "Name the capital of France.", "input": "", "output": "Paris"},

@@ -6,13 +6,19 @@ import pytest
 import torch
 
 from alpaca_qlora.config import ConfigError
+from alpaca_qlora.data.prompts import get_template
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.generation import (describe_weights, dequantize_for_generation, fold_lora_for_generation, generate,
-                                     merge_lora_for_generation, resolve_generation_method)
+from alpaca_qlora.generation import (
+    dequantize_for_generation,
+    describe_weights,
+    fold_lora_for_generation,
+    generate,
+    merge_lora_for_generation,
+    resolve_generation_method,
+)
 from alpaca_qlora.generation.weights import DequantizedLinear
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import get_template
 from support.params import embedded_params
 
 TEMPLATE = get_template("alpaca")
@@ -94,7 +100,8 @@ def test_dequantized_linear_equals_bnb_batched_matmul(tiny_lora):
     layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
     torch.manual_seed(1)
     inputs = {id(layer): torch.randn(5, 3, layer.in_features) for layer in layers}
-    expected = {id(layer): bitsandbytes.matmul_4bit(inputs[id(layer)], layer.weight, quant_state=layer.weight.quant_state)
+    expected = {id(layer): bitsandbytes.matmul_4bit(inputs[id(layer)], layer.weight,
+                                                    quant_state=layer.weight.quant_state)
                 for layer in layers}
     assert dequantize_for_generation(model) == len(layers) == 2 * 7
     replaced = [m for m in model.modules() if isinstance(m, DequantizedLinear)]
@@ -111,7 +118,7 @@ def test_own_loop_with_lora_and_forced_eos(tiny_lora, method):
     (at different steps) wherever that token would have won; LoRA stays attached, unmerged."""
     model, tokenizer = tiny_lora
     prompts = PROMPTS + [TEMPLATE.render("Why?", "")]
-    from alpaca_qlora.formatting import encode_prompt
+    from alpaca_qlora.data.formatting import encode_prompt
     from alpaca_qlora.generation.batching import left_pad
 
     input_ids, attention_mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
@@ -291,7 +298,7 @@ def test_auto_is_plain_on_cpu_with_plain_tokens(embedded):
 def test_graphed_stop_checks_a_chunk_behind_keep_plain_tokens(embedded, check_every):
     """The host checks each chunk of steps while the next decodes, so the loop runs past the last stop; the
     rows keep exactly plain's tokens at every chunk size, and the phase timings are filled."""
-    from alpaca_qlora.formatting import encode_prompt
+    from alpaca_qlora.data.formatting import encode_prompt
     from alpaca_qlora.generation.batching import left_pad, split_generated
     from alpaca_qlora.generation.graphed import graphed_generate
     from alpaca_qlora.generation.stop_checks import MarkerCheck

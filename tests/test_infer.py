@@ -12,12 +12,12 @@ import torch
 
 from alpaca_qlora import infer
 from alpaca_qlora.config import load_params
+from alpaca_qlora.data.prompts import get_template
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation import generate
 from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import get_template
 from alpaca_qlora.stop_rule import clean_generation
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from alpaca_qlora.answer_text import normalize_answer, word_count
-from alpaca_qlora.metrics import (
+from alpaca_qlora.evaluation.answer_text import normalize_answer, word_count
+from alpaca_qlora.evaluation.metrics import (
     MetricsMismatchError,
     aggregate,
     exact_match,

@@ -9,7 +9,6 @@ import sentencepiece
 import torch
 
 from alpaca_qlora.models.loading import load_model, load_tokenizer
-
 from alpaca_qlora.models.quantization import plan_quantization
 from support.mistral import build_tiny_mistral, mistral_tokenizer, mistral_tokenizer_model_path
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from alpaca_qlora.adapter import save_adapter
+from alpaca_qlora.data.prompts import ALPACA, get_template
 from alpaca_qlora.generation import generate
 from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.numerics import Float64RMSNorm, base_weights_fingerprint, float64_norms
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import ALPACA, get_template
 from alpaca_qlora.training.model import attach_lora
 from support.params import embedded_params
 

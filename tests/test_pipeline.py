@@ -73,7 +73,8 @@ def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
                 "metrics/eval_finetuned.json", "metrics/compare.json", "reports/compare.md"):
         assert (project / out).exists(), out
     assert json.loads((project / "metrics/sample.json").read_text())["eval_train_overlap"] == 0
-    for stage, metrics in (("train", "train"), ("evaluate_base", "eval_base"), ("evaluate_finetuned", "eval_finetuned")):
+    stage_metrics = (("train", "train"), ("evaluate_base", "eval_base"), ("evaluate_finetuned", "eval_finetuned"))
+    for stage, metrics in stage_metrics:
         timing = json.loads((project / f"metrics/timing/{stage}.json").read_text())
         assert "runtime_s" in timing  # machine-dependent figures live apart from the results
         assert "runtime_s" not in json.dumps(json.loads((project / f"metrics/{metrics}.json").read_text()))

@@ -1,8 +1,8 @@
 import pytest
 
-from alpaca_qlora.formatting import encode_prompt, special_prefix
+from alpaca_qlora.data.formatting import encode_prompt, special_prefix
+from alpaca_qlora.data.prompts import ALPACA, INSTRUCTION_CONTEXT, get_template
 from alpaca_qlora.models.loading import load_tokenizer
-from alpaca_qlora.prompts import ALPACA, INSTRUCTION_CONTEXT, get_template
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. Write a "

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from alpaca_qlora.records import (
+from alpaca_qlora.data.records import (
     DataFormatError,
     check_alpaca_shape,
     clean_rows,

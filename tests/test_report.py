@@ -1,7 +1,7 @@
 import random
 
-from alpaca_qlora.metrics import aggregate, metric_deltas, score_row
-from alpaca_qlora.report import plot_rows, prompt_excerpt, render_report, select_examples, table_cell
+from alpaca_qlora.evaluation.metrics import aggregate, metric_deltas, score_row
+from alpaca_qlora.evaluation.report import plot_rows, prompt_excerpt, render_report, select_examples, table_cell
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 

@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from alpaca_qlora.records import prompt_key
-from alpaca_qlora.sampling import SamplingError, proportional_allocation, split_rows
+from alpaca_qlora.data.records import prompt_key
+from alpaca_qlora.data.sampling import SamplingError, proportional_allocation, split_rows
 
 
 def make_rows(n: int = 400) -> list[dict]:

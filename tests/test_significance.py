@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from alpaca_qlora.metrics import aggregate, metric_deltas, score_row
-from alpaca_qlora.report import NOT_SIGNIFICANT, render_report
-from alpaca_qlora.significance import (
+from alpaca_qlora.evaluation.metrics import aggregate, metric_deltas, score_row
+from alpaca_qlora.evaluation.report import NOT_SIGNIFICANT, render_report
+from alpaca_qlora.evaluation.significance import (
     PAIRED_METRICS,
     UnpairedRowsError,
     compare_paired,
@@ -39,7 +39,8 @@ def predictions(seed: int, right: float, stop: float, n: int = 120) -> list[dict
                    "cut_by_limit": answers.random() < (1 - stop) / 2}
         rows.append({"id": f"row-{index:03d}", "task_type": task_type, "reference": reference, "answer": answer,
                      "prompt": f"### Instruction:\nQ{index}\n\n### Response:\n", "short_answer": short,
-                     "stopped_by_eos": answers.random() < stop, **score_row(answer, reference, short_answer=short), **proxies})
+                     "stopped_by_eos": answers.random() < stop, **score_row(answer, reference, short_answer=short),
+                     **proxies})
     return rows
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from alpaca_qlora.records import clean_rows, read_rows
-from alpaca_qlora.sources import SourceUnavailableError, hub_file, local_file
+from alpaca_qlora.data.records import clean_rows, read_rows
+from alpaca_qlora.data.sources import SourceUnavailableError, hub_file, local_file
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from alpaca_qlora.chat import AnswerStreamer
-from alpaca_qlora.formatting import encode_prompt
+from alpaca_qlora.data.formatting import encode_prompt
+from alpaca_qlora.data.prompts import ALPACA
+from alpaca_qlora.evaluation.metrics import cut_by_limit
 from alpaca_qlora.generation import generate
 from alpaca_qlora.generation.greedy import take_token
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
-from alpaca_qlora.metrics import cut_by_limit
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import ALPACA
 from alpaca_qlora.stop_rule import clean_generation, stop_position
 
 MARKERS = ALPACA.stop_markers

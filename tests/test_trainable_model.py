@@ -11,8 +11,13 @@ from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.training.model import (LORA_CONFIG_NAMES, SpeedSwitches, attach_lora, build_trainable_model,
-                                         lora_config_kwargs)
+from alpaca_qlora.training.model import (
+    LORA_CONFIG_NAMES,
+    SpeedSwitches,
+    attach_lora,
+    build_trainable_model,
+    lora_config_kwargs,
+)
 from support.params import embedded_params
 
 ROOT = Path(__file__).resolve().parents[1]

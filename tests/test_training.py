@@ -17,16 +17,21 @@ from transformers import TrainerCallback, set_seed
 
 from alpaca_qlora.adapter import save_adapter
 from alpaca_qlora.config import LoraParams
-from alpaca_qlora.formatting import IGNORE_INDEX, tokenize_training_rows
+from alpaca_qlora.data.formatting import IGNORE_INDEX, tokenize_training_rows
+from alpaca_qlora.data.prompts import ALPACA
+from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.prompts import ALPACA
-from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.training.checkpoints import checkpoint_problem
 from alpaca_qlora.training.data import ResponseOnlyCollator, TokenizedDataset
-from alpaca_qlora.training.model import (SpeedSwitches, apply_liger_kernels, attach_lora, prepare_quantized_model,
-                                         resolve_speed_switches)
+from alpaca_qlora.training.model import (
+    SpeedSwitches,
+    apply_liger_kernels,
+    attach_lora,
+    prepare_quantized_model,
+    resolve_speed_switches,
+)
 from alpaca_qlora.training.offload import OffloadedCheckpoint
 from alpaca_qlora.training.packing import PackedCollator, PackedDataset, best_fit_decreasing, sequence_boundaries
 from alpaca_qlora.training.trainer import TrainingJob, run_training
@@ -414,7 +419,8 @@ def test_checkpointing_with_host_offload_gives_the_same_gradient(tiny_mistral_di
                        max_grad_norm=0.0, lora=lora, callbacks=[capture])
         calls = []
         original = OffloadedCheckpoint.forward
-        OffloadedCheckpoint.forward = staticmethod(lambda *a: calls.append(1) or original(*a))
+        OffloadedCheckpoint.forward = staticmethod(
+            lambda *a, calls=calls, original=original: calls.append(1) or original(*a))
         try:
             run_training(job, resume=False)
         finally:

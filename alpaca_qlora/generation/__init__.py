@@ -11,7 +11,7 @@ Three ways to run the same greedy decoding (`generate(..., method=...)`), one mo
 - `graphed` (graphed.py): a static KV cache and a decoding step captured in a CUDA graph, 4-bit layers kept,
   attention through sdpa with `enable_gqa` (attention.py).
 Only `plain` is bitwise `generate()` on GPU: the other two run other kernels, under which near-tie logits can flip.
-Where the model is sure of its answers `graphed` agrees with `plain` (bench/sure_model.py), so `auto`, the params'
+Where the model is sure of its answers `graphed` agrees with `plain` (measured in the README), so `auto`, the params'
 default, picks `graphed` on CUDA and `plain` elsewhere (on CPU every method gives the same tokens, and plain is the
 reference); the metrics record the method that ran.
 """
@@ -26,18 +26,24 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
+from alpaca_qlora.data.formatting import encode_prompt
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.formatting import encode_prompt
 from alpaca_qlora.generation.batching import left_pad, length_sorted_batches, split_generated
 from alpaca_qlora.generation.graphed import graphed_generate
 from alpaca_qlora.generation.greedy import greedy_generate, greedy_loop_blockers
+from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
-from alpaca_qlora.generation.weights import (dequantize_for_generation, describe_weights, fold_lora_for_generation,
-                                             merge_lora_for_generation, prepare_for_generation)
+from alpaca_qlora.generation.weights import (
+    dequantize_for_generation,
+    describe_weights,
+    fold_lora_for_generation,
+    merge_lora_for_generation,
+    prepare_for_generation,
+)
 
-__all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "dequantize_for_generation", "describe_weights",
-           "fold_lora_for_generation", "generate", "merge_lora_for_generation", "prepare_for_generation",
-           "resolve_generation_method"]
+__all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "Recorder", "dequantize_for_generation",
+           "describe_weights", "fold_lora_for_generation", "generate", "merge_lora_for_generation",
+           "prepare_for_generation", "resolve_generation_method"]
 
 GENERATION_METHODS = ("plain", "fast", "graphed")
 GENERATION_CHOICES = ("auto", *GENERATION_METHODS)
@@ -93,13 +99,13 @@ def generate(
     stop_markers: Sequence[str],
     progress: bool = True,
     method: str = "plain",
-    timings: dict[str, float] | None = None,
+    recorder: Recorder = NO_RECORDING,
 ) -> tuple[list[Generation], dict[str, Any]]:
     """Greedy answers in the prompts' order, and throughput figures for the whole run.
 
     `method`: plain (model.generate), fast (greedy_generate, dropping finished rows), graphed (graphed_generate:
     static cache, CUDA graph) or auto (see resolve_generation_method). All decode greedily with the same stops.
-    `timings`: graphed only, seconds per decoding phase are added to it (the bench's breakdown)."""
+    `recorder` is told where each batch's decoding phases end (our own loops; `plain` is transformers')."""
     device = next(model.parameters()).device
     method = resolve_generation_method(method, device, model)
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
@@ -113,9 +119,9 @@ def generate(
         input_ids, attention_mask = left_pad([encoded[index] for index in batch], tokenizer.pad_token_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if own_loop is not None:
-            extra = {"timings": timings} if method == "graphed" and timings is not None else {}
             rows_new_ids = own_loop(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                    eos_token_id=tokenizer.eos_token_id, marker_check=marker_check, **extra)
+                                    eos_token_id=tokenizer.eos_token_id, marker_check=marker_check,
+                                    recorder=recorder)
         else:
             rows_new_ids = _plain_generate(model, tokenizer, input_ids, attention_mask,
                                            max_new_tokens=max_new_tokens, stop_markers=stop_markers)

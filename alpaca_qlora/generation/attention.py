@@ -5,7 +5,7 @@ key/value head for its query heads whenever a mask is passed, which is every ste
 copies run at every decoding step (README: evaluation generation). sdpa's `enable_gqa` reads each key/value head
 once for its group of query heads. It is registered through transformers' AttentionInterface and switched on only
 for the duration of a `graphed` run, and only over the library's own sdpa (other implementations carry terms this
-function does not: soft-capping, sinks); its answers agree with `plain` on a sure model (bench/sure_model.py).
+function does not: soft-capping, sinks); its answers agree with `plain` on a sure model (measured in the README).
 """
 from __future__ import annotations
 

@@ -5,12 +5,11 @@ one launch per token instead of thousands of kernel launches from Python. Attent
 
 Rows stay in the batch (as in `plain`) and stops are checked every few steps, while the device decodes on. The
 cache's unused tail is masked out, so attention sees the keys `plain` sees, but over a longer range and through
-another kernel: on GPU near-tie argmaxes can flip (bench/results/attention_identity_h200.json), while a sure model's
-answers agree (bench/sure_model.py). On CPU the same step runs eagerly and gives `generate()`'s tokens (tested).
+another kernel: on GPU near-tie argmaxes can flip, while a sure model's answers agree (README, "GPU numbers").
+On CPU the same step runs eagerly and gives `generate()`'s tokens (tested).
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation.attention import gqa_attention
 from alpaca_qlora.generation.greedy import forward_model, greedy_tokens, prefill_inputs, take_token
+from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck
 
 
@@ -90,30 +90,6 @@ class DecodeStep:
         return self.next_tokens
 
 
-class _Timer:
-    """Seconds spent in each phase of a decoding run, for the bench's breakdown; a no-op unless a dict is given.
-    Synchronizes the device at the few phase boundaries, so the figures are device time."""
-
-    def __init__(self, timings: dict[str, float] | None, device: torch.device):
-        self.timings, self.device, self.started = timings, device, time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        if self.timings is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.started
-        self.started = now
-
-    def host(self, function: Any, *args: Any) -> None:
-        """Run a host-side step, adding its CPU seconds to `host_check` (it overlaps decoding on CUDA)."""
-        started = time.perf_counter()
-        function(*args)
-        if self.timings is not None:
-            self.timings["host_check"] = self.timings.get("host_check", 0.0) + time.perf_counter() - started
-
-
 @torch.inference_mode()
 def graphed_generate(
     model: Any,
@@ -125,7 +101,7 @@ def graphed_generate(
     marker_check: MarkerCheck | None = None,
     check_every: int = 16,
     use_graph: bool | None = None,
-    timings: dict[str, float] | None = None,
+    recorder: Recorder = NO_RECORDING,
 ) -> list[list[int]]:
     """Greedy decoding of a left-padded batch with a static KV cache, the step graph-captured on CUDA.
 
@@ -135,14 +111,10 @@ def graphed_generate(
     tokens are discarded, as `generate()` discards its padding). Every `check_every` steps the tokens so far are
     copied to the host without waiting, and the host checks the previous chunk while the device decodes on, so
     the device never idles for the stop checks; the run ends one chunk after every row is done.
-    `use_graph`: None captures the step on CUDA only (False runs it eagerly, for profiling). `timings`: when
-    given, seconds per phase are added to it: prefill, capture (the first step), decode (the rest, device time)
-    and host_check (the stop checks' CPU time, which overlaps decode).
+    `use_graph`: None captures the step on CUDA only (False runs it eagerly, for profiling). `recorder` is told
+    where the phases end: prefill, capture (the first step), decode (the rest), and the host's stop checks.
     """
-    from transformers import DynamicCache
-
     network = forward_model(model)
-    device = input_ids.device
     batch, prompt_length = input_ids.shape
     slots = prompt_length + max_new_tokens
     window = getattr(network.config, "sliding_window", None)
@@ -151,41 +123,62 @@ def graphed_generate(
                             f"{window}-token sliding window and this batch needs {slots} positions; use generation "
                             f"'plain' or 'fast'.")
     with gqa_attention(network):
-        timer = _Timer(timings, device)
-        position_ids, prefill_mask = prefill_inputs(attention_mask)
-        prefill = network(input_ids=input_ids, attention_mask=prefill_mask, position_ids=position_ids,
-                          past_key_values=DynamicCache(config=network.config), use_cache=True, logits_to_keep=1,
-                          return_dict=True)
-        first_tokens = greedy_tokens(prefill.logits)
-        write_positions = torch.tensor([prompt_length], dtype=torch.long, device=device)
-        cache = StaticKVCache.from_prefill(prefill.past_key_values, slots, write_positions)
-        del prefill
-        mask = torch.zeros((batch, 1, 1, slots), dtype=torch.bool, device=device)
-        mask[:, 0, 0, :prompt_length] = attention_mask.bool()
-        step = DecodeStep(network, cache, first_tokens[:, None].clone(), position_ids[:, -1:] + 1, mask,
-                          use_graph=device.type == "cuda" if use_graph is None else use_graph)
-        timer.lap("prefill")
+        recorder.begin()
+        step, first_tokens = _prefill_step(network, input_ids, attention_mask, slots=slots, use_graph=use_graph)
+        recorder.mark("prefill")
         rows = _RowStops(batch, eos_token_id=eos_token_id, max_new_tokens=max_new_tokens, marker_check=marker_check)
-        history = [first_tokens]
-        pending: _HostCopy | None = None
-        checked = 0
-        for produced in range(1, max_new_tokens + 1):
-            last = produced == max_new_tokens
-            if last or produced - checked >= check_every:
-                copy = _HostCopy(torch.stack(history[checked:produced], dim=1))
-                checked = produced
-                if pending is not None:  # the chunk before: long finished on the device, so no wait here
-                    timer.host(rows.take, pending.tokens())
-                pending = copy
-                if last or rows.all_finished():
-                    break
-            history.append(step().clone())
-            if produced == 1:
-                timer.lap("capture")  # the first step: graph capture (CUDA) plus one replay
-        if pending is not None:
-            timer.host(rows.take, pending.tokens())
-        timer.lap("decode")
+        _decode(step, first_tokens, rows, max_new_tokens=max_new_tokens, check_every=check_every, recorder=recorder)
+        recorder.mark("decode")
         return rows.generated
+
+
+def _prefill_step(network: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, slots: int,
+                  use_graph: bool | None) -> tuple[DecodeStep, torch.Tensor]:
+    """The prefill (generate()'s first call), its cache copied into `slots` static slots, and the decoding step
+    that continues from it, with the first generated tokens."""
+    from transformers import DynamicCache
+
+    device = input_ids.device
+    batch, prompt_length = input_ids.shape
+    position_ids, prefill_mask = prefill_inputs(attention_mask)
+    prefill = network(input_ids=input_ids, attention_mask=prefill_mask, position_ids=position_ids,
+                      past_key_values=DynamicCache(config=network.config), use_cache=True, logits_to_keep=1,
+                      return_dict=True)
+    first_tokens = greedy_tokens(prefill.logits)
+    write_positions = torch.tensor([prompt_length], dtype=torch.long, device=device)
+    cache = StaticKVCache.from_prefill(prefill.past_key_values, slots, write_positions)
+    del prefill
+    mask = torch.zeros((batch, 1, 1, slots), dtype=torch.bool, device=device)
+    mask[:, 0, 0, :prompt_length] = attention_mask.bool()
+    step = DecodeStep(network, cache, first_tokens[:, None].clone(), position_ids[:, -1:] + 1, mask,
+                      use_graph=device.type == "cuda" if use_graph is None else use_graph)
+    return step, first_tokens
+
+
+def _decode(step: DecodeStep, first_tokens: torch.Tensor, rows: _RowStops, *, max_new_tokens: int,
+            check_every: int, recorder: Recorder) -> None:
+    """Step until every row stopped or the limit, handing the host each chunk of tokens one chunk late, so the
+    device never waits for the stop checks."""
+    history = [first_tokens]
+    pending: _HostCopy | None = None
+    checked = 0
+    for produced in range(1, max_new_tokens + 1):
+        last = produced == max_new_tokens
+        if last or produced - checked >= check_every:
+            copy = _HostCopy(torch.stack(history[checked:produced], dim=1))
+            checked = produced
+            if pending is not None:  # the chunk before: long finished on the device, so no wait here
+                with recorder.host_work():
+                    rows.take(pending.tokens())
+            pending = copy
+            if last or rows.all_finished():
+                break
+        history.append(step().clone())
+        if produced == 1:
+            recorder.mark("capture")  # the first step: graph capture (CUDA) plus one replay
+    if pending is not None:
+        with recorder.host_work():
+            rows.take(pending.tokens())
 
 
 class _HostCopy:

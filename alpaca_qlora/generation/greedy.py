@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck
 
 # Generation-config settings that add logits processors or stopping rules to greedy `generate()`; our own loop
@@ -72,6 +73,7 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_id: int,
     marker_check: MarkerCheck | None = None,
+    recorder: Recorder = NO_RECORDING,
 ) -> list[list[int]]:
     """Greedy decoding of a left-padded batch, dropping rows from the batch and the KV cache as they finish.
 
@@ -81,6 +83,7 @@ def greedy_generate(
     """
     from transformers import DynamicCache
 
+    recorder.begin()
     network = forward_model(model)
     device = input_ids.device
     position_ids, mask = prefill_inputs(attention_mask)
@@ -98,23 +101,15 @@ def greedy_generate(
         next_tokens = greedy_tokens(outputs.logits)
         del outputs
         tokens = next_tokens.tolist()
-        keep: list[int] = []
-        for position, (row, token) in enumerate(zip(rows, tokens)):
-            if finished[row]:  # a row kept only so the mask keeps padding (see below)
-                continue
-            done, watched[row] = take_token(generated[row], token, watched=watched[row], eos_token_id=eos_token_id,
-                                            max_new_tokens=max_new_tokens, marker_check=marker_check)
-            finished[row] = done
-            if not done:
-                keep.append(position)
+        if step == 0:
+            recorder.mark("prefill")
+        keep = _running_positions(rows, tokens, generated, watched, finished, eos_token_id=eos_token_id,
+                                  max_new_tokens=max_new_tokens, marker_check=marker_check)
         if not keep or step + 1 == max_new_tokens:
             break
         if len(keep) < len(rows):
-            if mask is not None and not any(padded[rows[position]] for position in keep):
-                # transformers drops an all-ones mask (another attention path); keep one padded row, as the full
-                # batch would, so every step runs the attention the batch ran
-                keep.append(next(position for position, row in enumerate(rows) if padded[row]))
-                keep.sort()
+            if mask is not None:
+                keep = _with_a_padded_row(keep, rows, padded)
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             rows = [rows[position] for position in keep]
@@ -124,4 +119,29 @@ def greedy_generate(
         step_positions = step_positions[:, -1:] + 1
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+    recorder.mark("decode")
     return generated
+
+
+def _running_positions(rows: list[int], tokens: list[int], generated: list[list[int]], watched: list[bool],
+                       finished: list[bool], *, eos_token_id: int, max_new_tokens: int,
+                       marker_check: MarkerCheck | None) -> list[int]:
+    """Each unfinished row takes its token (take_token's rule); the batch positions of the rows still running."""
+    keep: list[int] = []
+    for position, (row, token) in enumerate(zip(rows, tokens)):
+        if finished[row]:  # a row kept only so the mask keeps padding (see _with_a_padded_row)
+            continue
+        finished[row], watched[row] = take_token(generated[row], token, watched=watched[row],
+                                                 eos_token_id=eos_token_id, max_new_tokens=max_new_tokens,
+                                                 marker_check=marker_check)
+        if not finished[row]:
+            keep.append(position)
+    return keep
+
+
+def _with_a_padded_row(keep: list[int], rows: list[int], padded: list[bool]) -> list[int]:
+    """transformers drops an all-ones mask (another attention path): while the batch has a mask, keep one padded
+    row, as the full batch would, so every step runs the attention the batch ran."""
+    if any(padded[rows[position]] for position in keep):
+        return keep
+    return sorted([*keep, next(position for position, row in enumerate(rows) if padded[row])])

@@ -124,7 +124,7 @@ class FoldedLoraLinear(torch.nn.Module):
     GEMMs, scale, add, cast back), which at decoding batch sizes are each launch-bound, 224 times per step on a 7B:
     x A^T, then the base output + that times (scaling B)^T in one addmm. The adapters (all active ones, stacked) are
     in the base's compute dtype, so on CUDA their weights and the rank-sized intermediate are rounded to bf16: the
-    delta loses precision (far less than merging), and the answers are not bitwise PEFT's (bench/sure_model.py)."""
+    delta loses precision (far less than merging), and the answers are not bitwise PEFT's (measured in the README)."""
 
     def __init__(self, base_layer: torch.nn.Module, down: torch.Tensor, up: torch.Tensor):
         super().__init__()

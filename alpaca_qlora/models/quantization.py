@@ -21,7 +21,7 @@ class QuantizationPlan:
     compute_dtype: torch.dtype
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe_4bit(device: str) -> tuple[bool, str]:
     """Try bitsandbytes' NF4 once per device: a quantize/dequantize round trip of a small tensor (milliseconds)."""
     try:

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from alpaca_qlora.data.formatting import IGNORE_INDEX
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.formatting import IGNORE_INDEX
 from alpaca_qlora.training.packing import PackedCollator, PackedDataset, packed_padding
 
 

@@ -36,7 +36,7 @@ class SpeedSwitches:
 
 
 def resolve_speed_switches(train: Any, device: str, *, liger_installed: bool | None = None) -> SpeedSwitches:
-    """`auto` turns Liger kernels and gradient checkpointing on for CUDA, where bench/train_bench.py measured them
+    """`auto` turns Liger kernels and gradient checkpointing on for CUDA, where they were measured
     paying (README, "GPU numbers"), and off on CPU, where a small model needs no checkpointing and Triton does
     not run. Liger on auto also needs liger-kernel installed; without it training goes on unfused, with a warning."""
     on_cuda = device == "cuda"

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from alpaca_qlora.data.formatting import IGNORE_INDEX
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.formatting import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

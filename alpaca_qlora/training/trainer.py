@@ -34,8 +34,12 @@ from alpaca_qlora.training.checkpoints import (
 from alpaca_qlora.training.data import TokenCounts, TokenizedDataset, make_collator, training_items
 from alpaca_qlora.training.distributed import all_reduce_counts, process_group
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
-from alpaca_qlora.training.sharding import (fsdp_training_arguments, gather_trainable_state_dict, is_sharded,
-                                            keep_output_projection_whole)
+from alpaca_qlora.training.sharding import (
+    fsdp_training_arguments,
+    gather_trainable_state_dict,
+    is_sharded,
+    keep_output_projection_whole,
+)
 from alpaca_qlora.training.tracking import LossLogger, wandb_environment
 
 log = logging.getLogger(__name__)
@@ -64,7 +68,7 @@ class TrainingResult:
 
 
 def trainer_precision(precision: str, device: str) -> dict[str, bool]:
-    """Mixed-precision flags for TrainingArguments; 'auto' means bf16 on GPUs that have it, fp16 on others, fp32 on CPU."""
+    """Mixed-precision flags for TrainingArguments; 'auto': bf16 on GPUs that have it, fp16 on others, fp32 on CPU."""
     if precision == "auto":
         if device != "cuda":
             precision = "fp32"
@@ -170,46 +174,55 @@ def build_training_arguments(job: TrainingJob, items: int | None = None) -> Trai
     return arguments
 
 
+def _attention(job: TrainingJob) -> str:
+    """The attention the run uses: packed bins on CUDA get a variable-length flash kernel, instead of sdpa under a
+    materialized block mask."""
+    job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
+    if job.train.packing and varlen_attention_available(job.device):
+        use_varlen_attention(job.model)
+        return "varlen"
+    return job.model.config._attn_implementation
+
+
+def _trainer(job: TrainingJob, items: Any, callbacks: list[Any], world_size: int) -> Trainer:
+    """The Hugging Face Trainer over the format stage's items, with the sharding the launch asked for."""
+    trainer = Trainer(
+        model=job.model,
+        args=build_training_arguments(job, len(items)),
+        train_dataset=items,
+        data_collator=make_collator(job.train.packing, job.tokenizer.pad_token_id),
+        processing_class=job.tokenizer,
+        callbacks=[*callbacks, *job.extra_callbacks],
+    )
+    trainer.remove_callback(ProgressCallback)
+    if job.train.distributed == "fsdp" and world_size > 1 and not trainer.is_fsdp_enabled:
+        raise PipelineError("train.distributed=fsdp, but accelerate did not enable FSDP for this process group "
+                            f"({trainer.accelerator.distributed_type}); it does so on GPUs only. Use ddp here.")
+    if trainer.is_fsdp_enabled:
+        compute_dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
+        keep_output_projection_whole(trainer.accelerator.state.fsdp_plugin, job.model, compute_dtype)
+    return trainer
+
+
 def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
     """Train, resuming from the run's last sound checkpoint if asked and one exists; returns the run's measurements.
 
     A resumed run's measurements are the whole run's (losses from the log the checkpoint carries, token counts
     from its run_history.json), except throughput and runtime, which are this call's.
     """
-    collator = make_collator(job.train.packing, job.tokenizer.pad_token_id)
     items = training_items(job.dataset, job.train)
-    job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
-    # Packed bins on CUDA: a variable-length flash kernel, instead of sdpa under a materialized block mask.
-    attention = job.model.config._attn_implementation
-    if job.train.packing and varlen_attention_available(job.device):
-        use_varlen_attention(job.model)
-        attention = "varlen"
+    attention = _attention(job)
     ranks = process_group()
     checkpoint = resumable_checkpoint(job.run_dir, ranks.world_size, is_main=ranks.is_main) if resume else None
     # Process 0 carries the counts up to the checkpoint; the others add only what they see from here.
     carried = TokenCounts(**carried_counters(checkpoint)) if ranks.is_main else TokenCounts()
     local_counts = TokenCounts()
     counting = job.model.register_forward_pre_hook(local_counts, with_kwargs=True)
-    progress = ThroughputProgress(local_counts)
     losses = LossLogger(job.log_dir if job.train.dvclive else None)
     history = HistoryCheckpointer(lambda: dataclasses.asdict(carried + all_reduce_counts(local_counts)))
     if job.train.wandb:
         os.environ.update(wandb_environment(job.train.wandb_project))
-    trainer = Trainer(
-        model=job.model,
-        args=build_training_arguments(job, len(items)),
-        train_dataset=items,
-        data_collator=collator,
-        processing_class=job.tokenizer,
-        callbacks=[progress, losses, history, *job.extra_callbacks],
-    )
-    trainer.remove_callback(ProgressCallback)
-    if job.train.distributed == "fsdp" and ranks.world_size > 1 and not trainer.is_fsdp_enabled:
-        raise PipelineError("train.distributed=fsdp, but accelerate did not enable FSDP for this process group "
-                            f"({trainer.accelerator.distributed_type}); it does so on GPUs only. Use ddp here.")
-    if trainer.is_fsdp_enabled:
-        compute_dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
-        keep_output_projection_whole(trainer.accelerator.state.fsdp_plugin, job.model, compute_dtype)
+    trainer = _trainer(job, items, [ThroughputProgress(local_counts), losses, history], ranks.world_size)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     # Counted before train() prepares the model: under FSDP the parameters become one process's shards.
@@ -223,30 +236,16 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         losses.close()
         counting.remove()
     runtime = time.perf_counter() - started
-    state_dict = None
+    # Sharded weights: every process takes part in gathering the adapter (process 0 receives it); a save from
+    # process 0 alone would wait forever for the others.
     sharded = is_sharded(trainer.model)
-    if sharded:
-        # Sharded weights: every process takes part in gathering the adapter (process 0 receives it); a save
-        # from process 0 alone would wait forever for the others.
-        state_dict = gather_trainable_state_dict(trainer.model)
+    state_dict = gather_trainable_state_dict(trainer.model) if sharded else None
     this_call = all_reduce_counts(local_counts)
-    counts = carried + this_call
-    loss_curve = logged_losses(trainer.state.log_history)
-    last_losses = [loss for _, loss in loss_curve[-3:]]
-    train_loss = mean_step_loss(trainer.state.log_history)
     metrics = {
-        "train_loss": round(train_loss, 6) if train_loss is not None else round(float(result.training_loss), 6),
-        "final_loss": round(sum(last_losses) / len(last_losses), 6) if last_losses else None,
-        "first_loss": round(loss_curve[0][1], 6) if loss_curve else None,
-        "steps": int(trainer.state.global_step),
+        **_loss_metrics(trainer.state, result),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
-        "epochs": round(float(trainer.state.epoch or 0), 4),
         "runtime_s": round(runtime, 2),
-        "tokens": counts.tokens,
-        "labelled_tokens": counts.labelled,
-        "tokens_per_s": round(this_call.tokens / runtime, 2),
-        "labelled_tokens_per_s": round(this_call.labelled / runtime, 2),
-        "padding_fraction": round(counts.padded / max(1, counts.padded + counts.tokens), 4),
+        **_token_metrics(carried + this_call, this_call, runtime),
         "attention": attention,
         "processes": ranks.world_size,
         "sharded": sharded,  # FSDP: each process held 1/processes of the model
@@ -260,3 +259,28 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         **peak_memory(job.device),
     }
     return TrainingResult(metrics=metrics, state_dict=state_dict)
+
+
+def _loss_metrics(state: Any, result: Any) -> dict[str, Any]:
+    """The losses and progress a run reports, from the Trainer's log (whole-run, also when resumed)."""
+    loss_curve = logged_losses(state.log_history)
+    last_losses = [loss for _, loss in loss_curve[-3:]]
+    train_loss = mean_step_loss(state.log_history)
+    return {
+        "train_loss": round(train_loss, 6) if train_loss is not None else round(float(result.training_loss), 6),
+        "final_loss": round(sum(last_losses) / len(last_losses), 6) if last_losses else None,
+        "first_loss": round(loss_curve[0][1], 6) if loss_curve else None,
+        "steps": int(state.global_step),
+        "epochs": round(float(state.epoch or 0), 4),
+    }
+
+
+def _token_metrics(counts: TokenCounts, this_call: TokenCounts, runtime: float) -> dict[str, Any]:
+    """Whole-run token counts; throughput from this call's tokens and time."""
+    return {
+        "tokens": counts.tokens,
+        "labelled_tokens": counts.labelled,
+        "tokens_per_s": round(this_call.tokens / runtime, 2),
+        "labelled_tokens_per_s": round(this_call.labelled / runtime, 2),
+        "padding_fraction": round(counts.padded / max(1, counts.padded + counts.tokens), 4),
+    }

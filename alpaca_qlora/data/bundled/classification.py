@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
-from alpaca_qlora.bundled.facts import Element, Facts, is_prime
-from alpaca_qlora.bundled.rows import Row, distinct_pairs, make_row, take
-from alpaca_qlora.bundled.tables import CLASSIFIED_MAX_NUMBER, FAMILIES
-from alpaca_qlora.answer_text import word_count
+from alpaca_qlora.data.bundled.facts import Element, Facts, is_prime
+from alpaca_qlora.data.bundled.rows import Row, distinct_pairs, make_row, take
+from alpaca_qlora.data.bundled.tables import CLASSIFIED_MAX_NUMBER, FAMILIES
+from alpaca_qlora.evaluation.answer_text import word_count
 
 
 def labelled(rng: random.Random, item: str, label: str, asked: Sequence[str], with_input: Sequence[str],

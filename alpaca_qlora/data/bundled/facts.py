@@ -14,7 +14,7 @@ from decimal import ROUND_HALF_UP, Decimal
 import periodictable
 import pycountry
 
-from alpaca_qlora.bundled.tables import (
+from alpaca_qlora.data.bundled.tables import (
     ACTINIDES,
     CAPITALS,
     CLASS_UNSETTLED,

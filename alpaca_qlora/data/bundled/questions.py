@@ -10,8 +10,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from string import Formatter
 
-from alpaca_qlora.bundled.facts import Country, Currency, Element, Facts, Language, Script, Subdivision, format_weight
-from alpaca_qlora.bundled.rows import is_short
+from alpaca_qlora.data.bundled.facts import (
+    Country,
+    Currency,
+    Element,
+    Facts,
+    Language,
+    Script,
+    Subdivision,
+    format_weight,
+)
+from alpaca_qlora.data.bundled.rows import is_short
 
 
 @dataclass(frozen=True)

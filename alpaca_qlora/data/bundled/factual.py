@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
-from alpaca_qlora.bundled.facts import Facts
-from alpaca_qlora.bundled.questions import (
+from alpaca_qlora.data.bundled.facts import Facts
+from alpaca_qlora.data.bundled.questions import (
     Question,
     ambiguous_currency_names,
     country_questions,
@@ -17,7 +17,7 @@ from alpaca_qlora.bundled.questions import (
     region_questions,
     script_questions,
 )
-from alpaca_qlora.bundled.rows import Row, is_short, make_row, take
+from alpaca_qlora.data.bundled.rows import Row, is_short, make_row, take
 
 FACTUAL_QUOTAS: dict[str, int] = {
     "country_alpha_2": 85, "country_alpha_3": 65, "country_numeric": 45, "country_capital": 65,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Hashable, Iterator, Sequence
 
-from alpaca_qlora.answer_text import word_count  # a short answer here is one the EM metric counts as short
+from alpaca_qlora.evaluation.answer_text import word_count  # a short answer here is one the EM metric counts as short
 
 Row = dict[str, str]
 

@@ -14,8 +14,14 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from alpaca_qlora.answer_text import STOP_WORDS, is_stated_option, normalize_answer, normalized_words, word_count
 from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.evaluation.answer_text import (
+    STOP_WORDS,
+    is_stated_option,
+    normalize_answer,
+    normalized_words,
+    word_count,
+)
 from alpaca_qlora.stop_rule import stop_position
 
 # Rows of data without task types (alpaca-cleaned) are grouped under this name, as the sample stage reports them.

@@ -10,8 +10,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from alpaca_qlora.metrics import LIMIT_METRICS, PROXY_METRICS, task_type_of
-from alpaca_qlora.significance import CONFIDENCE, is_significant
+from alpaca_qlora.evaluation.metrics import LIMIT_METRICS, PROXY_METRICS, task_type_of
+from alpaca_qlora.evaluation.significance import CONFIDENCE, is_significant
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +229,8 @@ def render_report(
 ) -> str:
     """The markdown report (reports/compare.md): context, overall metrics, EM by task type, wins and losses."""
     lines = ["# Fine-tuned vs base model", "", *_context_lines(title_context), "",
-             "## Overall", "", *_rests_on_lines(base_metrics, finetuned_metrics), "", *_overall_table(base_metrics["overall"], finetuned_metrics["overall"],
-                                               deltas["overall"]), "",
+             "## Overall", "", *_rests_on_lines(base_metrics, finetuned_metrics), "",
+             *_overall_table(base_metrics["overall"], finetuned_metrics["overall"], deltas["overall"]), "",
              "## Exact match by task type", "", *_task_type_table(base_metrics["by_task_type"],
                                                                   finetuned_metrics["by_task_type"],
                                                                   deltas["by_task_type"]), ""]

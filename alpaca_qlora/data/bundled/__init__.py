@@ -10,8 +10,8 @@ in sorted order, all choices come from one seeded `random.Random`, and nothing d
 
 Modules: tables (hand-written facts), facts (loaded facts), questions (one table of asks per kind of subject),
 rows (the row and seeded sampling), one module per task type (factual, closed_qa, classification, open_ended), and
-dataset (the set, its contract check and writer; `python -m alpaca_qlora.bundled OUT.json`).
+dataset (the set, its contract check and writer; `python -m alpaca_qlora.data.bundled OUT.json`).
 """
-from alpaca_qlora.bundled.dataset import BUNDLED_VERSION, generate_rows, write_rows
+from alpaca_qlora.data.bundled.dataset import BUNDLED_VERSION, generate_rows, write_rows
 
 __all__ = ["BUNDLED_VERSION", "generate_rows", "write_rows"]

@@ -4,15 +4,15 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from alpaca_qlora.bundled.facts import Facts, Subdivision
-from alpaca_qlora.bundled.questions import (
+from alpaca_qlora.data.bundled.facts import Facts, Subdivision
+from alpaca_qlora.data.bundled.questions import (
     Subject,
     country_subjects,
     currency_subjects,
     element_subjects,
     language_subjects,
 )
-from alpaca_qlora.bundled.rows import Row, is_short, make_row, take
+from alpaca_qlora.data.bundled.rows import Row, is_short, make_row, take
 
 CLOSED_QA_LEADS = (
     "Answer the question using the passage below. {question}",

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from alpaca_qlora.data.records import prompt_key
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.metrics import NO_TASK_TYPE
-from alpaca_qlora.records import prompt_key
+from alpaca_qlora.evaluation.metrics import NO_TASK_TYPE
 
 
 class SamplingError(PipelineError, ValueError):
@@ -71,8 +71,8 @@ def split_rows(rows: list[dict[str, Any]], *, sample_frac: float, eval_size: int
 
     The eval split is stratified by short answer (as `is_short` decides) and, within each, by task type. Short-answer
     rows get their proportional share or `min_short_answer`, whichever is larger (all of them where the data has
-    fewer), and are drawn first, so exact match rests on enough rows even where short answers are rare (as in alpaca-cleaned:
-    README, "Split"); data that has enough keeps its natural mix.
+    fewer), and are drawn first, so exact match rests on enough rows even where short answers are rare (as in
+    alpaca-cleaned: README, "Split"); data that has enough keeps its natural mix.
     It does not depend on `sample_frac`, so experiments that change the training sample are scored on the very
     same rows and their EM deltas compare like with like (and the base model's evaluation stays cached).
     Training rows that ask the same question as an eval row (same normalized instruction + input) are excluded.

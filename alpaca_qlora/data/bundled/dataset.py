@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from alpaca_qlora import io
-from alpaca_qlora.bundled.classification import classification_rows
-from alpaca_qlora.bundled.closed_qa import closed_qa_rows
-from alpaca_qlora.bundled.facts import load_facts
-from alpaca_qlora.bundled.factual import factual_rows
-from alpaca_qlora.bundled.open_ended import open_ended_rows
-from alpaca_qlora.bundled.rows import OPEN_ENDED_WORDS, TASK_TYPES, Row, is_short
-from alpaca_qlora.answer_text import word_count
-from alpaca_qlora.records import prompt_key
+from alpaca_qlora.data.bundled.classification import classification_rows
+from alpaca_qlora.data.bundled.closed_qa import closed_qa_rows
+from alpaca_qlora.data.bundled.facts import load_facts
+from alpaca_qlora.data.bundled.factual import factual_rows
+from alpaca_qlora.data.bundled.open_ended import open_ended_rows
+from alpaca_qlora.data.bundled.rows import OPEN_ENDED_WORDS, TASK_TYPES, Row, is_short
+from alpaca_qlora.data.records import prompt_key
+from alpaca_qlora.evaluation.answer_text import word_count
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.metrics import DECIMALS, task_type_of
+from alpaca_qlora.evaluation.metrics import DECIMALS, task_type_of
 
 CONFIDENCE = 0.95
 RESAMPLE_CHUNK = 1000  # resamples drawn at a time: bounds memory at RESAMPLE_CHUNK x rows per array

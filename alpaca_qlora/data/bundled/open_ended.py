@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 from itertools import islice
 
-from alpaca_qlora.bundled.facts import (
+from alpaca_qlora.data.bundled.facts import (
     Country,
     Currency,
     Element,
@@ -19,7 +19,7 @@ from alpaca_qlora.bundled.facts import (
     prime_factors,
     roman,
 )
-from alpaca_qlora.bundled.rows import (
+from alpaca_qlora.data.bundled.rows import (
     OPEN_ENDED_SENTENCES,
     OPEN_ENDED_WORDS,
     Row,
@@ -27,8 +27,9 @@ from alpaca_qlora.bundled.rows import (
     make_row,
     take,
 )
-from alpaca_qlora.bundled.tables import FAMILIES
-from alpaca_qlora.answer_text import word_count
+from alpaca_qlora.data.bundled.tables import FAMILIES
+from alpaca_qlora.evaluation.answer_text import word_count
+
 
 def joined(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]

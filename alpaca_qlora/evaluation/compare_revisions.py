@@ -1,7 +1,7 @@
 """Is a change's effect real? Compare the fine-tuned predictions of two revisions or experiments row by row.
 
-    python -m alpaca_qlora.compare_revisions main my-experiment [--json out.json]
-    python -m alpaca_qlora.compare_revisions HEAD workspace
+    python -m alpaca_qlora.evaluation.compare_revisions main my-experiment [--json out.json]
+    python -m alpaca_qlora.evaluation.compare_revisions HEAD workspace
 
 `dvc metrics diff` says EM went up by 0.007; this says whether that is more than the noise of which eval rows
 happened to be drawn. Each revision's data/predictions/finetuned.jsonl is read through DVC (from the cache or the
@@ -22,8 +22,8 @@ from typing import Any
 from alpaca_qlora import io
 from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.report import NOT_SIGNIFICANT_NOTE, delta_with_interval, format_p, format_value
-from alpaca_qlora.significance import CONFIDENCE, PairedDelta, compare_paired, exact_match_mcnemar, pair_rows
+from alpaca_qlora.evaluation.report import NOT_SIGNIFICANT_NOTE, delta_with_interval, format_p, format_value
+from alpaca_qlora.evaluation.significance import CONFIDENCE, PairedDelta, compare_paired, exact_match_mcnemar, pair_rows
 from alpaca_qlora.stage import run_stage
 
 PREDICTIONS = "data/predictions/finetuned.jsonl"

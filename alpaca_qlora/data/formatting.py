@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from alpaca_qlora.data.prompts import PromptTemplate
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.prompts import PromptTemplate
 
 IGNORE_INDEX = -100
 

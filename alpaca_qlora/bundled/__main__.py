@@ -1,3 +1,0 @@
-from alpaca_qlora.bundled.dataset import main
-
-main()

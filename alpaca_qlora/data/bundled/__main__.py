@@ -1,0 +1,3 @@
+from alpaca_qlora.data.bundled.dataset import main
+
+main()
