@@ -16,6 +16,11 @@ apart. Ratios are against the baseline JSON's figures; prints a table last.
 """
 from __future__ import annotations
 
+# isort: off
+import unsloth  # noqa: F401  (first: it patches the libraries below)
+from unsloth import FastLanguageModel
+
+# isort: on
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -23,8 +28,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-import unsloth  # noqa: F401  (first: it patches the libraries below)
-from unsloth import FastLanguageModel
 
 from alpaca_qlora.stage import configure_logging  # noqa: E402
 from bench import command_line  # noqa: E402
