@@ -118,6 +118,8 @@ class TrainParams:
     """Micro-batches per optimizer step; the loss is normalized by labelled tokens across them."""
     gradient_checkpointing: Switch
     """Recompute each layer in backward; auto: on for CUDA, off on CPU (training.model)."""
+    memory_budget_gib: Literal["auto"] | float
+    """GPU memory training may use; gradient_checkpointing auto keeps the layers that fit (auto: the card less 5%)."""
     checkpoint_offload: bool
     """With gradient checkpointing: the layers' checkpoints wait in pinned host memory."""
     frozen_dtype: Literal["compute", "fp32"]
@@ -159,6 +161,8 @@ class TrainParams:
         _require(self.epochs > 0, "train.epochs", self.epochs, "a positive number")
         _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", self.max_steps,
                  "-1 (use epochs) or a positive step count")
+        _require(self.memory_budget_gib == "auto" or 0 < self.memory_budget_gib < float("inf"),
+                 "train.memory_budget_gib", self.memory_budget_gib, "auto or a positive number of GiB")
         _require(self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "a positive integer")
         _require(self.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
                  self.gradient_accumulation_steps, "a positive integer")

@@ -19,14 +19,14 @@ log = logging.getLogger("alpaca_qlora")
 # `resumed_from_step` is one too, since its results equal an uninterrupted run's.
 TIMING_KEYS = frozenset({"runtime_s", "generation_s", "new_tokens_per_s", "tokens_per_s", "labelled_tokens_per_s",
                          "peak_memory_gib", "peak_memory_kind", "resumed_from_step"})
+TIMING_PREFIXES = ("memory_plan_",)  # what the memory budget decided on this card
 TIMING_DIR = Path("metrics/timing")
 
 
 def split_timing(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(results, timing) of a flat metrics dict."""
-    results = {key: value for key, value in metrics.items() if key not in TIMING_KEYS}
-    timing = {key: value for key, value in metrics.items() if key in TIMING_KEYS}
-    return results, timing
+    timing = {key: value for key, value in metrics.items() if key in TIMING_KEYS or key.startswith(TIMING_PREFIXES)}
+    return {key: value for key, value in metrics.items() if key not in timing}, timing
 
 
 def timing_path(stage: str) -> Path:

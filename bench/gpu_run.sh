@@ -27,6 +27,8 @@
 #   agreement  bench/sure_model.py: a small Mistral trained on the bundled data, every generation path against plain
 #   unsloth  bench/unsloth_bench.py in its own process, against the train phase's JSON (run train first);
 #            needs .whl/unsloth-site.tar.gz (bash bench/make_unsloth_site.sh)
+#   budget  bench/budget_bench.py then bench/unsloth_bench.py --caps: each tool's best setting under each memory cap
+#           (BUDGET_CAPS, GiB), the project through the train stage's memory budget; the table in budget.json
 #   profile  bench/train_profile.py: where a training step's GPU time goes, baseline and project
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUT_DIR PHASE...}; shift
@@ -149,6 +151,18 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
         timeout "${UNSLOTH_TIMEOUT:-420}" python -m bench.unsloth_bench "$model" --baseline "$out/train_bench.json" \
         --out "$out/unsloth_bench.json" --steps "${BENCH_STEPS:-10}" --warmup 2 ${UNSLOTH_ARGS:-} 2>&1 \
         | grep -v "Warning\|Loading weights\|Measurement(" | tail -40 ;;
+    budget)
+      caps=${BUDGET_CAPS:-12,24,80}
+      CUDA_VISIBLE_DEVICES=0 timeout "${BUDGET_TIMEOUT:-300}" python -m bench.budget_bench "$model" --caps "$caps" \
+        --out "$out/budget_project.json" --steps "${BENCH_STEPS:-6}" ${BUDGET_ARGS:-} 2>&1 \
+        | grep -v "Warning\|Loading weights\|liger_kernel" | tail -30
+      mkdir -p /tmp/unsloth-site && tar xzf .whl/unsloth-site.tar.gz -C /tmp/unsloth-site
+      CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 \
+        timeout "${UNSLOTH_TIMEOUT:-300}" python -m bench.unsloth_bench "$model" --caps "$caps" \
+        --out "$out/budget_unsloth.json" --steps "${BENCH_STEPS:-6}" --warmup 2 2>&1 \
+        | grep -v "Warning\|Loading weights\|Measurement(" | tail -30
+      python -m bench.budget_bench --summarize "$out/budget_project.json" "$out/budget_unsloth.json" \
+        --out "$out/budget.json" ;;
     profile)
       CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_TIMEOUT:-300}" python -m bench.train_profile "$model" \
         --out "$out/train_profile.json" ${PROFILE_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;

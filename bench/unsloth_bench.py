@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from alpaca_qlora.stage import configure_logging  # noqa: E402
 from bench import command_line  # noqa: E402
+from bench.budget_bench import run_grid  # noqa: E402
 from bench.train_bench import REFERENCE_LORA_DROPOUT, measure, profile_lora, release_memory  # noqa: E402
 from bench.train_results import Measurement  # noqa: E402
 from bench.workloads import alpaca_micro_batches, collate, workloads  # noqa: E402
@@ -38,13 +39,13 @@ from bench.workloads import alpaca_micro_batches, collate, workloads  # noqa: E4
 log = logging.getLogger("unsloth_bench")
 
 
-def unsloth_model(model_dir: str, dropout: float) -> Any:
+def unsloth_model(model_dir: str, dropout: float, checkpointing: str | bool = "unsloth") -> Any:
     lora = profile_lora()
     model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=2048, dtype=torch.bfloat16,
                                                  load_in_4bit=True)
     return FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,
                                             target_modules=list(lora.target_modules), bias="none",
-                                            use_gradient_checkpointing="unsloth", random_state=0)
+                                            use_gradient_checkpointing=checkpointing, random_state=0)
 
 
 def padding_free(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,6 +82,20 @@ def run(model_dir: str, steps: int, warmup: int, dropouts: list[float]) -> list[
         del model
         release_memory()
     return results
+
+
+def run_caps(model_dir: str, caps: list[float], steps: int, warmup: int) -> dict[str, Any]:
+    """Unsloth's candidates under each cap (budget_bench's grid): its offloaded checkpointing and no checkpointing,
+    dropout 0, micro-batches of 1, 2 and 4 x 2048 tokens; Alpaca-length rows through its own padding-free packing."""
+    results = []
+    for checkpointing, setting in (("unsloth", "offloaded_checkpointing"), (False, "no_checkpointing")):
+        model = unsloth_model(model_dir, 0.0, checkpointing)
+        results += run_grid(model, "unsloth", setting, caps=caps, steps=steps, warmup=warmup, packing=False,
+                            prepare=lambda cap, tokens: {},
+                            adapt=lambda workload, batch: padding_free(batch) if workload == "alpaca_packed" else batch)
+        del model
+        release_memory()
+    return {"results": results}
 
 
 def ratios(results: list[Measurement], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -126,13 +141,22 @@ def goal_figures(summary: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
-    parser.add_argument("--baseline", type=Path, required=True, help="train_bench.py's JSON from the same call")
+    parser.add_argument("--baseline", type=Path, help="train_bench.py's JSON from the same call")
+    parser.add_argument("--caps", help="budget_bench's grid under these caps (GiB, comma-separated) instead")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dropouts", default=f"{REFERENCE_LORA_DROPOUT:g},0")
     arguments = parser.parse_args()
     configure_logging()
+    if arguments.caps:
+        payload = run_caps(arguments.model_dir, [float(cap) for cap in arguments.caps.split(",")], arguments.steps,
+                           arguments.warmup)
+        arguments.out.write_text(json.dumps({"command": command_line(), "device": torch.cuda.get_device_name(0),
+                                             "unsloth": getattr(unsloth, "__version__", "?"), **payload}, indent=2))
+        return
+    if arguments.baseline is None:
+        parser.error("--baseline is needed without --caps")
     baseline = json.loads(arguments.baseline.read_text())
     results = run(arguments.model_dir, arguments.steps, arguments.warmup,
                   [float(value) for value in arguments.dropouts.split(",")])

@@ -60,12 +60,12 @@ def workloads(steps: int, warmup: int) -> tuple[list[list[dict[str, list[int]]]]
             alpaca_rows(64 * (steps + warmup), seed=1))
 
 
-def alpaca_micro_batches(rows: list[dict], packing: bool, count: int) -> list[list[Any]]:
-    """Micro-batches of Alpaca-length rows: 4 of the 2048-token bins all rows were packed into once (bins shuffled
-    as the Trainer's sampler does), or 8 padded rows."""
+def alpaca_micro_batches(rows: list[dict], packing: bool, count: int, bins: int = 4) -> list[list[Any]]:
+    """Micro-batches of Alpaca-length rows: `bins` of the 2048-token bins all rows were packed into once (bins
+    shuffled as the Trainer's sampler does), or 8 padded rows."""
     if not packing:
         return chunk(rows, 8)[:count]
     dataset = PackedDataset(rows, bin_tokens=2048, seed=0)
     order = list(range(len(dataset)))
     random.Random(0).shuffle(order)
-    return chunk([dataset[index] for index in order], 4)[:count]
+    return chunk([dataset[index] for index in order], bins)[:count]

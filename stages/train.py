@@ -37,6 +37,7 @@ from alpaca_qlora.training.checkpoints import (
 )
 from alpaca_qlora.training.data import TokenizedDataset
 from alpaca_qlora.training.distributed import accelerate_command, process_group
+from alpaca_qlora.training.memory import memory_budget, plan_to_budget
 from alpaca_qlora.training.model import build_trainable_model, resolve_speed_switches
 from alpaca_qlora.training.trainer import TrainingJob, run_training
 
@@ -83,6 +84,8 @@ def main() -> None:
                                   frozen_dtype=params.train.frozen_dtype,
                                   checkpoint_offload=params.train.checkpoint_offload,
                                   shardable=params.train.distributed == "fsdp")
+    budget = memory_budget(params.train, device)
+    memory_plan = plan_to_budget(model, budget) if budget is not None else None
 
     data_sha256 = io.sha256_file(TRAIN_IN)
     dataset = TokenizedDataset(read_input_rows(TRAIN_IN, "format"))
@@ -92,7 +95,9 @@ def main() -> None:
     job = TrainingJob(model=model, tokenizer=tokenizer, dataset=dataset, train=params.train, plan=plan,
                       device=device, run_dir=run_dir, log_dir=LOG_DIR)
     result = run_training(job, resume=params.train.resume == "auto")
-    metrics = {**result.metrics, **dataclasses.asdict(switches)}
+    metrics = {**result.metrics, **dataclasses.asdict(switches), **(memory_plan.record() if memory_plan else {})}
+    if budget is not None:
+        metrics["memory_plan_budget_gib"] = budget.gib
     if not ranks.is_main:
         return
 

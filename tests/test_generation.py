@@ -2,6 +2,8 @@
 and graphed (static KV cache, the decoding step a CUDA graph on GPU, run eagerly here)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -297,23 +299,41 @@ def test_auto_is_plain_on_cpu_with_plain_tokens(embedded):
 @pytest.mark.parametrize("check_every", [1, 3, 64])
 def test_graphed_stop_checks_a_chunk_behind_keep_plain_tokens(embedded, check_every):
     """The host checks each chunk of steps while the next decodes, so the loop runs past the last stop; the
-    rows keep exactly plain's tokens at every chunk size, and the phase timings are filled."""
+    rows keep exactly plain's tokens at every chunk size, and a recorder is told each phase's end in order."""
     from alpaca_qlora.data.formatting import encode_prompt
     from alpaca_qlora.generation.batching import left_pad, split_generated
     from alpaca_qlora.generation.graphed import graphed_generate
+    from alpaca_qlora.generation.recording import Recorder
     from alpaca_qlora.generation.stop_checks import MarkerCheck
+
+    class Marks(Recorder):
+        def __init__(self):
+            self.events = []
+
+        def begin(self):
+            self.events.append("begin")
+
+        def mark(self, phase):
+            self.events.append(phase)
+
+        @contextlib.contextmanager
+        def host_work(self):
+            self.events.append("host_check")
+            yield
 
     model, tokenizer, _ = embedded
     plain = run(model, tokenizer, "plain", max_new_tokens=20)
     input_ids, attention_mask = left_pad([encode_prompt(tokenizer, p) for p in PROMPTS], tokenizer.pad_token_id)
-    timings: dict[str, float] = {}
+    recorder = Marks()
     rows = graphed_generate(model, input_ids, attention_mask, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id,
                             marker_check=MarkerCheck(tokenizer, TEMPLATE.stop_markers), check_every=check_every,
-                            timings=timings)
+                            recorder=recorder)
     texts = [tokenizer.decode(split_generated(r, tokenizer.eos_token_id, tokenizer.pad_token_id)[0],
                               skip_special_tokens=True) for r in rows]
     assert texts == [g.raw for g in plain]
-    assert {"prefill", "capture", "decode", "host_check"} <= set(timings)
+    phases = [event for event in recorder.events if event != "host_check"]
+    assert phases == ["begin", "prefill", "capture", "decode"]
+    assert "host_check" in recorder.events
 
 
 def test_graphed_attends_through_sdpa_enable_gqa_then_restores_the_models_attention(embedded, monkeypatch):
