@@ -30,7 +30,7 @@ from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.memory import GIB, MemoryBudget, decoder_layers, plan_to_budget
 from bench import command_line
-from bench.train_bench import build_variant, measure, project_settings, release_memory
+from bench.train_bench import build_variant, measure, release_memory
 from bench.train_profile import frozen_linear_params
 from bench.workloads import alpaca_micro_batches, alpaca_rows, collate, dense_batches
 
@@ -67,8 +67,8 @@ def run_grid(model: Any, tool: str, setting: str, *, caps: list[float], steps: i
     for micro_batch in MICRO_BATCHES:
         workloads = grid_workloads(micro_batch, steps, warmup, packing)
         for cap in caps:
+            how = prepare(cap, micro_batch * 2048)  # the project's probe runs uncapped, as in the stage
             with capped(cap):
-                how = prepare(cap, micro_batch * 2048)
                 for workload, (batches, useful) in workloads.items():
                     entry = {"tool": tool, "setting": setting, "cap_gib": cap, "micro_batch": micro_batch,
                              "workload": workload, **how}
@@ -85,22 +85,25 @@ def run_grid(model: Any, tool: str, setting: str, *, caps: list[float], steps: i
     return results
 
 
-def project_prepare(model: Any, offloaded: bool) -> Callable[[float, int], dict[str, Any]]:
+def project_prepare(model: Any) -> Callable[[float, int], dict[str, Any]]:
     def prepare(cap: float, tokens: int) -> dict[str, Any]:
+        log.info("cap %g, %d tokens: %.2f GiB allocated before planning", cap, tokens,
+                 torch.cuda.memory_allocated() / GIB)
         try:
-            plan = plan_to_budget(model, MemoryBudget(gib=cap, tokens_per_micro_batch=tokens, plans_layers=True,
-                                                      offloaded_checkpoints=offloaded))
-        except PipelineError as error:  # a budget the plan cannot meet: recorded, measured all-checkpointed
-            log.warning("cap %s, %d tokens: %s", cap, tokens, error)
+            budget = MemoryBudget(gib=cap, tokens_per_micro_batch=tokens, plans_layers=True)
+            plan = plan_to_budget(model, budget, torch.bfloat16)  # the compute dtype on CUDA
+        except (PipelineError, torch.OutOfMemoryError) as error:  # recorded, then measured all-checkpointed
+            log.warning("cap %s, %d tokens: %s", cap, tokens, str(error).splitlines()[0])
+            release_memory()
             for layer in decoder_layers(model):
                 layer.gradient_checkpointing = True
-            return {"plan_error": str(error)}
+            return {"plan_error": str(error).splitlines()[0]}
         return {"kept_layers": plan.kept_layers, "checkpointed_layers": len(plan.checkpointed_layers),
                 "expected_peak_gib": plan.expected_peak_gib}
     return prepare
 
 
-def loss_check(model: Any, offloaded: bool, caps: list[float], steps: int) -> dict[str, Any]:
+def loss_check(model: Any, caps: list[float], steps: int) -> dict[str, Any]:
     """50 steps of 2 x 2048 dense tokens from the same LoRA init under each cap's plan and with every layer
     checkpointed: the largest loss difference per cap."""
     initial = {name: value.detach().clone() for name, value in model.named_parameters() if value.requires_grad}
@@ -111,27 +114,35 @@ def loss_check(model: Any, offloaded: bool, caps: list[float], steps: int) -> di
             for name, value in model.named_parameters():
                 if name in initial:
                     value.copy_(initial[name])
+        if cap is None:
+            for layer in decoder_layers(model):
+                layer.gradient_checkpointing = True
+        else:
+            project_prepare(model)(cap, 2 * 2048)
         with capped(cap or 1e6):
-            if cap is None:
-                for layer in decoder_layers(model):
-                    layer.gradient_checkpointing = True
-            else:
-                project_prepare(model, offloaded)(cap, 2 * 2048)
-            curves[label] = measure(model, batches, variant=label, workload="loss_check", warmup=0,
-                                    useful_tokens=useful).losses
+            try:
+                curves[label] = measure(model, batches, variant=label, workload="loss_check", warmup=0,
+                                        useful_tokens=useful).losses
+            except torch.OutOfMemoryError:
+                log.warning("loss check %s: out of memory under the plan", label)
+                curves[label] = None
     reference = curves.pop("all_checkpointed")
-    return {"steps": steps, "max_abs_loss_diff": {label: round(max(abs(a - b) for a, b in zip(reference, curve)), 5)
-                                                  for label, curve in curves.items()},
-            "reference_final_loss": reference[-1]}
+    return {"steps": steps, "reference_final_loss": reference[-1],
+            "max_abs_loss_diff": {label: round(max(abs(a - b) for a, b in zip(reference, curve)), 5)
+                                  if curve else "out_of_memory" for label, curve in curves.items()}}
 
 
-def run_project(model_dir: str, caps: list[float], steps: int, warmup: int, loss_steps: int) -> dict[str, Any]:
+def run_project(model_dir: str, caps: list[float], steps: int, warmup: int, loss_steps: int,
+                out: Path) -> dict[str, Any]:
     model, packing = build_variant(model_dir, "project")
-    offloaded = project_settings()["checkpoint_offload"]
-    results = run_grid(model, "project", "memory_budget", caps=caps, steps=steps, warmup=warmup, packing=packing,
-                       prepare=project_prepare(model, offloaded))
-    checked = loss_check(model, offloaded, caps, loss_steps) if loss_steps else None
-    return {"results": results, "loss_check": checked, "frozen_linear_params": frozen_linear_params(model.config)}
+    payload: dict[str, Any] = {"device": torch.cuda.get_device_name(0),
+                               "frozen_linear_params": frozen_linear_params(model.config)}
+    payload["results"] = run_grid(model, "project", "memory_budget", caps=caps, steps=steps, warmup=warmup,
+                                  packing=packing, prepare=project_prepare(model))
+    write(out, payload)  # kept if the loss check runs out of time
+    payload["loss_check"] = loss_check(model, caps, loss_steps) if loss_steps else None
+    write(out, payload)
+    return payload
 
 
 def best_per_cap(results: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[str, Any]]:
@@ -200,8 +211,7 @@ def main() -> None:
         print(table(summary))
         return
     caps = [float(cap) for cap in arguments.caps.split(",")]
-    payload = run_project(arguments.model_dir, caps, arguments.steps, arguments.warmup, arguments.loss_steps)
-    write(arguments.out, {"device": torch.cuda.get_device_name(0), **payload})
+    run_project(arguments.model_dir, caps, arguments.steps, arguments.warmup, arguments.loss_steps, arguments.out)
 
 
 if __name__ == "__main__":

@@ -153,9 +153,11 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
         | grep -v "Warning\|Loading weights\|Measurement(" | tail -40 ;;
     budget)
       caps=${BUDGET_CAPS:-12,24,80}
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # as the train stage sets it (both tools get it)
       CUDA_VISIBLE_DEVICES=0 timeout "${BUDGET_TIMEOUT:-300}" python -m bench.budget_bench "$model" --caps "$caps" \
         --out "$out/budget_project.json" --steps "${BENCH_STEPS:-6}" ${BUDGET_ARGS:-} 2>&1 \
-        | grep -v "Warning\|Loading weights\|liger_kernel" | tail -30
+        | grep -v "Warning\|Loading weights\|liger_kernel" > "$out/budget_project.log"; tail -30 "$out/budget_project.log"
+      [ -n "${BUDGET_PROJECT_ONLY:-}" ] && continue
       mkdir -p /tmp/unsloth-site && tar xzf .whl/unsloth-site.tar.gz -C /tmp/unsloth-site
       CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 \
         timeout "${UNSLOTH_TIMEOUT:-300}" python -m bench.unsloth_bench "$model" --caps "$caps" \

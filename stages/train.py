@@ -37,7 +37,7 @@ from alpaca_qlora.training.checkpoints import (
 )
 from alpaca_qlora.training.data import TokenizedDataset
 from alpaca_qlora.training.distributed import accelerate_command, process_group
-from alpaca_qlora.training.memory import memory_budget, plan_to_budget
+from alpaca_qlora.training.memory import memory_budget, plan_to_budget, prefer_expandable_segments
 from alpaca_qlora.training.model import build_trainable_model, resolve_speed_switches
 from alpaca_qlora.training.trainer import TrainingJob, run_training
 
@@ -59,6 +59,7 @@ def recorded_params(params: StageParams) -> dict[str, dict[str, Any]]:
 
 
 def main() -> None:
+    prefer_expandable_segments()
     params = stage_params("train")
     recorded = recorded_params(params)
     lock = lock_checkpoints(CHECKPOINTS)  # held until this process (and the workers it launches) exits
@@ -85,7 +86,7 @@ def main() -> None:
                                   checkpoint_offload=params.train.checkpoint_offload,
                                   shardable=params.train.distributed == "fsdp")
     budget = memory_budget(params.train, device)
-    memory_plan = plan_to_budget(model, budget) if budget is not None else None
+    memory_plan = plan_to_budget(model, budget, plan.compute_dtype) if budget is not None else None
 
     data_sha256 = io.sha256_file(TRAIN_IN)
     dataset = TokenizedDataset(read_input_rows(TRAIN_IN, "format"))

@@ -4,18 +4,19 @@ Recomputing a layer in backward (gradient checkpointing) costs a third pass over
 activations costs memory. With `train.memory_budget_gib` the stage keeps as many layers as the budget holds and
 checkpoints the rest, instead of checkpointing every layer while most of the card sits idle.
 
-What a layer keeps is measured, not modelled: one short forward pass with every layer's activations kept counts the
-bytes each layer saves for backward (`saved_tensors_hooks`, each storage once, weights excluded). Activations grow
-with the tokens of a micro-batch (varlen and flash attention keep no tokens-squared tensors), so the counts scale
-to the run's micro-batch. The process is then capped at the budget (`set_per_process_memory_fraction`), so the
-allocator frees its cache and retries before it would pass it.
+The costs are measured, not modelled: short training steps (forward and backward, no optimizer step) with every
+layer checkpointed and with every layer kept, at two token counts, read the allocator's peak. A step's peak grows
+linearly with the tokens of a micro-batch (varlen and flash attention keep no tokens-squared tensors), so two
+counts give each mode's line, and the run's micro-batch is read off it; the peak with k layers kept lies between
+the two modes, a k-th of the difference a layer. The process is then capped at the budget
+(`set_per_process_memory_fraction`), so the allocator frees its cache and retries before it would pass it.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,20 +31,29 @@ GIB = 2**30
 # NCCL workspaces live outside PyTorch's allocator, which the budget caps.
 AUTO_MARGIN_SHARE = 0.05
 AUTO_MARGIN_MIN_GIB = 1.0
-# Allocator fragmentation and what the probe cannot see (autograd's temporaries), on top of the measured bytes.
-ACTIVATION_HEADROOM = 1.15
-PROBE_TOKENS = 256
-OPTIMIZER_BYTES_PER_TRAINABLE = 4 + 4 + 4  # fp32 gradient and AdamW's two moments per trainable parameter
+# On top of the measured activations: allocator fragmentation at the run's larger sizes, and step-to-step jitter.
+ACTIVATION_HEADROOM = 1.1
+PROBE_TOKENS = 512  # the larger probe, small enough for a 12 GB card with every layer kept; the smaller is half
+OPTIMIZER_BYTES_PER_TRAINABLE = 4 + 4  # AdamW's two fp32 moments (gradients are in the probe's measured peak)
 
 
 @dataclass(frozen=True)
-class LayerCosts:
-    """Bytes per token of the micro-batch: what each decoder layer keeps for backward without checkpointing, what a
-    checkpointed layer keeps (its input), and what the model keeps outside its decoder layers (embeddings, loss)."""
+class StepPeaks:
+    """A training step's peak above what was allocated before it, as a line in the tokens of a micro-batch, with
+    every layer checkpointed and with every layer kept."""
 
-    kept: tuple[float, ...]
-    checkpointed: float
-    outside_layers: float
+    layers: int
+    checkpointed_base: float
+    checkpointed_per_token: float
+    kept_base: float
+    kept_per_token: float
+
+    def checkpointed(self, tokens: int) -> float:
+        return max(0.0, self.checkpointed_base + self.checkpointed_per_token * tokens)
+
+    def per_kept_layer(self, tokens: int) -> float:
+        kept = max(0.0, self.kept_base + self.kept_per_token * tokens)
+        return max(0.0, kept - self.checkpointed(tokens)) / self.layers
 
 
 @dataclass(frozen=True)
@@ -64,13 +74,12 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """What the stage asks of the plan: the budget, the most tokens a micro-batch holds, whether checkpointing is
-    the plan's to decide (gradient_checkpointing auto), and whether checkpoints wait in host memory."""
+    """What the stage asks of the plan: the budget, the most tokens a micro-batch holds, and whether checkpointing
+    is the plan's to decide (gradient_checkpointing auto)."""
 
     gib: float
     tokens_per_micro_batch: int
     plans_layers: bool
-    offloaded_checkpoints: bool
 
 
 def memory_budget(train: Any, device: str) -> MemoryBudget | None:
@@ -81,8 +90,13 @@ def memory_budget(train: Any, device: str) -> MemoryBudget | None:
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     gib = resolve_budget_gib(train.memory_budget_gib, total)
     return MemoryBudget(gib=gib, tokens_per_micro_batch=train.micro_batch_size * train.max_seq_length,
-                        plans_layers=train.gradient_checkpointing == "auto",
-                        offloaded_checkpoints=train.checkpoint_offload)
+                        plans_layers=train.gradient_checkpointing == "auto")
+
+
+def prefer_expandable_segments() -> None:
+    """Before CUDA's first allocation: expandable segments, so memory freed in one block size serves another and
+    a capped process does not fail on fragmentation. A setting the user made stays."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def resolve_budget_gib(requested: str | float, total_bytes: int) -> float:
@@ -106,85 +120,70 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-@contextlib.contextmanager
-def _every_layer_kept(layers: Sequence[torch.nn.Module]) -> Iterator[None]:
-    flags = [layer.gradient_checkpointing for layer in layers]
+def _set_checkpointing(layers: Sequence[torch.nn.Module], on: bool) -> None:
     for layer in layers:
-        layer.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, flags, strict=True):
-            layer.gradient_checkpointing = flag
+        layer.gradient_checkpointing = on
 
 
-def measure_layer_costs(model: torch.nn.Module, *, tokens: int = PROBE_TOKENS) -> LayerCosts:
-    """One training-mode forward pass over `tokens` random tokens with every layer keeping its activations; the
-    bytes saved for backward, per layer and outside the layers, divided by the tokens. No backward runs."""
-    layers = decoder_layers(model)
-    weights = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
-    seen: set[int] = set()
-    buckets = [0] * (len(layers) + 1)  # the last one: outside the decoder layers
-    current = [len(layers)]
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights and storage.data_ptr() not in seen and storage.device.type != "meta":
-            seen.add(storage.data_ptr())
-            buckets[current[0]] += storage.nbytes()
-        return tensor
-
-    hooks = []
-    for index, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(lambda *_, index=index: current.__setitem__(0, index)))
-        hooks.append(layer.register_forward_hook(lambda *_: current.__setitem__(0, len(layers))))
+def _step_peak(model: torch.nn.Module, tokens: int, compute_dtype: torch.dtype) -> float:
+    """Forward and backward over `tokens` random tokens under the training's autocast; the allocator's peak above
+    what was allocated before."""
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, tokens), device=device, generator=torch.Generator(device).manual_seed(0))
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    for parameter in model.parameters():
+        parameter.grad = None
+    return float(peak)
+
+
+def measure_step_peaks(model: torch.nn.Module, compute_dtype: torch.dtype, *, tokens: int = PROBE_TOKENS
+                       ) -> StepPeaks:
+    """Four short steps: every layer checkpointed, then every layer kept, each at `tokens` and half as many.
+    The model's checkpointing must be enabled; the flags the caller set are restored."""
+    layers = decoder_layers(model)
+    flags = [layer.gradient_checkpointing for layer in layers]
+    small = tokens // 2
     was_training = model.training
     model.train()
     try:
-        with _every_layer_kept(layers), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            output = model(input_ids=ids, labels=ids, use_cache=False)
-            del output
+        lines = []
+        for checkpointed in (True, False):
+            _set_checkpointing(layers, checkpointed)
+            low, high = (_step_peak(model, count, compute_dtype) for count in (small, tokens))
+            slope = (high - low) / (tokens - small)
+            lines += [low - slope * small, slope]
     finally:
-        for hook in hooks:
-            hook.remove()
+        for layer, flag in zip(layers, flags, strict=True):
+            layer.gradient_checkpointing = flag
         model.train(was_training)
-    embeddings = model.get_input_embeddings()  # a checkpointed layer keeps its input: hidden states of this dtype
-    return LayerCosts(kept=tuple(count / tokens for count in buckets[:-1]),
-                      checkpointed=embeddings.embedding_dim * embeddings.weight.element_size(),
-                      outside_layers=buckets[-1] / tokens)
+    return StepPeaks(len(layers), *lines)
 
 
-def plan_layers(costs: LayerCosts, *, budget_gib: float, fixed_bytes: float, tokens: int,
-                offloaded_checkpoints: bool) -> MemoryPlan:
+def plan_layers(peaks: StepPeaks, *, budget_gib: float, fixed_bytes: float, tokens: int) -> MemoryPlan:
     """Keep the most layers the budget holds and checkpoint the first ones: backward frees the kept (last) layers'
-    activations before it recomputes the checkpointed ones. The peak is the fixed bytes and the checkpoints, plus
-    the kept layers' activations at the end of forward or one layer recomputed, whichever is more, plus one layer's
-    worth of gradients in flight during backward."""
+    activations before it recomputes the checkpointed ones."""
     budget = budget_gib * GIB
-    layer_count = len(costs.kept)
-    checkpoint = 0.0 if offloaded_checkpoints else costs.checkpointed * tokens
-    kept_bytes = [cost * tokens * ACTIVATION_HEADROOM for cost in costs.kept]
-    base = fixed_bytes + costs.outside_layers * tokens * ACTIVATION_HEADROOM
-
-    largest = max(kept_bytes)
 
     def peak(kept: int) -> float:
-        checkpointed = layer_count - kept
-        activations = max(sum(kept_bytes[layer_count - kept:]), largest if checkpointed else 0.0)
-        return base + checkpointed * checkpoint + activations + largest
+        return fixed_bytes + ACTIVATION_HEADROOM * (peaks.checkpointed(tokens) + kept * peaks.per_kept_layer(tokens))
 
-    kept = next((count for count in range(layer_count, -1, -1) if peak(count) <= budget), None)
+    kept = next((count for count in range(peaks.layers, -1, -1) if peak(count) <= budget), None)
     if kept is None:
         raise PipelineError(
             f"train.memory_budget_gib = {budget_gib:g}: training needs about {peak(0) / GIB:.1f} GiB even with every "
-            f"layer checkpointed{' and offloaded' if offloaded_checkpoints else ''} ({fixed_bytes / GIB:.1f} GiB of "
-            f"weights, adapter and optimizer, {tokens} tokens a micro-batch). Lower train.micro_batch_size or "
-            "train.max_seq_length, set train.checkpoint_offload=true, or raise the budget.")
+            f"layer checkpointed ({fixed_bytes / GIB:.1f} GiB of weights, adapter and optimizer, {tokens} tokens a "
+            "micro-batch). Lower train.micro_batch_size or train.max_seq_length, set train.checkpoint_offload=true, "
+            "or raise the budget.")
     return MemoryPlan(budget_gib=budget_gib, tokens_per_micro_batch=tokens,
-                      checkpointed_layers=tuple(range(layer_count - kept)), kept_layers=kept,
+                      checkpointed_layers=tuple(range(peaks.layers - kept)), kept_layers=kept,
                       expected_peak_gib=round(peak(kept) / GIB, 2), fixed_gib=round(fixed_bytes / GIB, 2))
 
 
@@ -196,8 +195,8 @@ def apply_plan(model: torch.nn.Module, plan: MemoryPlan) -> None:
 
 
 def fixed_bytes(model: torch.nn.Module, device: torch.device) -> float:
-    """What the run holds whatever the layers keep: the weights and adapter now allocated, and the trainable
-    parameters' gradients and optimizer moments to come."""
+    """What the run holds outside a step's own peak: the weights and adapter now allocated, and the optimizer's
+    moments to come."""
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     return torch.cuda.memory_allocated(device) + trainable * OPTIMIZER_BYTES_PER_TRAINABLE
 
@@ -208,25 +207,26 @@ def cap_process_memory(budget_gib: float, device: torch.device) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GIB / total), device)
 
 
-def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget) -> MemoryPlan | None:
-    """Cap the process at the budget and, where checkpointing is left to it, keep the layers that fit."""
+def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget, compute_dtype: torch.dtype) -> MemoryPlan | None:
+    """Where checkpointing is left to it, measure and keep the layers that fit; then cap the process at the budget
+    (after the probe, which runs with every layer kept)."""
     device = next(model.parameters()).device
-    cap_process_memory(budget.gib, device)
-    if not budget.plans_layers:
+    plan = None
+    if budget.plans_layers:
+        tokens = budget.tokens_per_micro_batch
+        peaks = measure_step_peaks(model, compute_dtype, tokens=max(2, min(PROBE_TOKENS, tokens)))
+        plan = plan_layers(peaks, budget_gib=budget.gib, fixed_bytes=fixed_bytes(model, device), tokens=tokens)
+        apply_plan(model, plan)
+        log.info("memory budget %.2f GiB, %d tokens a micro-batch: %d of %d layers keep their activations, %d "
+                 "recompute (expected peak %.2f GiB)", budget.gib, tokens, plan.kept_layers, peaks.layers,
+                 len(plan.checkpointed_layers), plan.expected_peak_gib)
+    else:
         log.info("memory budget %.2f GiB: the process is capped; gradient checkpointing as train params set it",
                  budget.gib)
-        return None
-    tokens = budget.tokens_per_micro_batch
-    costs = measure_layer_costs(model, tokens=min(PROBE_TOKENS, tokens))
-    plan = plan_layers(costs, budget_gib=budget.gib, fixed_bytes=fixed_bytes(model, device), tokens=tokens,
-                       offloaded_checkpoints=budget.offloaded_checkpoints)
-    apply_plan(model, plan)
     torch.cuda.empty_cache()
-    log.info("memory budget %.2f GiB, %d tokens a micro-batch: %d of %d layers keep their activations, %d recompute "
-             "(expected peak %.2f GiB)", budget.gib, tokens, plan.kept_layers, len(costs.kept),
-             len(plan.checkpointed_layers), plan.expected_peak_gib)
+    cap_process_memory(budget.gib, device)
     return plan
 
 
-__all__ = ["LayerCosts", "MemoryBudget", "MemoryPlan", "apply_plan", "measure_layer_costs", "memory_budget",
-           "plan_layers", "plan_to_budget", "resolve_budget_gib"]
+__all__ = ["MemoryBudget", "MemoryPlan", "StepPeaks", "apply_plan", "measure_step_peaks", "memory_budget",
+           "plan_layers", "plan_to_budget", "prefer_expandable_segments", "resolve_budget_gib"]

@@ -1,5 +1,5 @@
-"""The memory budget: what each layer keeps is measured, the plan keeps the layers that fit, and the stage only
-plans where there is device memory to plan."""
+"""The memory budget: the plan keeps the layers that fit, checkpoints the first ones, refuses a budget nothing fits
+in, and the stage only plans where there is device memory to plan (the measured peaks: bench/budget_bench.py)."""
 from __future__ import annotations
 
 import pytest
@@ -10,10 +10,9 @@ from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.memory import (
     GIB,
-    LayerCosts,
+    StepPeaks,
     apply_plan,
     decoder_layers,
-    measure_layer_costs,
     memory_budget,
     plan_layers,
     resolve_budget_gib,
@@ -31,95 +30,50 @@ def tiny_model(tiny_mistral_dir):
                                  SpeedSwitches(liger_kernels=False, gradient_checkpointing=True), device="cpu")
 
 
-def _saved_bytes(model, tokens: int) -> int:
-    """Bytes autograd keeps for backward in one forward pass as the model is set up now (weights excluded)."""
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    sizes: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            sizes[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    ids = torch.randint(0, 100, (1, tokens), generator=torch.Generator().manual_seed(1))
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=ids, labels=ids, use_cache=False)
-    return sum(sizes.values())
+MIB = 2**20
+# 8 layers; a step with every layer checkpointed peaks at 1 GiB + 100 bytes a token above the weights, with every
+# layer kept at 1 GiB + 900 bytes a token: 100 bytes a token for each kept layer
+PEAKS = StepPeaks(layers=8, checkpointed_base=GIB, checkpointed_per_token=100.0, kept_base=GIB, kept_per_token=900.0)
 
 
-def test_each_layer_keeps_far_more_than_its_checkpoint_and_the_counts_grow_with_the_tokens(tiny_model):
-    small, large = measure_layer_costs(tiny_model, tokens=32), measure_layer_costs(tiny_model, tokens=128)
-    layers = len(decoder_layers(tiny_model))
-    assert len(small.kept) == layers >= 2
-    assert all(cost > 4 * small.checkpointed for cost in small.kept)
-    for a, b in zip(small.kept, large.kept, strict=True):  # bytes per token: about the same at 4x the tokens
-        assert b == pytest.approx(a, rel=0.25)
-    assert all(layer.gradient_checkpointing for layer in decoder_layers(tiny_model))  # restored after the probe
-
-
-def test_the_measured_costs_predict_what_a_plan_keeps(tiny_model):
-    """Keeping the last layer and checkpointing the others saves about what the costs say, measured independently."""
-    tokens = 96
-    costs = measure_layer_costs(tiny_model, tokens=tokens)
-    layers = decoder_layers(tiny_model)
-    try:
-        for layer in layers:
-            layer.gradient_checkpointing = True
-        all_checkpointed = _saved_bytes(tiny_model, tokens)
-        layers[-1].gradient_checkpointing = False
-        one_kept = _saved_bytes(tiny_model, tokens)
-    finally:
-        for layer in layers:
-            layer.gradient_checkpointing = True
-    predicted = (costs.kept[-1] - costs.checkpointed) * tokens
-    assert one_kept - all_checkpointed == pytest.approx(predicted, rel=0.2)
-    assert all_checkpointed == pytest.approx(
-        (len(layers) * costs.checkpointed + costs.outside_layers) * tokens, rel=0.35)
-
-
-COSTS = LayerCosts(kept=(1000.0,) * 8, checkpointed=100.0, outside_layers=50.0)  # bytes per token
+def test_the_step_peaks_give_each_kept_layer_its_share_of_the_difference():
+    assert PEAKS.checkpointed(MIB) == GIB + 100 * MIB
+    assert PEAKS.per_kept_layer(MIB) == pytest.approx(100 * MIB)
 
 
 def test_a_roomy_budget_keeps_every_layer_and_a_tight_one_checkpoints_the_first_layers():
-    tokens = 2**20  # 1 MiB a byte-per-token
-    roomy = plan_layers(COSTS, budget_gib=100, fixed_bytes=GIB, tokens=tokens, offloaded_checkpoints=False)
+    roomy = plan_layers(PEAKS, budget_gib=100, fixed_bytes=GIB, tokens=MIB)
     assert roomy.kept_layers == 8 and roomy.checkpointed_layers == ()
-    tight = plan_layers(COSTS, budget_gib=6, fixed_bytes=GIB, tokens=tokens, offloaded_checkpoints=False)
+    tight = plan_layers(PEAKS, budget_gib=2.8, fixed_bytes=GIB, tokens=MIB)
     assert 0 < tight.kept_layers < 8
     assert tight.checkpointed_layers == tuple(range(8 - tight.kept_layers))
-    assert tight.expected_peak_gib <= 6
+    assert tight.expected_peak_gib <= 2.8
     # the most layers the budget holds: just under the plan's own peak, one layer fewer fits
-    fewer = plan_layers(COSTS, budget_gib=tight.expected_peak_gib - 0.01, fixed_bytes=GIB, tokens=tokens,
-                        offloaded_checkpoints=False)
+    fewer = plan_layers(PEAKS, budget_gib=tight.expected_peak_gib - 0.01, fixed_bytes=GIB, tokens=MIB)
     assert fewer.kept_layers == tight.kept_layers - 1
 
 
-def test_offloaded_checkpoints_leave_room_for_more_kept_layers():
-    tokens = 2**20
-    on_gpu = plan_layers(COSTS, budget_gib=5, fixed_bytes=GIB, tokens=tokens, offloaded_checkpoints=False)
-    offloaded = plan_layers(COSTS, budget_gib=5, fixed_bytes=GIB, tokens=tokens, offloaded_checkpoints=True)
-    assert offloaded.kept_layers >= on_gpu.kept_layers
-    assert offloaded.expected_peak_gib < on_gpu.expected_peak_gib or offloaded.kept_layers > on_gpu.kept_layers
+def test_more_tokens_a_micro_batch_keep_fewer_layers_under_the_same_budget():
+    one, four = (plan_layers(PEAKS, budget_gib=4, fixed_bytes=GIB, tokens=count * MIB) for count in (1, 4))
+    assert four.kept_layers < one.kept_layers
 
 
 def test_a_budget_nothing_fits_in_is_refused_with_what_to_change():
     with pytest.raises(PipelineError, match="micro_batch_size.*max_seq_length"):
-        plan_layers(COSTS, budget_gib=1.2, fixed_bytes=GIB, tokens=2**20, offloaded_checkpoints=False)
+        plan_layers(PEAKS, budget_gib=2.0, fixed_bytes=GIB, tokens=MIB)
 
 
 def test_applying_a_plan_checkpoints_exactly_its_layers(tiny_model):
     layers = decoder_layers(tiny_model)
-    kept = 1000 * 1.15  # bytes a kept layer takes at 1000 tokens, with the plan's headroom
-    room_for_one = ((len(layers) - 1) * 100 + 2 * kept + 10) / GIB  # one kept, the rest checkpointed, gradients
-    plan = plan_layers(LayerCosts(kept=(1.0,) * len(layers), checkpointed=0.1, outside_layers=0.0),
-                       budget_gib=room_for_one, fixed_bytes=0, tokens=1000, offloaded_checkpoints=False)
+    peaks = StepPeaks(layers=len(layers), checkpointed_base=0, checkpointed_per_token=1.0, kept_base=0,
+                      kept_per_token=1.0 + len(layers))  # a kept layer: 1 byte a token
+    room_for_one = 1000 * (1 + 1.0) * 1.1 / GIB  # the all-checkpointed step plus one kept layer, with headroom
+    plan = plan_layers(peaks, budget_gib=room_for_one + 1e-9, fixed_bytes=0, tokens=1000)
     try:
         apply_plan(tiny_model, plan)
+        assert plan.kept_layers == 1 and not layers[-1].gradient_checkpointing
         assert [layer.gradient_checkpointing for layer in layers] == [
             index in plan.checkpointed_layers for index in range(len(layers))]
-        assert plan.kept_layers == 1 and not layers[-1].gradient_checkpointing
     finally:
         for layer in layers:
             layer.gradient_checkpointing = True
