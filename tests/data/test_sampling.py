@@ -1,10 +1,14 @@
+from __future__ import annotations
+
 import json
 from collections import Counter
 
 import pytest
 
+from alpaca_qlora.data.bundled import generate_rows
 from alpaca_qlora.data.records import prompt_key
 from alpaca_qlora.data.sampling import SamplingError, proportional_allocation, split_rows
+from support.alpaca_like import alpaca_like_rows, short_rule, with_ids
 
 
 def make_rows(n: int = 400) -> list[dict]:
@@ -68,3 +72,49 @@ def test_proportional_allocation_sums_to_total():
     assert proportional_allocation({"a": 1, "b": 1, "c": 1}, 2) == {"a": 1, "b": 1, "c": 0}
     allocation = proportional_allocation({"a": 7, "b": 2, "c": 1}, 5)
     assert sum(allocation.values()) == 5 and allocation["a"] >= 3
+
+
+def test_real_shaped_data_has_few_short_answers_and_the_split_draws_them_first():
+    rows = with_ids(alpaca_like_rows(1000))
+    available = sum(map(short_rule, rows))
+    assert 30 <= available <= 80  # about 5%, as in alpaca-cleaned
+    plain = split_rows(rows, sample_frac=0.1, eval_size=200, seed=42)
+    assert sum(map(short_rule, plain.eval)) < 20  # the old stratified draw: EM would rest on about 10 rows
+    split = split_rows(rows, sample_frac=0.1, eval_size=200, seed=42, min_short_answer=30, is_short=short_rule)
+    assert len(split.eval) == 200
+    assert sum(map(short_rule, split.eval)) >= 30
+    assert split.report["eval_short_answer_rows"] == sum(map(short_rule, split.eval))
+    assert split.report["short_answer_rows_available"] == available
+
+
+def test_fewer_short_rows_than_wanted_takes_all_and_reports_it():
+    rows = with_ids(alpaca_like_rows(1000))
+    available = sum(map(short_rule, rows))
+    split = split_rows(rows, sample_frac=0.1, eval_size=200, seed=42, min_short_answer=150, is_short=short_rule)
+    assert split.report["eval_short_answer_rows"] == available < split.report["eval_short_answer_rows_wanted"] == 150
+    assert len(split.eval) == 200
+
+
+def test_short_rows_are_drawn_stratified_by_task_type_and_the_split_stays_seeded_and_frac_free():
+    rows = with_ids([{"instruction": f"q{i}", "input": "", "task_type": task_type,
+                      "output": "yes" if i % 4 else "a long answer of many more words than five"}
+                     for i, task_type in enumerate(["factual"] * 300 + ["classification"] * 100 + ["open"] * 600)])
+    kwargs = dict(eval_size=100, seed=5, min_short_answer=60, is_short=short_rule)
+    split = split_rows(rows, sample_frac=0.1, **kwargs)
+    short = Counter(row["task_type"] for row in split.eval if short_rule(row))
+    assert sum(short.values()) >= 60
+    assert short["factual"] >= 3 * short["classification"] - 3  # 225 : 75 short rows available
+    assert split.eval == split_rows(rows, sample_frac=0.3, **kwargs).eval
+    assert split.eval == split_rows(list(reversed(rows)), sample_frac=0.1, **kwargs).eval
+    assert split.eval != split_rows(rows, sample_frac=0.1, **{**kwargs, "seed": 6}).eval
+
+
+def test_data_with_enough_short_answers_keeps_its_natural_mix():
+    # The bundled set is about 80% short-answer: a minimum of 150 of 200 must not crowd out its open-ended rows.
+    rows = with_ids(generate_rows())
+    plain = split_rows(rows, sample_frac=0.1, eval_size=200, seed=42)
+    split = split_rows(rows, sample_frac=0.1, eval_size=200, seed=42, min_short_answer=150, is_short=short_rule)
+    natural, drawn = plain.report["eval_rows_by_task_type"], split.report["eval_rows_by_task_type"]
+    assert drawn["open_ended"] == natural["open_ended"]
+    assert all(abs(drawn[name] - natural[name]) <= 1 for name in natural)  # rounding in two strata levels
+    assert split.report["eval_short_answer_rows"] == sum(map(short_rule, plain.eval)) >= 150
