@@ -16,8 +16,8 @@ import yaml
 
 from alpaca_qlora.config import Params, params_from_mapping
 from alpaca_qlora.profiles import merged, read_profile, read_yaml
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"
 MISTRAL_PROFILE = ROOT / "profiles" / "mistral-7b.yaml"
 

@@ -1,4 +1,15 @@
-"""Shared fixtures: offline models built once per test session."""
+"""Shared fixtures: offline models built once per test session (they apply in every folder below).
+
+tests/ mirrors the package, one file per module: tests/test_<module>.py for alpaca_qlora/<module>.py and
+tests/<subpackage>/test_<module>.py for alpaca_qlora/<subpackage>/<module>.py (generation/__init__'s generate() in
+tests/generation/test_generate.py, data/bundled/ in tests/data/test_bundled.py). Runs of whole stages through DVC or
+their scripts are in tests/stages/, of a bench in tests/bench/, and tests of support/'s helpers in tests/support/.
+A subfolder's conftest.py holds what its tests share as fixtures; helpers shared as code live in support/
+(imported from the project root, with ROOT, the root's path).
+
+No folder is a package (no __init__.py), so pytest imports each test file by its basename: basenames must be
+unique across tests/ (pytest says so at collection otherwise).
+"""
 from __future__ import annotations
 
 from pathlib import Path

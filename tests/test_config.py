@@ -1,19 +1,18 @@
+from __future__ import annotations
+
 import ast
 import dataclasses
 import inspect
 import re
 import typing
-from pathlib import Path
 
 import pytest
-import yaml
 
 from alpaca_qlora.config import ConfigError, Params, load_params, params_from_mapping
-from alpaca_qlora.profiles import merged, read_yaml
-from alpaca_qlora.stage_params import declared_params, stage_params
+from alpaca_qlora.generation import resolve_generation_method
+from alpaca_qlora.profiles import read_yaml
+from support import ROOT
 from support.params import embedded_params
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_committed_params_are_valid_and_embedded():
@@ -21,15 +20,6 @@ def test_committed_params_are_valid_and_embedded():
     assert params.model.name == "embedded:smollm2-135m-instruct"
     assert params.data.source == "bundled"
     assert params.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def test_numbers_written_as_text_are_numbers():
-    # PyYAML reads `2e-4` as a string; `dvc exp run -S train.learning_rate=2e-4` writes exactly that.
-    raw = yaml.safe_load("train: {learning_rate: 2e-4, max_steps: '10'}")
-    assert raw["train"]["learning_rate"] == "2e-4"
-    params = embedded_params(**raw)
-    assert params.train.learning_rate == pytest.approx(2e-4)
-    assert params.train.max_steps == 10
 
 
 @pytest.mark.parametrize(
@@ -70,46 +60,6 @@ def test_a_missing_key_or_section_is_named_not_filled_in(section):
 def test_missing_params_file_says_where_to_run(tmp_path):
     with pytest.raises(ConfigError, match="project root"):
         load_params(tmp_path / "params.yaml")
-
-
-def _write_project(tmp_path: Path, overrides: dict, stage_params_list: list[str]) -> tuple[Path, Path]:
-    """A project whose params.yaml is the embedded profile with `overrides` ({section: {key: value}})."""
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(merged(read_yaml(ROOT / "params.yaml"), overrides)))
-    dvc_file = tmp_path / "dvc.yaml"
-    dvc_file.write_text(yaml.safe_dump({"stages": {"demo": {"cmd": "true", "params": stage_params_list}}}))
-    return params_file, dvc_file
-
-
-def test_a_stage_reads_only_what_it_declares(tmp_path):
-    params_file, dvc_file = _write_project(tmp_path, {"data": {"sample_frac": 0.2}}, ["data.sample_frac", "lora"])
-    view = stage_params("demo", params_file, dvc_file)
-    assert view.data.sample_frac == 0.2
-    assert view.lora.r == embedded_params().lora.r  # a whole section declared
-    with pytest.raises(AttributeError, match="does not declare it"):
-        _ = view.data.seed
-    with pytest.raises(AttributeError, match="train.learning_rate"):
-        _ = view.train.learning_rate
-
-
-def test_declaring_a_key_the_schema_lacks_fails(tmp_path):
-    params_file, dvc_file = _write_project(tmp_path, {}, ["data.samples"])
-    with pytest.raises(ConfigError, match="data.samples"):
-        stage_params("demo", params_file, dvc_file)
-
-
-def test_every_declared_param_of_the_real_dag_exists():
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    for stage in spec["stages"]:
-        view = stage_params(stage, ROOT / "params.yaml", ROOT / "dvc.yaml")
-        assert view.keys == declared_params(stage, ROOT / "dvc.yaml")
-
-
-def test_data_stages_never_depend_on_lora_or_train_except_seq_length():
-    for stage in ("fetch", "sample", "format"):
-        keys = declared_params(stage, ROOT / "dvc.yaml")
-        assert not any(key.startswith("lora") for key in keys)
-        assert all(not key.startswith("train") or key == "train.max_seq_length" for key in keys)
 
 
 def test_speed_switches_take_auto_true_false_and_nothing_else():
@@ -177,3 +127,19 @@ def test_params_yaml_reminders_name_exactly_the_choices_the_schema_accepts():
         assert named == accepted, f"params.yaml on {key} names {sorted(named)}; the schema: {sorted(accepted)}"
         checked += 1
     assert checked >= 8 and dataclasses.is_dataclass(Params)
+
+
+def test_eval_generation_params_validated():
+    embedded = embedded_params().eval  # params.yaml: auto, which is plain generate() on CPU; LoRA kept apart
+    assert embedded.generation == "auto" and embedded.merge_bf16 is False and embedded.fold_lora is False
+    assert resolve_generation_method(embedded.generation, "cpu") == "plain"
+    params = embedded_params(eval={"generation": "fast", "merge_bf16": "true"})
+    assert params.eval.generation == "fast" and params.eval.merge_bf16 is True
+    assert embedded_params(eval={"generation": "plain"}).eval.generation == "plain"
+    with pytest.raises(ConfigError, match="eval.generation"):
+        embedded_params(eval={"generation": "turbo"})
+    with pytest.raises(ConfigError, match="eval.merge_bf16"):
+        embedded_params(eval={"merge_bf16": "yes"})
+    assert embedded_params(eval={"fold_lora": "true"}).eval.fold_lora is True
+    with pytest.raises(ConfigError, match="exclude each other"):
+        embedded_params(eval={"merge_bf16": "true", "fold_lora": "true"})

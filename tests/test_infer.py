@@ -19,8 +19,7 @@ from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.stop_rule import clean_generation
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from dvc.utils.hydra import apply_overrides
 
 from alpaca_qlora.config import ConfigError, load_params
 from alpaca_qlora.profiles import main, profile_params, set_param_flags
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MISTRAL = ROOT / "profiles" / "mistral-7b.yaml"
 PARAMS = ROOT / "params.yaml"
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

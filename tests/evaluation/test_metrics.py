@@ -1,44 +1,26 @@
+from __future__ import annotations
+
 import json
+from collections import Counter
 
 import pytest
 
-from alpaca_qlora.evaluation.answer_text import normalize_answer, word_count
+from alpaca_qlora.data.bundled import generate_rows
 from alpaca_qlora.evaluation.metrics import (
     MetricsMismatchError,
     aggregate,
+    cut_by_limit,
     exact_match,
+    is_label_row,
     is_short_answer,
     key_fact_recall,
     metric_deltas,
     score_row,
     strict_exact_match,
     token_f1,
+    unsupported_word_share,
 )
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("The Eiffel Tower", "eiffel tower"),                 # article and case
-        ("An apple, a pear.", "apple pear"),                  # articles and ASCII punctuation
-        ("Theatre and anthem", "theatre and anthem"),         # articles only as whole words
-        ("  New \t York\n City  ", "new york city"),         # white space collapsed
-        ("“Paris”", "paris"),                                 # curly quotes are punctuation
-        ("don’t", "dont"),                                    # curly apostrophe removed like "'"
-        ("New\u00a0York", "new york"),                        # non-breaking space
-        ("ＡＢＣ１２３", "abc123"),                              # full-width letters and digits
-        ("Café Crème", "café crème"),                         # accented letters kept
-        ("Cafe\u0301", "café"),                               # decomposed accent composes to the same letter
-        ("¿Qué? ¡Sí!", "qué sí"),                             # Spanish inverted marks
-        ("well—known «word»", "wellknown word"),              # em dash, guillemets
-        ("Paris\u200b", "paris"),                             # zero-width space is invisible
-        ("STRASSE", "strasse"),
-        ("$5 + tax | ~", "5 tax"),                            # SQuAD's ASCII set includes symbols: $ + | ~
-        ("", ""),
-    ],
-)
-def test_normalize_answer(text, expected):
-    assert normalize_answer(text) == expected
+from support.alpaca_like import alpaca_like_rows
 
 
 def test_accents_are_not_folded_away():
@@ -77,11 +59,6 @@ def test_key_fact_recall():
     assert key_fact_recall("", reference) == 0.0
     assert key_fact_recall("anything", "It is what it is.") is None
     assert key_fact_recall("Yes, it is.", "No, it is not.") == 0.0  # negations and yes/no are facts
-
-
-def test_word_count():
-    assert word_count("  two\nwords ") == 2
-    assert word_count("") == 0
 
 
 def test_is_short_answer():
@@ -181,3 +158,70 @@ def test_metric_deltas_refuse_different_rows():
     finetuned = {"overall": block(n_rows=9), "by_task_type": {"qa": block(n_rows=9)}}
     with pytest.raises(MetricsMismatchError, match="different rows"):
         metric_deltas(base, finetuned)
+
+
+def test_cut_by_limit_only_when_neither_eos_nor_a_marker_ended_the_answer():
+    markers = ("### ",)
+    assert cut_by_limit("and so on and so", stopped_by_eos=False, new_tokens=8, max_new_tokens=8, stop_markers=markers)
+    assert not cut_by_limit("done", stopped_by_eos=True, new_tokens=8, max_new_tokens=8, stop_markers=markers)
+    assert not cut_by_limit("done\n\n### Instruction", stopped_by_eos=False, new_tokens=8, max_new_tokens=8,
+                            stop_markers=markers)
+    assert not cut_by_limit("done\n\n###", stopped_by_eos=False, new_tokens=8, max_new_tokens=8, stop_markers=markers)
+    assert not cut_by_limit("short", stopped_by_eos=False, new_tokens=3, max_new_tokens=8, stop_markers=markers)
+
+
+def test_cut_rate_is_aggregated_per_model_and_differenced():
+    def row(cut):
+        return {"task_type": None, "short_answer": False, "stopped_by_eos": not cut, "cut_by_limit": cut,
+                **score_row("an answer", "a reference", short_answer=False, context="q")}
+    base = aggregate([row(True), row(True), row(False), row(True)])
+    tuned = aggregate([row(False), row(False), row(False), row(True)])
+    assert base["overall"]["cut_by_limit_rate"] == 0.75 and tuned["overall"]["cut_by_limit_rate"] == 0.25
+    assert metric_deltas(base, tuned)["overall"]["cut_by_limit_rate_delta"] == -0.5
+
+
+def test_unsupported_word_share():
+    context = "What is the capital of France?\n"
+    assert unsupported_word_share("Paris", context, "Paris") == 0.0
+    assert unsupported_word_share("The capital of France is Paris.", context, "Paris") == 0.0  # stop words ignored
+    assert unsupported_word_share("Paris, a city founded by Napoleon", context, "Paris") == pytest.approx(3 / 4)
+    assert unsupported_word_share("It is that.", context, "Paris") is None  # no content words
+
+
+def test_bundled_classification_rows_state_their_labels_and_only_they_count_as_label_rows():
+    rows = generate_rows()
+    label_rows = Counter(row["task_type"] for row in rows
+                         if is_label_row(row["task_type"], f"{row['instruction']}\n{row['input']}", row["output"]))
+    classification = sum(row["task_type"] == "classification" for row in rows)
+    assert set(label_rows) == {"classification"}
+    assert label_rows["classification"] >= 0.95 * classification  # "Of A and B, which ..." offers no "or" list
+
+
+def test_label_rows_without_task_types_are_those_whose_reference_is_an_offered_option():
+    rows = alpaca_like_rows(1000)
+    label_rows = [row for row in rows if is_label_row(None, f"{row['instruction']}\n{row['input']}", row["output"])]
+    assert label_rows and all(len(row["output"].split()) == 1 for row in label_rows)
+    scored = score_row("Positive, because the food was good", "Negative", short_answer=True,
+                       context="Classify the sentiment of this review as positive or negative.\nAwful.")
+    assert scored["label_adherence"] is False
+    assert score_row("positive", "Negative", short_answer=True,
+                     context="Classify the sentiment as positive or negative.")["label_adherence"] is True
+    assert score_row("Paris", "Paris", short_answer=True, context="Capital of France?")["label_adherence"] is None
+
+
+def test_proxies_aggregate_per_task_type_and_difference():
+    context = "Is sodium a metal, a nonmetal or a metalloid?"
+
+    def row(answer, task_type="classification"):
+        return {"task_type": task_type, "short_answer": True, "stopped_by_eos": True,
+                **score_row(answer, "metal", short_answer=True, context=context, task_type=task_type)}
+    base = aggregate([row("Sodium is a shiny metal"), row("metal"), row("a soft metal", "factual")])
+    tuned = aggregate([row("metal"), row("metal"), row("metal", "factual")])
+    assert base["by_task_type"]["classification"]["label_adherence"] == 0.5
+    assert base["by_task_type"]["classification"]["n_label_rows"] == 2
+    assert base["by_task_type"]["factual"]["n_label_rows"] == 0  # a factual row is no label row
+    assert base["overall"]["unsupported_word_share"] == pytest.approx((1 / 3 + 0 + 1 / 2) / 3, abs=1e-6)  # shiny; soft
+    deltas = metric_deltas(base, tuned)["overall"]
+    assert deltas["label_adherence_delta"] == 0.5
+    assert deltas["unsupported_word_share_delta"] == pytest.approx(-5 / 18, abs=1e-6)
+    assert "n_label_rows_delta" not in deltas

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
 
 
 def _module_file(name: str, search: list[Path]) -> Path | None:

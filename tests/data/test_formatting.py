@@ -1,11 +1,23 @@
+from __future__ import annotations
+
 import re
 
 import pytest
 
-from alpaca_qlora.data.formatting import encode_prompt, require_training_examples, row_prompt, tokenize_training_rows
+from alpaca_qlora.data.formatting import (
+    encode_prompt,
+    nearest_rank,
+    require_training_examples,
+    response_token_count,
+    row_prompt,
+    stop_margin,
+    token_limit,
+    tokenize_training_rows,
+)
 from alpaca_qlora.data.prompts import ALPACA
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_tokenizer
+from support.alpaca_like import alpaca_like_rows
 
 ROWS = [
     {"id": "a", "instruction": "Name the capital of France.", "input": "", "output": "Paris"},
@@ -35,3 +47,29 @@ def test_a_max_seq_length_keeping_no_row_is_refused_with_the_length_that_keeps_r
     keeps_all = int(re.search(r"(\d+) keeps every row", message).group(1))
     whole, _ = tokenize_training_rows(ROWS, tokenizer, ALPACA, max_length=keeps_all, overlong="drop")
     assert len(whole) == len(ROWS)
+
+
+def test_auto_limit_covers_99_percent_of_references_and_respects_the_cap():
+    counts = list(range(1, 1001))
+    limit = token_limit("auto", counts, margin=3, cap=4096)
+    assert limit["max_new_tokens"] == 990 + 3
+    assert sum(count + 3 <= limit["max_new_tokens"] for count in counts) >= 0.99 * len(counts)
+    assert limit["references_over_limit"] <= 0.01
+    capped = token_limit("auto", counts, margin=3, cap=500)
+    assert capped["max_new_tokens"] == 500 and capped["references_over_limit"] == pytest.approx(0.503)
+    fixed = token_limit(64, counts, margin=3, cap=500)
+    assert fixed["max_new_tokens"] == 64 and fixed["references_over_limit"] == pytest.approx(0.939)
+    assert nearest_rank([5], 0.99) == 5
+
+
+def test_auto_limit_on_real_shaped_references_with_a_real_tokenizer(tiny_mistral_dir):
+    tokenizer = load_tokenizer(str(tiny_mistral_dir))
+    rows = alpaca_like_rows(400)
+    counts = [response_token_count(tokenizer, row["output"]) for row in rows]
+    margin = stop_margin(tokenizer, ("### ",))
+    assert 1 <= margin <= 6
+    limit = token_limit("auto", counts, margin=margin, cap=4096)
+    covered = sum(count + margin <= limit["max_new_tokens"] for count in counts)
+    assert covered >= 0.99 * len(counts)
+    assert limit["max_new_tokens"] > 3 * 64  # the old fixed limit of 64 would cut most of these references
+    assert token_limit(64, counts, margin=margin, cap=4096)["references_over_limit"] > 0.5

@@ -13,6 +13,8 @@ import math
 import random
 from pathlib import Path
 
+from alpaca_qlora.evaluation.metrics import is_short_answer
+
 TOPICS = ("renewable energy", "the water cycle", "remote work", "machine learning", "urban gardening", "sleep",
           "the Roman Empire", "climate change", "public libraries", "electric cars", "volcanoes", "photosynthesis",
           "time management", "the printing press", "coral reefs", "personal budgeting", "honey bees", "jazz")
@@ -69,3 +71,16 @@ def write_alpaca_like(path: Path, count: int = 1000, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(alpaca_like_rows(count, **kwargs), indent=1), encoding="utf-8")
     return path
+
+
+SHORT_TYPES = ("closed_qa", "factual", "classification")
+
+
+def with_ids(rows):
+    """The rows with ids as the fetch stage gives them, in order."""
+    return [{"id": f"{index:05d}", **row} for index, row in enumerate(rows)]
+
+
+def short_rule(row):
+    """The short-answer rule with the evaluation's task types and at most five words."""
+    return is_short_answer(row.get("task_type"), row["output"], short_answer_task_types=SHORT_TYPES, max_words=5)

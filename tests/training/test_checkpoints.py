@@ -1,7 +1,10 @@
-"""The train stage's checkpoints: one trainer at a time, and a run killed with SIGKILL resumes to the same results."""
+"""Checkpoints: one trainer at a time; a damaged checkpoint is found, named and skipped; an interrupted run (in
+process, or the train stage killed with SIGKILL) resumes to the uninterrupted run's results."""
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,12 +23,15 @@ from alpaca_qlora.training.checkpoints import (
     LOCK_HANDED_TO_WORKERS,
     LOCK_NAME,
     CheckpointsBusy,
+    checkpoint_problem,
     lock_checkpoints,
     share_lock_with_workers,
 )
+from alpaca_qlora.training.trainer import run_training
+from support import ROOT
 from support.killed_runs import RUN_METRICS, curves, kill_train_after_checkpoint, resumed_from_step
+from support.training import Interrupt, make_job
 
-ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
 from pathlib import Path
@@ -208,3 +214,100 @@ def test_a_killed_two_process_ddp_run_resumes_under_dvc_repro_to_the_uninterrupt
     whole = json.loads((project / "metrics/train.json").read_text())
     assert resumed_from_step(project) == 0
     assert_same_run(resumed, resumed_curves, whole, curves(project), rel=1e-4)
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_mistral_dir, tokenized, tmp_path):
+    first = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2, callbacks=[Interrupt(5)])
+    with pytest.raises(KeyboardInterrupt):
+        run_training(first, resume=True)
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+    second = make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2)
+    metrics = run_training(second, resume=True).metrics
+    assert metrics["resumed_from_step"] == 4
+    assert metrics["steps"] == 6
+
+
+def dvclive_curve(log_dir: Path, name: str) -> list[tuple[int, float]]:
+    with (log_dir / "plots" / "metrics" / "train" / f"{name}.tsv").open(encoding="utf-8") as handle:
+        return [(int(row["step"]), float(row[name])) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def test_a_resumed_run_reports_the_uninterrupted_runs_metrics_and_curves(tiny_mistral_dir, tokenized, tmp_path):
+    # Checkpoints at 3, 6 and 9 fall between the logs at even steps: the log window open at a checkpoint must not
+    # be lost by the resume.
+    settings = dict(max_steps=12, save_steps=3, logging_steps=2, dvclive=True)
+    whole_job = make_job(tiny_mistral_dir, tokenized, tmp_path / "whole", **settings)
+    whole = run_training(whole_job, resume=True).metrics
+    interrupted = make_job(tiny_mistral_dir, tokenized, tmp_path / "parts", callbacks=[Interrupt(5)], **settings)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(interrupted, resume=True)
+    resumed_job = make_job(tiny_mistral_dir, tokenized, tmp_path / "parts", **settings)
+    resumed = run_training(resumed_job, resume=True).metrics
+
+    assert resumed["resumed_from_step"] == 3 and whole["resumed_from_step"] == 0
+    for key in ("steps", "epochs", "tokens", "labelled_tokens", "padding_fraction", "first_loss"):
+        assert resumed[key] == whole[key], key
+    for key in ("train_loss", "final_loss"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key
+    for name in ("loss", "learning_rate", "grad_norm"):
+        whole_curve, resumed_curve = (dvclive_curve(job.log_dir, name) for job in (whole_job, resumed_job))
+        assert [step for step, _ in resumed_curve] == [step for step, _ in whole_curve], name
+        assert [value for _, value in resumed_curve] == pytest.approx([value for _, value in whole_curve], rel=1e-5)
+    assert [step for step, _ in dvclive_curve(whole_job.log_dir, "loss")] == [1, 2, 3, 4, 6, 8, 9, 10, 12]
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_mistral_dir, tokenized, tmp_path_factory) -> Path:
+    """A run of 6 steps interrupted at step 5, leaving checkpoint-2 and checkpoint-4 (save_total_limit 2)."""
+    path = tmp_path_factory.mktemp("interrupted")
+    job = make_job(tiny_mistral_dir, tokenized, path, max_steps=6, save_steps=2, callbacks=[Interrupt(5)])
+    with pytest.raises(KeyboardInterrupt):
+        run_training(job, resume=True)
+    assert sorted(p.name for p in (path / "run").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    return path / "run"
+
+
+DAMAGE = {
+    "truncated adapter": ("adapter_model.safetensors", lambda path: os.truncate(path, path.stat().st_size // 2)),
+    "empty trainer state": ("trainer_state.json", lambda path: path.write_text("")),
+    "truncated optimizer": ("optimizer.pt", lambda path: os.truncate(path, path.stat().st_size - 100)),
+    "missing scheduler": ("scheduler.pt", lambda path: path.unlink()),
+    "missing RNG state": ("rng_state.pth", lambda path: path.unlink()),
+    "missing run history": ("run_history.json", lambda path: path.unlink()),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_checkpoint_damage_is_found_and_named(interrupted_run, tmp_path, damage):
+    checkpoint = shutil.copytree(interrupted_run / "checkpoint-4", tmp_path / "checkpoint-4")
+    assert checkpoint_problem(checkpoint) is None
+    name, harm = DAMAGE[damage]
+    harm(checkpoint / name)
+    problem = checkpoint_problem(checkpoint)
+    assert problem is not None and (name in problem or "RNG" in problem or "scheduler" in problem), problem
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter", "empty trainer state"])
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tiny_mistral_dir, tokenized, interrupted_run, tmp_path,
+                                                           caplog, damage):
+    shutil.copytree(interrupted_run, tmp_path / "run")
+    name, harm = DAMAGE[damage]
+    harm(tmp_path / "run" / "checkpoint-4" / name)
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.training.checkpoints"):
+        metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2),
+                               resume=True).metrics
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 6
+    assert any("checkpoint-4" in record.getMessage() and name in record.getMessage() for record in caplog.records)
+    assert (tmp_path / "run" / "damaged-checkpoint-4").is_dir()
+
+
+def test_with_no_sound_checkpoint_training_starts_over(tiny_mistral_dir, tokenized, interrupted_run, tmp_path,
+                                                        caplog):
+    shutil.copytree(interrupted_run, tmp_path / "run")
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        (tmp_path / "run" / checkpoint / "trainer_state.json").write_text("")
+    with caplog.at_level(logging.WARNING, logger="alpaca_qlora.training.checkpoints"):
+        metrics = run_training(make_job(tiny_mistral_dir, tokenized, tmp_path, max_steps=6, save_steps=2),
+                               resume=True).metrics
+    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 6
+    assert "starts over" in caplog.text

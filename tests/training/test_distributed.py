@@ -18,10 +18,8 @@ from safetensors.torch import load_file
 from alpaca_qlora.config import ConfigError
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.training.distributed import accelerate_command
-from alpaca_qlora.training.sharding import keep_output_projection_whole
+from support import ROOT
 from support.params import embedded_params
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_no_launch_without_distribution_or_inside_a_launched_process(monkeypatch):
@@ -162,29 +160,3 @@ def test_two_machine_ranks_of_one_process_each_train_the_one_machine_runs_adapte
     assert two_nodes["tokens"] == one_node["tokens"] and two_nodes["steps"] == one_node["steps"]
     assert two_nodes["train_loss"] == pytest.approx(one_node["train_loss"], rel=1e-4)
     assert_same_adapter(two_nodes_adapter, one_node_adapter)
-
-
-def test_fsdp_leaves_the_output_projection_whole_only_where_that_is_sound(tiny_mistral_dir):
-    """The projection joins the plugin's ignored modules in the compute dtype; a trained one (FSDP would never
-    reduce its gradients) or a pattern set outside the stage is refused."""
-    from types import SimpleNamespace
-
-    from alpaca_qlora.models.loading import load_model
-    from alpaca_qlora.models.quantization import plan_quantization
-    from alpaca_qlora.training.model import attach_lora
-
-    def model(targets: tuple[str, ...]) -> torch.nn.Module:
-        lora = dataclasses.replace(embedded_params().lora, target_modules=list(targets))
-        return attach_lora(load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu"), lora,
-                           quantized=False, gradient_checkpointing=False)
-
-    plain = model(("q_proj",))
-    other = torch.nn.Linear(2, 2)
-    plugin = SimpleNamespace(ignored_modules=[other])
-    keep_output_projection_whole(plugin, plain, torch.bfloat16)
-    assert plugin.ignored_modules == [other, plain.get_output_embeddings()]
-    assert plain.get_output_embeddings().weight.dtype == torch.bfloat16
-    with pytest.raises(PipelineError, match="lm_head from lora.target_modules"):
-        keep_output_projection_whole(SimpleNamespace(ignored_modules=None), model(("q_proj", "lm_head")), None)
-    with pytest.raises(PipelineError, match="FSDP_IGNORED_MODULES"):
-        keep_output_projection_whole(SimpleNamespace(ignored_modules="lm_head"), plain, None)

@@ -1,8 +1,8 @@
-"""The train stage's model builder, which the bench calls too: the base, Liger if switched on, then LoRA."""
+"""The training model: the builder the train stage and the bench call (the base, Liger if switched on, then LoRA),
+the speed switches by device, the frozen weights' dtype, and target modules checked."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +14,17 @@ from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.model import (
     LORA_CONFIG_NAMES,
     SpeedSwitches,
+    apply_liger_kernels,
     attach_lora,
     build_trainable_model,
     lora_config_kwargs,
+    prepare_quantized_model,
+    resolve_speed_switches,
 )
+from support import ROOT
 from support.params import embedded_params
+from support.training import make_job
 
-ROOT = Path(__file__).resolve().parents[1]
 LORA = load_params(ROOT / "params.yaml").lora  # the embedded profile's LoRA: r=16 on the seven projections
 
 
@@ -70,3 +74,43 @@ def test_every_lora_key_reaches_peft_under_its_name(tiny_mistral_dir):
         expected = getattr(lora, field.name)
         assert (set(arrived) == set(expected)) if field.name == "target_modules" else arrived == expected, field.name
     assert config.task_type == "CAUSAL_LM"
+
+
+def test_a_typo_in_target_modules_is_refused(tiny_mistral_dir, tokenized, tmp_path):
+    with pytest.raises(PipelineError, match=r"\['qproj'\] do not exist"):
+        make_job(tiny_mistral_dir, tokenized, tmp_path,
+                 lora=embedded_params(lora={"target_modules": ["qproj", "v_proj"]}).lora)
+
+
+def test_liger_kernels_are_refused_without_cuda(tiny_mistral_dir):
+    model = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu")
+    with pytest.raises(PipelineError, match="needs a CUDA GPU"):
+        apply_liger_kernels(model, "cpu")
+
+
+def test_frozen_weights_keep_the_compute_dtype_unless_fp32_is_asked(tiny_mistral_dir):
+    from transformers import AutoModelForCausalLM
+
+    for frozen_dtype, expected in (("compute", torch.bfloat16), ("fp32", torch.float32)):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_mistral_dir), dtype=torch.bfloat16)
+        model = prepare_quantized_model(model, gradient_checkpointing=False, frozen_dtype=frozen_dtype)
+        assert model.get_input_embeddings().weight.dtype == expected
+        assert model.lm_head.weight.dtype == expected
+        assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_speed_switches_resolve_by_device():
+    """auto: Liger and checkpointing on CUDA (measured to pay there), off on CPU; explicit values win."""
+    auto = embedded_params().train
+    assert resolve_speed_switches(auto, "cpu", liger_installed=True) == SpeedSwitches(False, False)
+    assert resolve_speed_switches(auto, "cuda", liger_installed=True) == SpeedSwitches(True, True)
+    assert resolve_speed_switches(auto, "cuda", liger_installed=False) == SpeedSwitches(False, True)
+    # under FSDP too: the stage keeps the output projection, which Liger's cross-entropy reads, unsharded
+    fsdp = dataclasses.replace(auto, distributed="fsdp", num_processes=2)
+    assert resolve_speed_switches(fsdp, "cuda", liger_installed=True) == SpeedSwitches(True, True)
+    forced = dataclasses.replace(auto, gradient_checkpointing=True, liger_kernels=False)
+    assert resolve_speed_switches(forced, "cpu") == SpeedSwitches(False, True)
+    offload = dataclasses.replace(auto, checkpoint_offload=True)
+    with pytest.raises(PipelineError, match="gradient_checkpointing=true"):
+        resolve_speed_switches(offload, "cpu")
+    assert resolve_speed_switches(offload, "cuda", liger_installed=True).gradient_checkpointing

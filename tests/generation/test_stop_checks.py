@@ -6,17 +6,14 @@ import pytest
 import torch
 
 from alpaca_qlora.chat import AnswerStreamer
-from alpaca_qlora.data.formatting import encode_prompt
 from alpaca_qlora.data.prompts import ALPACA
 from alpaca_qlora.evaluation.metrics import cut_by_limit
-from alpaca_qlora.generation import generate
 from alpaca_qlora.generation.greedy import take_token
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
-from alpaca_qlora.models.loading import load_model, load_tokenizer
-from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.stop_rule import clean_generation, stop_position
 
 MARKERS = ALPACA.stop_markers
+
 
 # Generated pieces (one token each) -> after how many tokens generation stops (None: never), and the answer.
 CASES = [
@@ -30,37 +27,6 @@ CASES = [
     (["a", "\n", "  #", "## more"], 4, "a"),                             # split across tokens
     (["one", "\n\n", "### ", "Instruction", ":"], 3, "one"),
 ]
-
-
-@pytest.mark.parametrize(("text", "position"), [
-    ("Paris\n  ### Input:", 6), ("Paris\n\t### X", 6), ("### Response:", 0), ("Paris\n###", 6),
-    ("Use ### here", None), ("Steps:\n#### Step 1", None), ("Paris\n###Instruction", None), ("", None),
-])
-def test_stop_position_is_where_a_marker_opens_a_line(text, position):
-    assert stop_position(text, MARKERS) == position
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        ("Paris\n\n### Instruction:\nName a city.", "Paris"),   # the model started inventing the next prompt
-        ("  Paris  ", "Paris"),
-        ("Use ### here to mark it.", "Use ### here to mark it."),  # mid-line markers are text
-        ("### Response:\nParis", ""),                           # marker opens the text
-        ("Paris\n  ### Input:", "Paris"),                       # indented marker line
-        ("Paris\n###", "Paris"),                                # generation stopped on the marker's visible part
-        ("Steps:\n#### Step 1\nmix", "Steps:\n#### Step 1\nmix"),  # a markdown h4 is not the marker
-        ("", ""),
-    ],
-)
-def test_clean_generation(raw, expected):
-    assert clean_generation(raw, MARKERS) == expected
-
-
-def test_clean_generation_cuts_at_the_earliest_of_several_markers():
-    assert clean_generation("one\nEND\ntwo\n### three", ("### ", "END")) == "one"
-    with pytest.raises(ValueError, match="blank"):
-        clean_generation("text", ("  ",))
 
 
 class PieceTokenizer:
@@ -127,43 +93,3 @@ def test_generation_stops_where_cleanup_cuts(pieces, stop, answer):
         streamer.put(torch.tensor([token]))
     streamer.end()
     assert "".join(written) == streamer.answer == answer
-
-
-@pytest.fixture(scope="module")
-def scripted(tiny_mistral_dir):
-    """The tiny Mistral made to answer `ANSWER` to any prompt: attention and MLP add nothing, so each position's
-    logits depend on its token alone, and the embedding and head map every token of the chain to the next."""
-    tokenizer = load_tokenizer(str(tiny_mistral_dir), padding_side="left")
-    model = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu")
-    prompt = "What is the capital of France?"  # any prompt text: its last token starts the chain
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    answer_ids = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
-    chain = [prompt_ids[-1], *answer_ids, tokenizer.eos_token_id]
-    assert len(set(chain)) == len(chain) <= model.config.hidden_size
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
-        assert embed.data_ptr() != head.data_ptr()
-        embed.zero_(), head.zero_()
-        for slot, (token, following) in enumerate(zip(chain, chain[1:])):
-            embed[token, slot] = 1.0
-            head[following, slot] = 1.0
-    return model, tokenizer, prompt, answer_ids
-
-
-ANSWER = "Paris\n  ### Instruction: more"
-
-
-@pytest.mark.parametrize("method", ["plain", "fast", "graphed"])
-def test_generate_stops_at_an_indented_marker(scripted, method):
-    model, tokenizer, prompt, answer_ids = scripted
-    unstopped, _ = generate(model, tokenizer, [prompt], max_new_tokens=20, batch_size=1, stop_markers=(),
-                            progress=False, method=method)
-    assert unstopped[0].raw == ANSWER and unstopped[0].stopped_by_eos  # the script runs to EOS without markers
-    [generation], _ = generate(model, tokenizer, [prompt], max_new_tokens=20, batch_size=1, stop_markers=MARKERS,
-                               progress=False, method=method)
-    assert not generation.stopped_by_eos and generation.new_tokens < len(answer_ids)
-    assert generation.raw.endswith("###") and generation.raw.rstrip("#").rstrip(" ") == "Paris\n"
-    assert clean_generation(generation.raw, MARKERS) == clean_generation(ANSWER, MARKERS) == "Paris"

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from alpaca_qlora.evaluation.significance import compare_paired
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 RESAMPLES = 10_000
 SEED = 7
 pytestmark = pytest.mark.slow

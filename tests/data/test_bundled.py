@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import periodictable
 import pytest
@@ -15,9 +14,9 @@ from alpaca_qlora.data.bundled.dataset import main
 from alpaca_qlora.data.bundled.facts import format_weight, group_of, load_facts, period_of
 from alpaca_qlora.data.bundled.questions import country_questions, country_reverse_questions, element_questions
 from alpaca_qlora.data.records import clean_rows, prompt_key
+from support import ROOT
 
 EXACT_MATCH_TYPES = {"closed_qa", "factual", "classification"}
-ROOT = Path(__file__).resolve().parents[1]
 
 # Checked by hand, independently of the generator's tables.
 SYMBOLS = {"sodium": "Na", "potassium": "K", "iron": "Fe", "gold": "Au", "silver": "Ag", "lead": "Pb", "tin": "Sn",

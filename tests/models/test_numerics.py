@@ -22,9 +22,9 @@ from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.numerics import Float64RMSNorm, base_weights_fingerprint, float64_norms
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.model import attach_lora
+from support import ROOT
 from support.params import embedded_params
 
-ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = get_template("alpaca")
 PROMPTS = [TEMPLATE.render(q, "") for q in ("What is the capital of France?", "Name a primary color.",
                                             "Write one sentence about the sea.", "What is 2+2?")]

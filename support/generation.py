@@ -1,0 +1,28 @@
+"""What the generation tests share: Alpaca prompts, a generate() runner that checks which method ran, and bnb's
+CPU 4-bit layers kept on the path CUDA takes."""
+from __future__ import annotations
+
+from alpaca_qlora.data.prompts import get_template
+from alpaca_qlora.generation import generate
+
+TEMPLATE = get_template("alpaca")
+QUESTIONS = ["What is the capital of France?", "Name the chemical symbol of sodium.", "Write a haiku about the sea.",
+             "Classify 'I love it' as positive or negative.", "List three primary colors.", "What is 2+2?"]
+PROMPTS = [TEMPLATE.render(question, "") for question in QUESTIONS]
+
+
+def bnb_default_path(model) -> None:
+    """On AVX512-BF16 CPUs bnb repacks 4-bit weights for a bf16 kernel at the first eval forward; keep it on the
+    path CUDA takes for batches (dequantize + F.linear) so the comparison is the GPU's."""
+    import bitsandbytes
+
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def run(model, tokenizer, method, markers=TEMPLATE.stop_markers, max_new_tokens=30, batch_size=6, prompts=PROMPTS):
+    generations, stats = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  stop_markers=markers, progress=False, method=method)
+    assert stats["generation"] == method
+    return generations
