@@ -1,0 +1,44 @@
+"""A LoRA rank is checked against the layers it adapts before any adapter weight is allocated."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.training.model import attach_lora
+from support.params import embedded_params
+
+TARGETS = ["q_proj", "k_proj", "v_proj"]
+
+
+class Block(torch.nn.Module):
+    """Attention-shaped projections: q 64 -> 64, k and v 64 -> 16 (grouped keys and values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(64, 64, bias=False)
+        self.k_proj = torch.nn.Linear(64, 16, bias=False)
+        self.v_proj = torch.nn.Linear(64, 16, bias=False)
+        self.embed = torch.nn.Embedding(100, 64)
+
+
+def attach(r: int):
+    lora = embedded_params(lora={"r": r, "alpha": r, "target_modules": TARGETS}).lora
+    return attach_lora(Block(), lora, quantized=False, gradient_checkpointing=False)
+
+
+@pytest.mark.parametrize("r", [100000, 16])
+def test_a_rank_not_below_the_smallest_adapted_layer_is_refused(r):
+    with pytest.raises(PipelineError, match=rf"lora\.r = {r} .*k_proj.* 64 x 16.* below 16"):
+        attach(r)
+
+
+def test_an_adapter_that_is_a_large_share_of_the_model_warns(caplog):
+    with caplog.at_level(logging.WARNING):
+        attach(8)  # 8 x (128 + 80 + 80) = 2,304 adapter params against 12,544 in the model: 18%
+    assert "lora.r" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        attach(15)  # 4,320 adapter params: 34% of the model
+    assert "lora.r = 15" in caplog.text and "% of" in caplog.text
