@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.training.model import attach_lora
+from alpaca_qlora.training.model import attach_lora, validate_lora_rank
 from support.params import embedded_params
 
 TARGETS = ["q_proj", "k_proj", "v_proj"]
@@ -24,9 +24,12 @@ class Block(torch.nn.Module):
         self.embed = torch.nn.Embedding(100, 64)
 
 
+def lora(r: int):
+    return embedded_params(lora={"r": r, "alpha": r, "target_modules": TARGETS}).lora
+
+
 def attach(r: int):
-    lora = embedded_params(lora={"r": r, "alpha": r, "target_modules": TARGETS}).lora
-    return attach_lora(Block(), lora, quantized=False, gradient_checkpointing=False)
+    return attach_lora(Block(), lora(r), quantized=False, gradient_checkpointing=False)
 
 
 @pytest.mark.parametrize("r", [100000, 16])
@@ -37,8 +40,8 @@ def test_a_rank_not_below_the_smallest_adapted_layer_is_refused(r):
 
 def test_an_adapter_that_is_a_large_share_of_the_model_warns(caplog):
     with caplog.at_level(logging.WARNING):
-        attach(8)  # 8 x (128 + 80 + 80) = 2,304 adapter params against 12,544 in the model: 18%
+        validate_lora_rank(Block(), lora(8))  # 8 x (128 + 80 + 80) = 2,304 adapter params against 12,544 in the model: 18%
     assert "lora.r" not in caplog.text
     with caplog.at_level(logging.WARNING):
-        attach(15)  # 4,320 adapter params: 34% of the model
+        validate_lora_rank(Block(), lora(15))  # 4,320 adapter params: 34% of the model
     assert "lora.r = 15" in caplog.text and "% of" in caplog.text
