@@ -40,7 +40,7 @@ def test_a_rank_not_below_the_smallest_adapted_layer_is_refused(r):
 
 def test_an_adapter_that_is_a_large_share_of_the_model_warns(caplog):
     with caplog.at_level(logging.WARNING):
-        validate_lora_rank(Block(), lora(8))  # 8 x (128 + 80 + 80) = 2,304 adapter params against 12,544 in the model: 18%
+        validate_lora_rank(Block(), lora(8))  # 8 x (128 + 80 + 80) = 2,304 of the model's 12,544 params: 18%
     assert "lora.r" not in caplog.text
     with caplog.at_level(logging.WARNING):
         validate_lora_rank(Block(), lora(15))  # 4,320 adapter params: 34% of the model
