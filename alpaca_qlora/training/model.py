@@ -95,18 +95,19 @@ def _stored_count(parameter: torch.nn.Parameter) -> int:
 
 
 def validate_lora_rank(model: torch.nn.Module, lora: Any) -> None:
-    """Refuse a rank that is not below every adapted layer's smaller side, before PEFT allocates it (a rank of
-    100000 ran out of memory in the allocator); warn when the adapter would be a large share of the model."""
+    """Refuse a rank above an adapted layer's smaller side, before PEFT allocates it (a rank of 100000 ran out of
+    memory in the allocator): no update of that layer has a higher rank. Equal is a full-rank update, legal if
+    unusual. Warn when the adapter would be a large share of the model."""
     layers = [(name, module) for name, module in model.named_modules()
               if name.rsplit(".", 1)[-1] in lora.target_modules and hasattr(module, "in_features")]
     if not layers:
         return
     name, smallest = min(layers, key=lambda item: min(item[1].in_features, item[1].out_features))
     limit = min(smallest.in_features, smallest.out_features)
-    if lora.r >= limit:
+    if lora.r > limit:
         raise PipelineError(
             f"lora.r = {lora.r} is too large for the layers it adapts: {name.rsplit('.', 1)[-1]} is "
-            f"{smallest.in_features} x {smallest.out_features}, so lora.r must be below {limit} (LoRA is a low-rank "
+            f"{smallest.in_features} x {smallest.out_features}, so lora.r can be at most {limit} (LoRA is a low-rank "
             f"update; 8 to 64 is usual).")
     adapter = sum(lora.r * (module.in_features + module.out_features) for _, module in layers)
     base = sum(_stored_count(parameter) for parameter in model.parameters())
