@@ -2,6 +2,7 @@
 switches as text (`2e-4`, `true`), and YAML 1.1 reads `2e-4` as a string, so a value may come as text."""
 from __future__ import annotations
 
+import math
 import types
 import typing
 from typing import Any, Literal
@@ -13,6 +14,13 @@ def _expected(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return " or ".join(map(repr, typing.get_args(annotation)))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(annotation, "a value")
+
+
+def _require_finite(number: Any, key: str, value: Any) -> None:
+    """nan and inf read as numbers, yet no step count, rate or fraction can be one: refuse them by name here, rather
+    than as an OverflowError after the model has loaded."""
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ConfigError(f"params: {key} = {value!r} is invalid: expected a finite number.")
 
 
 def coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -52,6 +60,7 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             number = float(value) if isinstance(value, str) else value
         except ValueError:
             raise ConfigError(f"params: {key} = {value!r} must be an integer.") from None
+        _require_finite(number, key, value)
         if not isinstance(number, (int, float)) or float(number) != int(number):
             raise ConfigError(f"params: {key} = {value!r} must be an integer.")
         return int(number)
@@ -59,9 +68,11 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"params: {key} = {value!r} must be a number.")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"params: {key} = {value!r} must be a number (e.g. 2e-4).") from None
+        _require_finite(number, key, value)
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"params: {key} = {value!r} must be a string.")

@@ -18,6 +18,9 @@ PARAMS_FILE = "params.yaml"
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_MODEL_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model whose Q4_1 GGUF it converts
+# AdamW's step is about the learning rate per weight whatever the gradient's scale, so a rate above 1 moves every
+# weight by more than its own size each step: the loss overflows (as 1e38 did) rather than trains.
+MAX_LEARNING_RATE = 1.0
 Switch = Literal["auto", True, False]  # a speed setting: auto picks it by device, true / false force it
 
 
@@ -156,7 +159,8 @@ class TrainParams:
     """Processes (GPUs) for ddp / fsdp; the global batch is micro x accumulation x this."""
 
     def validate(self) -> None:
-        _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number (e.g. 2e-4)")
+        _require(0 < self.learning_rate <= MAX_LEARNING_RATE, "train.learning_rate", self.learning_rate,
+                 f"a positive number at most {MAX_LEARNING_RATE:g} (e.g. 2e-4)")
         _require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
         _require(self.epochs > 0, "train.epochs", self.epochs, "a positive number")
         _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", self.max_steps,

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     if arguments.merge:
         merge_adapter(params.model.name, arguments.adapter, arguments.merge)
         return
-    if not arguments.instruction and not arguments.chat:
+    if not (arguments.instruction or "").strip() and not arguments.chat:  # blank is no instruction either
         parser.error("give an instruction to answer (or --chat, or --merge OUT)")
     if arguments.compare and (arguments.base_only or not arguments.chat):
         parser.error("--compare goes with --chat and an adapter (not --base-only)")

@@ -1,16 +1,20 @@
 """File I/O at the pipeline's edges.
 
 Every out is written to a temporary file beside its destination and renamed into place, so an interrupted stage
-never leaves half a file that DVC (or the next stage) would take for a finished one.
+never leaves half a file that DVC (or the next stage) would take for a finished one. Inside `outs_group` (the stage
+runner opens one around each stage) the renames of the stage's declared outs wait until the stage has succeeded,
+then happen together: a stage that fails, fills the disk or is interrupted leaves every out as it was.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,92 @@ def _open_to_umask(tree: Path) -> None:
                 entry.chmod(wanted)
 
 
+class OutsGroup:
+    """A stage's declared outs, staged beside their targets and moved into place together once the stage succeeded.
+
+    DVC keeps `persist: true` outs while their stage runs, so until commit() the previous outs stay whole and match
+    dvc.lock; only the renames, which need no disk space, are left for the end.
+    """
+
+    def __init__(self, outs: Iterable[str | os.PathLike[str]]):
+        self.outs = tuple(Path(os.path.abspath(out)) for out in outs)
+        self.staged: list[tuple[Path, Path]] = []  # (scratch, target), in the order they were written
+        self.committed = False
+
+    def covers(self, target: Path) -> bool:
+        """Whether `target` is a declared out or lies inside one (a checkpoint, say, is not and is written at once)."""
+        target = Path(os.path.abspath(target))
+        return any(target == out or out in target.parents for out in self.outs)
+
+    def commit(self) -> None:
+        """Check that every target can take its scratch, then rename them all with SIGINT and SIGTERM held off."""
+        for scratch, target in self.staged:
+            _check_replaceable(scratch, target)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for scratch, target in self.staged:
+                _move_into_place(scratch, target)
+            self.committed = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def discard(self) -> None:
+        for scratch, _ in self.staged:
+            _remove(scratch)
+
+
+_group: OutsGroup | None = None
+
+
+@contextlib.contextmanager
+def outs_group(outs: Iterable[str | os.PathLike[str]]) -> Iterator[OutsGroup]:
+    """Within the block, writes to `outs` are staged; they replace the outs together only if the block finishes."""
+    global _group
+    group = OutsGroup(outs)
+    _group = group
+    try:
+        yield group
+        group.commit()
+    finally:
+        _group = None
+        group.discard()
+
+
+def _check_replaceable(scratch: Path, target: Path) -> None:
+    """Refuse before any rename, so one misplaced entry cannot leave a stage's outs half replaced."""
+    if scratch.is_dir() and target.exists() and not target.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(target))
+    if not scratch.is_dir() and target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+
+
+def _move_into_place(scratch: Path, target: Path) -> None:
+    if scratch.is_dir() and target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(scratch, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(scratch, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _place(scratch: Path, target: Path) -> None:
+    """Move a finished scratch onto its target now, or at the end of the stage when it is one of the stage's outs."""
+    if _group is not None and _group.covers(target):
+        _group.staged.append((scratch, target))
+    else:
+        _check_replaceable(scratch, target)
+        _move_into_place(scratch, target)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it onto `path` only if the block finishes."""
@@ -69,10 +159,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = _scratch_beside(target, lambda name: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
     try:
         yield tmp
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        _place(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -84,17 +174,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _open_to_umask(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _place(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

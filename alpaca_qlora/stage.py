@@ -1,8 +1,16 @@
-"""What every stage script does around its own work: logging set-up and turning user errors into clear exits."""
+"""What every stage script does around its own work: logging, its inputs checked, its outs replaced together, and
+user errors, file-system errors and interruptions turned into one clear line instead of a traceback.
+
+DVC runs each stage with its outs in place (`persist: true` in dvc.yaml): the stage writes its new outs beside the
+old ones and moves them in only when it has succeeded, so a failed, full-disk or interrupted run leaves the previous
+outs as dvc.lock records them, and `dvc repro` simply runs the stage again.
+"""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +18,7 @@ from typing import Any
 
 from alpaca_qlora import io
 from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.stage_map import StageMap, stage_map
 
 log = logging.getLogger("alpaca_qlora")
 
@@ -44,8 +53,15 @@ def require_rows(rows: list[Any], what: str, fix: str) -> list[Any]:
     return rows
 
 
+def missing_input_message(path: str | os.PathLike[str], made_by: str) -> str:
+    return (f"{path} is missing: the {made_by} stage makes it. Run `dvc repro {made_by}` (or `dvc checkout {path}` "
+            "to restore the version dvc.lock records).")
+
+
 def read_input_rows(path: Path, made_by: str) -> list[dict[str, Any]]:
-    """The rows of an input file that an earlier stage wrote, refusing an empty one."""
+    """The rows of an input file that an earlier stage wrote, refusing a missing or empty one."""
+    if not Path(path).exists():
+        raise PipelineError(missing_input_message(path, made_by))
     return require_rows(io.read_jsonl(path), str(path),
                         f"rerun `dvc repro {made_by}` and read its log (it may have dropped every row).")
 
@@ -58,11 +74,77 @@ def configure_logging() -> None:
     )
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a PipelineError exits with status 2 and its message, nothing half-written."""
+KEPT = "its previous outs are kept as they were (dvc.lock still records them)"
+# What to do about an OSError that the machine, not the code, caused; any other errno is a bug and keeps its trace.
+FILE_SYSTEM_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space (`df -h .` shows it)",
+    errno.EDQUOT: "the disk quota is used up: free some space",
+    errno.EACCES: "no permission to write there: fix the folder's owner or mode (`ls -ld` shows them)",
+    errno.EPERM: "the operation is not permitted there: fix the folder's owner or mode (`ls -ld` shows them)",
+    errno.EROFS: "the file system is read-only: run the pipeline where it can write",
+    errno.EISDIR: "a folder stands where a file goes: move or remove it",
+    errno.ENOTDIR: "a file stands where a folder goes: move or remove it",
+    errno.EEXIST: "a file stands where a folder goes: move or remove it",
+}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the stage unwinds and nothing is moved into place."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def interrupted_message(command: str, signum: int, committed: bool, on_interrupt: str) -> str:
+    if committed:  # the signal came as the last rename finished: the outs are new but DVC recorded nothing
+        return (f"{command} was interrupted ({signal.Signals(signum).name}) after writing all its outs; run "
+                "`dvc repro` to record them (it reruns the stage).")
+    resume = f"; {on_interrupt}" if on_interrupt else ""
+    return (f"{command} was interrupted ({signal.Signals(signum).name}): {KEPT}. Run `dvc repro` to run it "
+            f"again{resume}.")
+
+
+def file_system_message(error: OSError) -> str | None:
+    fix = FILE_SYSTEM_FIXES.get(error.errno or 0)
+    if fix is None:
+        return None
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror}; {fix}. Nothing was replaced: {KEPT}. Then rerun `dvc repro`."
+
+
+def check_inputs(stages: StageMap) -> None:
+    """Name the stage that makes a missing input, before any work (a stage run alone after `dvc checkout`, say)."""
+    for path, made_by in stages.missing_inputs().items():
+        raise PipelineError(missing_input_message(path, made_by))
+
+
+def run_stage(main: Callable[[], None], *, on_interrupt: str = "") -> None:
+    """Run a stage's main() with its declared outs staged and replaced together only if it succeeds.
+
+    A PipelineError or a file-system error exits with status 2 and one line; SIGINT and SIGTERM with 128 + the
+    signal's number, as a shell reports them, and one line saying what is kept and how to go on (`on_interrupt`).
+    """
     configure_logging()
+    command = " ".join(["python", *sys.argv])
+    stages = stage_map(sys.argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    group = None
     try:
-        main()
+        check_inputs(stages)
+        with io.outs_group(stages.outs) as group:
+            main()
     except PipelineError as error:
         log.error("%s", error)
+        sys.exit(2)
+    except KeyboardInterrupt as interrupt:
+        signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+        log.error("%s", interrupted_message(command, signum, bool(group and group.committed), on_interrupt))
+        sys.exit(128 + signum)
+    except OSError as error:
+        message = file_system_message(error)
+        if message is None:
+            raise
+        log.debug("%s", command, exc_info=True)
+        log.error("%s", message)
         sys.exit(2)

@@ -13,8 +13,7 @@ from typing import Any
 import yaml
 
 from alpaca_qlora.config import PARAMS_FILE, ConfigError, Params, load_params
-
-DVC_FILE = "dvc.yaml"
+from alpaca_qlora.stage_map import DVC_FILE
 
 
 def declared_params(stage: str, dvc_file: str | Path = DVC_FILE) -> tuple[str, ...]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+import _venv_check  # noqa: F401 (first: says to activate the venv when a package is missing)
+
 from alpaca_qlora.config import load_params
 from alpaca_qlora.stage import run_stage
 

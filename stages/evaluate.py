@@ -11,6 +11,8 @@ import logging
 import time
 from pathlib import Path
 
+import _venv_check  # noqa: F401 (first: says to activate the venv when a package is missing)
+
 from alpaca_qlora import io
 from alpaca_qlora.data.formatting import stop_margin, token_limit
 from alpaca_qlora.data.prompts import get_template

@@ -9,6 +9,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+import _venv_check  # noqa: F401 (first: says to activate the venv when a package is missing)
+
 from alpaca_qlora import io
 from alpaca_qlora.data import bundled
 from alpaca_qlora.data.records import DataFormatError, check_alpaca_shape, clean_rows, read_rows

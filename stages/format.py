@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import _venv_check  # noqa: F401 (first: says to activate the venv when a package is missing)
+
 from alpaca_qlora import io
 from alpaca_qlora.data.formatting import (
     format_report,

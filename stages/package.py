@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import _venv_check  # noqa: F401 (first: says to activate the venv when a package is missing)
+
 from alpaca_qlora import io
 from alpaca_qlora.adapter import package_release
 from alpaca_qlora.stage import run_stage

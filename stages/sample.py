@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import _venv_check  # noqa: F401 (first: says to activate the venv when a package is missing)
+
 from alpaca_qlora import io
-from alpaca_qlora.data.sampling import split_rows
+from alpaca_qlora.data.sampling import MIN_TRAIN_ROWS, split_rows
 from alpaca_qlora.evaluation.metrics import is_short_answer
 from alpaca_qlora.stage import read_input_rows, require_rows, run_stage
 from alpaca_qlora.stage_params import stage_params
@@ -43,6 +45,9 @@ def main() -> None:
     if split.report["train_rows"] < split.report["train_rows_requested"]:
         log.warning("only %d training rows available of %d requested", split.report["train_rows"],
                     split.report["train_rows_requested"])
+    if len(split.train) < MIN_TRAIN_ROWS:
+        log.warning("data.sample_frac = %g leaves %d training rows, fewer than %d: too few to learn from; raise "
+                    "data.sample_frac (or use more data)", params.data.sample_frac, len(split.train), MIN_TRAIN_ROWS)
     io.write_jsonl(TRAIN_OUT, split.train)
     io.write_jsonl(EVAL_OUT, split.eval)
     io.write_json(METRICS_OUT, split.report)

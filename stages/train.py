@@ -1,8 +1,8 @@
 """train: QLoRA fine-tuning of the base model on the format stage's ids and labels (loss on responses only).
 
 Outs: models/adapter/ (adapter weights and config, the tokenizer with the training prompt as its chat template,
-prompt_template.json, model card), metrics/train.json and the
-DVCLive curves under metrics/train_log/. Checkpoints go to models/checkpoints/<run fingerprint>/ (not a DVC
+prompt_template.json, model card), metrics/train.json and the DVCLive curves in metrics/train_log/plots/ (with
+train.dvclive false, a note saying there are none). Checkpoints go to models/checkpoints/<run fingerprint>/ (not a DVC
 out): an interrupted run resumes from its last sound checkpoint on the next `dvc repro`, and reports the whole
 run's metrics. One trainer at a time: the stage locks models/checkpoints/ and refuses while another run holds it.
 
@@ -15,9 +15,11 @@ import dataclasses
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import _venv_check  # noqa: F401 (first: says to activate the venv when a package is missing)
 import torch
 from transformers import set_seed
 
@@ -39,6 +41,7 @@ from alpaca_qlora.training.data import TokenizedDataset
 from alpaca_qlora.training.distributed import accelerate_command, process_group
 from alpaca_qlora.training.memory import memory_budget, plan_to_budget, prefer_expandable_segments
 from alpaca_qlora.training.model import build_trainable_model, resolve_speed_switches
+from alpaca_qlora.training.tracking import publish_curves
 from alpaca_qlora.training.trainer import TrainingJob, run_training
 
 TRAIN_IN = Path("data/formatted/train.jsonl")
@@ -46,7 +49,9 @@ DATA_SOURCE = Path("metrics/data.json")  # fetch's description of where the rows
 ADAPTER_OUT = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")
 METRICS_OUT = Path("metrics/train.json")
-LOG_DIR = Path("metrics/train_log")
+PLOTS_OUT = Path("metrics/train_log/plots")
+ON_INTERRUPT = ("training resumes from its last checkpoint in models/checkpoints/ (train.resume: auto), so only the "
+                "steps since it are run again")
 
 log = logging.getLogger("train")
 
@@ -93,14 +98,16 @@ def main() -> None:
     run_dir = CHECKPOINTS / run_fingerprint(recorded, data_sha256)
     if ranks.is_main:
         remove_stale_runs(CHECKPOINTS, keep=run_dir)
-    job = TrainingJob(model=model, tokenizer=tokenizer, dataset=dataset, train=params.train, plan=plan,
-                      device=device, run_dir=run_dir, log_dir=LOG_DIR)
-    result = run_training(job, resume=params.train.resume == "auto")
+    with tempfile.TemporaryDirectory(prefix="alpaca-qlora-curves-") as live_dir:  # the out is replaced at the end
+        job = TrainingJob(model=model, tokenizer=tokenizer, dataset=dataset, train=params.train, plan=plan,
+                          device=device, run_dir=run_dir, log_dir=Path(live_dir))
+        result = run_training(job, resume=params.train.resume == "auto")
+        if not ranks.is_main:
+            return
+        publish_curves(Path(live_dir), PLOTS_OUT, enabled=params.train.dvclive)
     metrics = {**result.metrics, **dataclasses.asdict(switches), **(memory_plan.record() if memory_plan else {})}
     if budget is not None:
         metrics["memory_plan_budget_gib"] = budget.gib
-    if not ranks.is_main:
-        return
 
     results, timing = split_timing(metrics)  # the card, inside the adapter out, gets no machine-dependent figure
     template = get_template(params.data.template)
@@ -122,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, on_interrupt=ON_INTERRUPT)

@@ -41,7 +41,12 @@ def read_rows(path: str | Path) -> list[Any]:
             return parquet.read_table(path).to_pylist()
         except Exception as error:  # pyarrow raises several unrelated types for a bad file
             raise DataFormatError(f"{path}: not a readable parquet file ({error}).") from error
-    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some Windows editors write, is not data
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some Windows editors write, is not data
+    except UnicodeDecodeError as error:
+        raise DataFormatError(
+            f"{path}: not UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start}); save it as UTF-8, "
+            f"e.g. `iconv -f latin1 -t utf-8 {path} > fixed{suffix}` for a Latin-1 file.") from None
     if suffix == ".json":
         try:
             data = json.loads(text)

@@ -11,6 +11,10 @@ from alpaca_qlora.data.records import prompt_key
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.evaluation.metrics import NO_TASK_TYPE
 
+# Fewer training rows than this teach a model little beyond noise: the sample stage warns (1e-6 of the bundled set
+# trained on one row without a word).
+MIN_TRAIN_ROWS = 32
+
 
 class SamplingError(PipelineError, ValueError):
     """The requested split can't be drawn from the data (e.g. the eval split is as large as the data)."""

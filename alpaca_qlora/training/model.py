@@ -85,6 +85,38 @@ def validate_target_modules(model: torch.nn.Module, target_modules: Sequence[str
         )
 
 
+# Above this share of the base model's weights the adapter costs much of the memory that LoRA exists to save.
+LARGE_ADAPTER_SHARE = 0.25
+
+
+def _stored_count(parameter: torch.nn.Parameter) -> int:
+    """A weight's element count; bitsandbytes packs two 4-bit values per stored byte."""
+    return parameter.numel() * (2 if type(parameter).__name__ == "Params4bit" else 1)
+
+
+def validate_lora_rank(model: torch.nn.Module, lora: Any) -> None:
+    """Refuse a rank above an adapted layer's smaller side, before PEFT allocates it (a rank of 100000 ran out of
+    memory in the allocator): no update of that layer has a higher rank. Equal is a full-rank update, legal if
+    unusual. Warn when the adapter would be a large share of the model."""
+    layers = [(name, module) for name, module in model.named_modules()
+              if name.rsplit(".", 1)[-1] in lora.target_modules and hasattr(module, "in_features")]
+    if not layers:
+        return
+    name, smallest = min(layers, key=lambda item: min(item[1].in_features, item[1].out_features))
+    limit = min(smallest.in_features, smallest.out_features)
+    if lora.r > limit:
+        raise PipelineError(
+            f"lora.r = {lora.r} is too large for the layers it adapts: {name.rsplit('.', 1)[-1]} is "
+            f"{smallest.in_features} x {smallest.out_features}, so lora.r can be at most {limit} (LoRA is a low-rank "
+            f"update; 8 to 64 is usual).")
+    adapter = sum(lora.r * (module.in_features + module.out_features) for _, module in layers)
+    base = sum(_stored_count(parameter) for parameter in model.parameters())
+    if adapter > LARGE_ADAPTER_SHARE * base:
+        log.warning("lora.r = %d makes an adapter of %d parameters, %.0f%% of the model's %d: it costs much of the "
+                    "memory LoRA saves; a lower lora.r (8 to 64 is usual) trains almost as well", lora.r, adapter,
+                    100 * adapter / base, base)
+
+
 def prepare_quantized_model(model: torch.nn.Module, *, gradient_checkpointing: bool, frozen_dtype: str) -> Any:
     """Freeze the base and make its inputs carry gradients, as QLoRA needs.
 
@@ -125,6 +157,7 @@ def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_
     from peft import LoraConfig, get_peft_model
 
     validate_target_modules(model, lora.target_modules)
+    validate_lora_rank(model, lora)
     if quantized:
         model = prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing,
                                         frozen_dtype=frozen_dtype)

@@ -3,17 +3,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from alpaca_qlora import io
 from alpaca_qlora.training.distributed import process_group
 
 log = logging.getLogger(__name__)
 
 WANDB_DEFAULT_URL = "https://api.wandb.ai"  # wandb's default base_url
 WANDB_PROBE_TIMEOUT_S = 5.0
+NO_CURVES = """# No curves in this run
+
+`train.dvclive` was false, so the train stage wrote no loss or learning-rate curves. Set `train.dvclive: true` and
+run `dvc repro train` to get them (`dvc plots show`).
+"""
 
 
 def wandb_unreachable(base_url: str, timeout_s: float = WANDB_PROBE_TIMEOUT_S) -> str | None:
@@ -59,10 +66,11 @@ def wandb_environment(project: str) -> dict[str, str]:
 class LossLogger(TrainerCallback):
     """With DVCLive, writes loss and learning-rate curves for `dvc plots`, by optimizer step.
 
-    A resumed run first replays the log its checkpoint carries: DVC removed the old curves before rerunning the
-    stage, and those may run past the checkpoint anyway (DVCLive's own `resume=True` would continue them, steps
-    after the checkpoint twice). Not `transformers.integrations.DVCLiveCallback`: it numbers points by log count
-    rather than optimizer step and replays nothing on resume.
+    A resumed run first replays the log its checkpoint carries: the curves go to a fresh folder each run
+    (publish_curves moves them into the out), and the old ones may run past the checkpoint anyway (DVCLive's own
+    `resume=True` would continue them, steps after the checkpoint twice). Not
+    `transformers.integrations.DVCLiveCallback`: it numbers points by log count rather than optimizer step and
+    replays nothing on resume.
     """
 
     def __init__(self, directory: Path | None):
@@ -96,3 +104,17 @@ class LossLogger(TrainerCallback):
         if self.live is not None:
             self.live.end()
 
+
+
+def publish_curves(live_dir: Path, out: Path, *, enabled: bool) -> None:
+    """Replace the declared plots out with DVCLive's curves from `live_dir`, or, with train.dvclive false, a note.
+
+    DVC fails a stage whose declared out is missing, and only once the stage has run: after a whole training run.
+    So the folder is always written, and never keeps an older run's curves.
+    """
+    with io.atomic_dir(out) as tmp:
+        curves = live_dir / "plots"
+        if enabled and curves.is_dir():
+            shutil.copytree(curves, tmp, dirs_exist_ok=True)
+        else:
+            (tmp / "README.md").write_text(NO_CURVES, encoding="utf-8")
