@@ -52,7 +52,7 @@ pull: setup
 compare-revs: setup
 	python -m alpaca_qlora.evaluation.compare_revisions "$(A)" "$(B)" $(if $(JSON),--json "$(JSON)")
 
-# The review a PR gets, in reports/review.md: REV (default: the workspace) against BASE. CI posts it (ci/review.sh).
+# The review a PR gets, in reports/review.md: REV (default: the workspace) against BASE. CI posts it (.ci/review.sh).
 BASE ?= main
 review: setup
 	python -m alpaca_qlora.evaluation.review "$(BASE)" $(REV)

@@ -1,4 +1,4 @@
-"""`make review` and ci/review.sh on a tiny git + DVC repository whose stage writes fake predictions (no model)."""
+"""`make review` and .ci/review.sh on a tiny git + DVC repository whose stage writes fake predictions (no model)."""
 from __future__ import annotations
 
 import json
@@ -157,7 +157,7 @@ def test_ci_script_dry_run_pulls_from_the_secret_remote_and_writes_the_comment(o
     run(["git", "checkout", "-q", "pr"], cwd=clone)
     assert not (clone / "data/predictions/finetuned.jsonl").exists()
     comment = tmp_path / "comment.md"
-    result = run(["bash", str(ROOT / "ci/review.sh")], cwd=clone, BASE="origin/main",
+    result = run(["bash", str(ROOT / ".ci/review.sh")], cwd=clone, BASE="origin/main",
                  DVC_REMOTE_URL=str(origin["remote"]), COMMENT_FILE=str(comment), REPO_TOKEN="")
     assert "dry run" in result.stderr
     assert read_rows(clone / "data/predictions/finetuned.jsonl") == read_rows(origin["copies"] / "pr.jsonl")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The pull-request review, every step: .github/workflows/review.yml runs only this, and a test runs it here.
 #
-#   BASE=origin/main ci/review.sh              # posts reports/review.md as the PR's comment, updated on each push
-#   DRY_RUN=1 BASE=main ci/review.sh           # or no REPO_TOKEN: the comment is written to $COMMENT_FILE instead
+#   BASE=origin/main .ci/review.sh              # posts reports/review.md as the PR's comment, updated on each push
+#   DRY_RUN=1 BASE=main .ci/review.sh           # or no REPO_TOKEN: the comment is written to $COMMENT_FILE instead
 #
 # BASE           the baseline revision (default origin/main)
 # DVC_REMOTE_URL the DVC remote holding the outs (a repository secret; cloud credentials ride in their usual
