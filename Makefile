@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 PIP := $(VENV)/bin/python -m pip install --quiet --quiet
 
 
-.PHONY: setup repro test mistral infer chat compare-revs push pull clean clean-all
+.PHONY: setup repro test mistral infer chat compare-revs review sweep push pull clean clean-all
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,16 @@ pull: setup
 # Fine-tuned predictions of two revisions or experiments, row by row, with intervals: make compare-revs A=main B=<exp>
 compare-revs: setup
 	python -m alpaca_qlora.evaluation.compare_revisions "$(A)" "$(B)" $(if $(JSON),--json "$(JSON)")
+
+# The review a PR gets, in reports/review.md: REV (default: the workspace) against BASE. CI posts it (.ci/review.sh).
+BASE ?= main
+review: setup
+	python -m alpaca_qlora.evaluation.review "$(BASE)" $(REV)
+
+# A grid of experiments through DVC's queue, JOBS at a time (one per GPU where there are GPUs), ranked by EM delta:
+# make sweep GRID="lora.r=8,16,32 train.learning_rate=1e-4,2e-4" [JOBS=2] [GPUS=0,1]
+sweep: setup
+	python -m alpaca_qlora.sweep $(GRID) $(if $(JOBS),--jobs $(JOBS)) $(if $(GPUS),--gpus $(GPUS))
 
 # Remove the pipeline's outputs (not the venv, not the converted base model in the model cache).
 clean:
