@@ -157,6 +157,8 @@ class TrainParams:
     """none, or ddp / fsdp: the stage re-executes itself under `accelerate launch`."""
     num_processes: int
     """Processes (GPUs) for ddp / fsdp; the global batch is micro x accumulation x this."""
+    fsdp_offload: bool
+    """With fsdp: each process's shard of the base waits in host memory and is copied in per layer (smaller cards)."""
 
     def validate(self) -> None:
         _require(0 < self.learning_rate <= MAX_LEARNING_RATE, "train.learning_rate", self.learning_rate,
@@ -178,6 +180,8 @@ class TrainParams:
                  "1 when train.distributed is none (set train.distributed=ddp or fsdp to use more processes)")
         _require(self.distributed != "fsdp" or self.num_processes >= 2, "train.num_processes", self.num_processes,
                  "at least 2 with train.distributed=fsdp (one process has nothing to shard with)")
+        _require(not self.fsdp_offload or self.distributed == "fsdp", "train.fsdp_offload", self.fsdp_offload,
+                 "false unless train.distributed is fsdp (it offloads FSDP's shards)")
         _require(not self.checkpoint_offload or self.gradient_checkpointing is not False, "train.checkpoint_offload",
                  self.checkpoint_offload, "false when train.gradient_checkpointing is false (it moves checkpoints)")
 

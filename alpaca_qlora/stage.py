@@ -27,7 +27,8 @@ log = logging.getLogger("alpaca_qlora")
 # Figures of this machine and this call, not of the result: kept out of `dvc metrics diff`. A resumed run's
 # `resumed_from_step` is one too, since its results equal an uninterrupted run's.
 TIMING_KEYS = frozenset({"runtime_s", "generation_s", "new_tokens_per_s", "tokens_per_s", "labelled_tokens_per_s",
-                         "peak_memory_gib", "peak_memory_kind", "resumed_from_step"})
+                         "peak_memory_gib", "peak_memory_kind", "resumed_from_step", "peak_memory_gib_per_process",
+                         "load_peak_memory_gib_per_process", "host_peak_memory_gib_per_process"})
 TIMING_PREFIXES = ("memory_plan_",)  # what the memory budget decided on this card
 TIMING_DIR = Path("metrics/timing")
 

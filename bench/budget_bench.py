@@ -28,7 +28,7 @@ import torch
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training.memory import GIB, MemoryBudget, decoder_layers, plan_to_budget
+from alpaca_qlora.training.memory_budget import GIB, MemoryBudget, decoder_layers, plan_to_budget
 from bench import command_line
 from bench.train_bench import build_variant, measure, release_memory
 from bench.train_profile import frozen_linear_params

@@ -8,6 +8,10 @@ all-reduced. `--mode fsdp`: the train stage's FSDP2 settings (training.sharding,
 FullyShardedDataParallelPlugin the Trainer would build, the output projection left whole as the stage leaves it):
 one `fully_shard` unit per decoder layer, the NF4 weights stored in bf16-typed tensors and sharded.
 
+The FSDP model is loaded as the stage loads it: staged in host memory, each decoder layer moved to the GPU by
+`fully_shard` and cut to this process's shard, gradients reduced in fp32; `--offload` adds FSDP2's CPUOffloadPolicy
+(train.fsdp_offload). Each process's peaks while loading and training, and its host memory, go to the JSON.
+
 `--memory-cap-gib G` caps this process's CUDA allocator at G GiB (torch.cuda.set_per_process_memory_fraction), to
 show what FSDP is for: a shape that does not fit one capped card under DDP, trained on two. Running out of memory is
 a result here (`oom` in the JSON), not an error.
@@ -33,7 +37,8 @@ import torch
 
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
-from alpaca_qlora.training.sharding import fsdp_training_arguments, keep_output_projection_whole
+from alpaca_qlora.training.peak_memory import host_peak_gib, per_process
+from alpaca_qlora.training.sharding import fsdp_training_arguments, keep_output_projection_whole, reduce_in_fp32
 from bench import command_line
 from bench.train_bench import project_model, project_settings
 from bench.workloads import collate, dense_batches
@@ -42,13 +47,13 @@ log = logging.getLogger("ddp_bench")
 LENGTH = 2048
 
 
-def fsdp_plugin() -> Any:
+def fsdp_plugin(offload: bool = False) -> Any:
     """The plugin the Trainer builds from the train stage's FSDP arguments (Trainer.create_accelerator...)."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import TrainingArguments
 
     with tempfile.TemporaryDirectory() as scratch:
-        arguments = TrainingArguments(output_dir=scratch, report_to=[], **fsdp_training_arguments())
+        arguments = TrainingArguments(output_dir=scratch, report_to=[], **fsdp_training_arguments(offload))
     return FullyShardedDataParallelPlugin(**arguments.fsdp_plugin_args)
 
 
@@ -75,15 +80,16 @@ def gathered_gib(accelerator: Any, value: float) -> list[float]:
 
 
 def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_gib: float | None,
-            liger: bool = True) -> dict[str, Any]:
+            liger: bool = True, offload: bool = False) -> dict[str, Any]:
     from accelerate import Accelerator
 
     # bf16 as the Trainer runs it: autocast for DDP, and for FSDP2 the policy that computes in bf16.
-    accelerator = Accelerator(mixed_precision="bf16", fsdp_plugin=fsdp_plugin() if mode == "fsdp" else None)
+    accelerator = Accelerator(mixed_precision="bf16", fsdp_plugin=fsdp_plugin(offload) if mode == "fsdp" else None)
     torch.cuda.set_device(accelerator.local_process_index)
     cap_memory(cap_gib, accelerator.local_process_index)
     result: dict[str, Any] = {
-        "mode": mode, "liger": liger, "processes": accelerator.num_processes, "device": torch.cuda.get_device_name(0),
+        "mode": mode, "liger": liger, "offload": offload, "processes": accelerator.num_processes,
+        "device": torch.cuda.get_device_name(0),
         "micro_batch": f"{rows}x{LENGTH} per process", "memory_cap_gib": cap_gib, "steps": steps, "oom": None,
         "is_main": accelerator.is_main_process,
     }
@@ -92,12 +98,14 @@ def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_g
     try:
         model = build_model(model_dir, mode, liger)
         if mode == "fsdp":
-            keep_output_projection_whole(accelerator.state.fsdp_plugin, model, torch.bfloat16)
+            keep_output_projection_whole(accelerator.state.fsdp_plugin, model, torch.bfloat16, accelerator.device)
+            reduce_in_fp32(accelerator.state.fsdp_plugin, torch.bfloat16)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         stage = "prepare"
         model, optimizer = accelerator.prepare(model, optimizer)
-        # every process loads the whole 4-bit base before FSDP shards it: the cap must hold this too
-        result["load_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        # loading and sharding: under DDP the whole base, under FSDP the shards plus the layer being cut
+        result["load_peak_memory_gib_per_rank"] = per_process(torch.cuda.max_memory_allocated() / 2**30)
+        result["load_peak_memory_gib"] = max(result["load_peak_memory_gib_per_rank"])
         batches, _ = collate(dense_batches(steps + warmup, rows=rows, length=LENGTH,
                                            seed=1000 + accelerator.process_index), True)
         model.train()
@@ -134,13 +142,15 @@ def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_g
         "peak_memory_gib": max(peaks),
         "peak_memory_gib_per_rank": peaks,
         "peak_reserved_gib_per_rank": gathered_gib(accelerator, torch.cuda.max_memory_reserved() / 2**30),
+        "host_peak_gib_per_rank": per_process(host_peak_gib()),
         "losses_rank0": losses,
     }
 
 
 def comparable(run: dict[str, Any]) -> bool:
     """An uncapped run with the project's settings: the runs ratios compare (a --no-liger run is reported only)."""
-    return not run.get("oom") and not run.get("memory_cap_gib") and run.get("liger", True)
+    return (not run.get("oom") and not run.get("memory_cap_gib") and run.get("liger", True)
+            and not run.get("offload"))
 
 
 def summarize(paths: list[Path]) -> dict[str, Any]:
@@ -179,6 +189,7 @@ def print_table(summary: dict[str, Any]) -> None:
     for run in summary["runs"]:
         cap = f"{run['memory_cap_gib']:.2f}" if run.get("memory_cap_gib") else "-"
         mode = run["mode"] + ("" if run.get("liger", True) else " (no Liger)")
+        mode += " offload" if run.get("offload") else ""
         if run.get("oom"):
             print(f"{mode:>14} {run['processes']:>5} {cap:>8} {'-':>8} {'-':>9} "
                   f"{run['peak_memory_gib']:>9.2f}  OOM at {run['oom'].split(':')[0]}")
@@ -200,6 +211,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", type=int, default=4, help=f"rows of {LENGTH} tokens per process per step")
     parser.add_argument("--no-liger", action="store_true", help="Liger's kernels off (what they are worth)")
+    parser.add_argument("--offload", action="store_true", help="FSDP2's CPUOffloadPolicy (train.fsdp_offload)")
     parser.add_argument("--memory-cap-gib", type=float, help="cap each process's CUDA allocator at this many GiB")
     parser.add_argument("--cap-from", type=Path, help="print cap_between() of this summary's runs, and exit")
     parser.add_argument("--summarize", nargs="+", type=Path, help="combine the per-run JSON files")
@@ -216,7 +228,7 @@ def main() -> None:
     if not arguments.model_dir:
         parser.error("model_dir is required unless --summarize is given")
     result = measure(arguments.model_dir, arguments.mode, arguments.steps, arguments.warmup, arguments.rows,
-                     arguments.memory_cap_gib, liger=not arguments.no_liger)
+                     arguments.memory_cap_gib, liger=not arguments.no_liger, offload=arguments.offload)
     if result.pop("is_main"):
         result["command"] = command_line()
         arguments.out.parent.mkdir(parents=True, exist_ok=True)

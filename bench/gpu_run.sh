@@ -15,6 +15,16 @@
 #              speed over DDP's, and Liger's share of it
 #   memcap  after fsdpbench: each GPU capped between FSDP's and DDP's peaks (or at $CAP_GIB), expandable segments:
 #           DDP on one capped card, then FSDP on two
+#   cap7b  the 7B shape with each GPU capped below the whole 4-bit base (CAP_GIB, default 3.8; CAP_ROWS rows of 2048
+#          tokens, default 1): DDP on one capped card, FSDP on two, FSDP with train.fsdp_offload on two; then FSDP
+#          against FSDP with offload, uncapped (offload's speed cost)
+#   bigckpt  a Llama-2-70B-shaped random checkpoint written already in NF4 (bench/quantized_checkpoint.py, ~37 GB on
+#            disk, one layer at a time on GPU 0), and links to its first 8, 16 and 32 layers
+#   big    after setup and bigckpt: the train stage (fsdp, 2 GPUs, 1 bin of 2048 tokens per GPU, BIG_STEPS steps)
+#          on each depth of BIG_LAYERS (default 8 16 32 80), every GPU capped at BIG_CAP_GIB (default 24)
+#          (bench/capped_stage.py); tok/s, the peaks per GPU while loading and training, and host memory (each
+#          process's peak RSS, and the host's least MemAvailable) per depth, then bench/layer_fit.py's line
+#          through them; BIG_OFFLOAD=true adds train.fsdp_offload
 #   multinode  the train stage (ddp) as 1 node of 2 GPUs (twice: the run-to-run spread), then as 2 nodes of 1 GPU
 #              each on this host (the README's multi-node recipe, CUDA_VISIBLE_DEVICES=0 / 1); the adapters compared
 #   resume  after setup, with .whl/dvc/ (dvc and dvclive wheels): bench/resume_check.py for ddp then fsdp on 2 GPUs
@@ -34,6 +44,7 @@ set -uo pipefail
 out=${1:?usage: gpu_run.sh OUT_DIR PHASE...}; shift
 mkdir -p "$out"
 model=/tmp/mistral-7b-random
+big_model=/tmp/llama2-70b-nf4
 export ALPACA_QLORA_MODEL_CACHE=/tmp/model-cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=/tmp/site:$PWD ALPACA_QLORA_MISTRAL_TOKENIZER=/tmp/tokenizer.model.v1
 # The Mistral profile, with what this machine lacks overridden: the random-init model for the hub's weights, the
@@ -96,6 +107,48 @@ open('/tmp/tokenizer.model.v1','wb').write(z.read('mistral_common/data/tokenizer
         --memory-cap-gib "$cap" --out "$out/fsdp_2_capped.json" --steps 4 --warmup 1 2>&1 | tail -2
       python -m bench.ddp_bench --summarize "$out/ddp_1_capped.json" "$out/fsdp_2_capped.json" \
         --out "$out/memcap.json" ;;
+    cap7b)
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+      bench=(--num_machines 1 --mixed_precision no --dynamo_backend no -m bench.ddp_bench "$model" --rows "${CAP_ROWS:-1}")
+      CUDA_VISIBLE_DEVICES=0 timeout "${BENCH_TIMEOUT:-240}" python -m accelerate.commands.launch --num_processes 1 \
+        "${bench[@]}" --mode ddp --memory-cap-gib "${CAP_GIB:-3.8}" --out "$out/cap7b_ddp_1.json" --steps 4 --warmup 1 2>&1 | tail -2
+      for extra in "" --offload; do
+        timeout "${BENCH_TIMEOUT:-240}" python -m accelerate.commands.launch --multi_gpu --num_processes 2 "${bench[@]}" \
+          --mode fsdp $extra --memory-cap-gib "${CAP_GIB:-3.8}" --out "$out/cap7b_fsdp_2${extra:+_offload}.json" --steps 4 \
+          --warmup 1 2>&1 | tail -2
+        timeout "${BENCH_TIMEOUT:-240}" python -m accelerate.commands.launch --multi_gpu --num_processes 2 "${bench[@]}" \
+          --mode fsdp $extra --out "$out/uncapped_fsdp_2${extra:+_offload}.json" --steps "${BENCH_STEPS:-12}" --warmup 3 2>&1 | tail -2
+      done
+      python -m bench.ddp_bench --summarize "$out"/cap7b_*.json "$out"/uncapped_fsdp_2*.json --out "$out/cap7b.json" ;;
+    bigckpt)
+      [ -f "$big_model/config.json" ] || CUDA_VISIBLE_DEVICES=0 python -m bench.quantized_checkpoint "$big_model"
+      for layers in 8 16 32; do
+        python -m bench.quantized_checkpoint "$big_model-$layers" --subset-of "$big_model" --layers $layers
+      done
+      du -shL "$big_model" ;;
+    big)
+      fits=()
+      for layers in ${BIG_LAYERS:-8 16 32 80}; do
+        dir=$big_model; [ "$layers" = 80 ] || dir=$big_model-$layers
+        python -m bench.set_params "${stage_params[@]}" model.name="$dir" train.distributed=fsdp train.num_processes=2 \
+          train.micro_batch_size=1 train.max_steps="${BIG_STEPS:-6}" train.logging_steps=1 \
+          train.fsdp_offload="${BIG_OFFLOAD:-false}"
+        (while sleep 1; do grep MemAvailable /proc/meminfo; done) > "$out/big_${layers}_meminfo.txt" &
+        sampler=$!
+        timeout "${BIG_TIMEOUT:-900}" python -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 \
+          --mixed_precision no --dynamo_backend no -m bench.capped_stage "${BIG_CAP_GIB:-24}" 2>&1 | tr '\r' '\n' \
+          | grep -v "it/s]\|step/s\|s/step\|Warning" | tail -12 | tee "$out/big_$layers.log"
+        kill $sampler
+        [ -f metrics/train.json ] || { echo "no metrics at $layers layers"; continue; }
+        python -c "import json, sys; free = [int(l.split()[1]) / 2**20 for l in open(sys.argv[3])]; run = {**json.load(
+open('metrics/train.json')), **json.load(open('metrics/timing/train.json')), 'layers': int(sys.argv[1]), 'cap_gib':
+float(sys.argv[2]), 'host_used_peak_gib': round(free[0] - min(free), 2)}; json.dump(run, open(sys.argv[4], 'w'),
+indent=2)" \
+          "$layers" "${BIG_CAP_GIB:-24}" "$out/big_${layers}_meminfo.txt" "$out/big_$layers.json"
+        rm -f metrics/train.json; rm -rf models/adapter
+        fits+=("$out/big_$layers.json")
+      done
+      [ ${#fits[@]} -gt 0 ] && python -m bench.layer_fit "${fits[@]}" --full-layers 80 --out "$out/big_fit.json" ;;
     multinode)
       train_stage multinode_1node train.distributed=ddp train.num_processes=2
       rm -rf /tmp/adapter_1node && cp -r models/adapter /tmp/adapter_1node && rm -rf models/adapter

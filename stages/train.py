@@ -39,7 +39,7 @@ from alpaca_qlora.training.checkpoints import (
 )
 from alpaca_qlora.training.data import TokenizedDataset
 from alpaca_qlora.training.distributed import accelerate_command, process_group
-from alpaca_qlora.training.memory import memory_budget, plan_to_budget, prefer_expandable_segments
+from alpaca_qlora.training.memory_budget import memory_budget, plan_to_budget, prefer_expandable_segments
 from alpaca_qlora.training.model import build_trainable_model, resolve_speed_switches
 from alpaca_qlora.training.tracking import publish_curves
 from alpaca_qlora.training.trainer import TrainingJob, run_training

@@ -20,33 +20,43 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 
-def worker(rank: int, model_dir: str, out_dir: str, port: int) -> None:
+def shard_as_the_stage(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """`fully_shard` per decoder layer, then the root, leaving out what `keep_output_projection_whole` names; returns
+    the parameters left whole."""
     from accelerate.utils.fsdp_utils import get_parameters_from_modules
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
-    from alpaca_qlora.models.loading import load_model
-    from alpaca_qlora.models.quantization import plan_quantization
-    from alpaca_qlora.training.model import attach_lora
-    from alpaca_qlora.training.sharding import gather_trainable_state_dict, is_sharded, keep_output_projection_whole
-    from support.params import embedded_params
+    from alpaca_qlora.training.sharding import keep_output_projection_whole
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = attach_lora(load_model(model_dir, plan_quantization("none", "cpu"), device="cpu"), embedded_params().lora,
-                        quantized=False, gradient_checkpointing=False)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_()  # B starts at zero: make every adapter weight tell
-    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     plugin = SimpleNamespace(ignored_modules=None)  # what accelerate's plugin carries into fully_shard
     keep_output_projection_whole(plugin, model, compute_dtype=None)
     whole = get_parameters_from_modules(plugin.ignored_modules, model, torch.device("cpu"))  # as accelerate does
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, ignored_params=whole)
     fully_shard(model, ignored_params=whole)
+    return whole
+
+
+def worker(rank: int, model_dir: str, out_dir: str, port: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from alpaca_qlora.models.loading import load_model
+    from alpaca_qlora.models.quantization import plan_quantization
+    from alpaca_qlora.training.model import attach_lora
+    from alpaca_qlora.training.sharding import gather_trainable_state_dict, is_sharded
+    from support.params import embedded_params
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = attach_lora(load_model(model_dir, plan_quantization("none", "cpu"), device="cpu", shardable=True),
+                        embedded_params().lora, quantized=False, gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # B starts at zero: make every adapter weight tell
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    whole = shard_as_the_stage(model)
     gathered = gather_trainable_state_dict(model)
     names = {parameter: name for name, parameter in model.named_parameters()}
     facts = {"sharded": is_sharded(model), "gathered": len(gathered),

@@ -135,11 +135,16 @@ def _damaged_weights_error(source: str, error: Exception) -> PipelineError:
 
 
 def load_model(source: str, plan: QuantizationPlan, *, device: str, shardable: bool = False) -> Any:
-    """The base causal LM as the plan says; k-bit training preparation is left to the train stage."""
+    """The base causal LM as the plan says; k-bit training preparation is left to the train stage.
+
+    `shardable` (FSDP): the 4-bit weights are stored in compute-dtype tensors so FSDP can shard them, and the model
+    is staged in host memory: FSDP's `fully_shard` then moves one unit (decoder layer) at a time to the GPU and keeps
+    only this process's shard of it there, so no GPU ever holds the whole base.
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa", "dtype": plan.compute_dtype,
-                              "device_map": _device_map(device)}
+                              "device_map": _device_map("cpu" if shardable else device)}
     if plan.quantized:
         kwargs["quantization_config"] = bnb_config(plan, shardable=shardable)
     started = time.perf_counter()
@@ -149,6 +154,11 @@ def load_model(source: str, plan: QuantizationPlan, *, device: str, shardable: b
         raise _load_error(source, error) from error
     except SafetensorError as error:
         raise _damaged_weights_error(source, error) from error
-    log.info("loaded %s (%s, %s) in %.1f s", source, "NF4" if plan.quantized else "unquantized",
-             str(plan.compute_dtype).removeprefix("torch."), time.perf_counter() - started)
+    log.info("loaded %s (%s, %s) in %.1f s%s", source, "NF4" if plan.quantized else "unquantized",
+             str(plan.compute_dtype).removeprefix("torch."), time.perf_counter() - started,
+             ", staged in host memory for FSDP" if shardable else "")
+    if shardable:
+        # accelerate refuses a 4-bit model whose device map differs from the training device; this one's "cpu" is
+        # only where it waits for fully_shard, so there is no map to check.
+        model.__dict__.pop("hf_device_map", None)
     return model

@@ -13,6 +13,11 @@ launcher is the same plain `accelerate launch` as DDP's, and the README's multi-
 - The adapter for the stage's out is gathered with torch.distributed.checkpoint.state_dict, trainable weights only.
 - The output projection stays whole on every process (`keep_output_projection_whole`), so Liger's kernels run
   under FSDP as under DDP.
+- The base is staged in host memory (`models.loading.load_model(shardable=True)`) and `fully_shard` moves it to the
+  GPU one unit at a time, keeping this process's shard: accelerate's rank-0 loading (`cpu_ram_efficient_loading`)
+  skips 4-bit models, as Params4bit does not survive the move to the meta device it relies on.
+- bitsandbytes' quantization constants (each layer's `quant_state`: absmax, code) are not parameters, so FSDP leaves
+  them whole on every process; bitsandbytes puts them back on the gathered weight in `Linear4bit.forward`.
 """
 from __future__ import annotations
 
@@ -31,19 +36,39 @@ FSDP_CONFIG: dict[str, Any] = {
 }
 
 
-def fsdp_training_arguments() -> dict[str, Any]:
-    """TrainingArguments for FSDP2 through accelerate (Trainer builds the FullyShardedDataParallelPlugin)."""
-    return {"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)}
+def fsdp_training_arguments(offload: bool = False) -> dict[str, Any]:
+    """TrainingArguments for FSDP2 through accelerate (Trainer builds the FullyShardedDataParallelPlugin).
+
+    `offload`: FSDP2's CPUOffloadPolicy, shards kept in host memory and copied in for each layer's gather, for cards
+    too small for even a shard of the base."""
+    return {"fsdp": True, "fsdp_config": {**FSDP_CONFIG, "cpu_offload": offload}}
 
 
-def keep_output_projection_whole(plugin: Any, model: torch.nn.Module, compute_dtype: torch.dtype | None) -> None:
+def reduce_in_fp32(plugin: Any, compute_dtype: torch.dtype | None) -> None:
+    """FSDP2's mixed precision with gradients reduced in fp32 and outputs left as computed, on the Trainer's plugin
+    before it wraps the model.
+
+    accelerate's policy for bf16 reduces in bf16 and casts every unit's output, the loss included, to bf16, so the
+    loss FSDP logged was not DDP's; transformers' own FSDP plan uses this policy (param bf16, reduce fp32, output as
+    computed).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if compute_dtype is not None:
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                             output_dtype=None)
+
+
+def keep_output_projection_whole(plugin: Any, model: torch.nn.Module, compute_dtype: torch.dtype | None,
+                                 device: torch.device | str | None = None) -> None:
     """Leave the output projection out of FSDP's shards (FSDP2's ignored params), on the Trainer's plugin before it
     wraps the model.
 
     Liger's fused linear cross-entropy reads `lm_head.weight` directly, not through the module's call where FSDP
     would gather it, so a shard (a DTensor) reached the kernel and the first forward failed. The projection is
     frozen: keeping it whole costs its size on each GPU and no communication. FSDP's mixed precision no longer casts
-    it, so it is cast to `compute_dtype` here, as the hidden states reaching it are.
+    it, so it is cast to `compute_dtype` here, as the hidden states reaching it are; nor does `fully_shard` move it,
+    so it is moved to the training `device` here (the base is staged in host memory).
     """
     projection = model.get_output_embeddings()
     if any(parameter.requires_grad for parameter in projection.parameters()):
@@ -53,8 +78,7 @@ def keep_output_projection_whole(plugin: Any, model: torch.nn.Module, compute_dt
     if isinstance(plugin.ignored_modules, str):
         raise PipelineError(f"FSDP's ignored modules are set as a pattern ({plugin.ignored_modules!r}, e.g. from "
                             "FSDP_IGNORED_MODULES); unset it, the train stage names the modules FSDP leaves whole.")
-    if compute_dtype is not None:
-        projection.to(compute_dtype)
+    projection.to(device=device, dtype=compute_dtype)
     plugin.ignored_modules = [*(plugin.ignored_modules or []), projection]
 
 

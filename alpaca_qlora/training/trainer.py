@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -34,11 +33,13 @@ from alpaca_qlora.training.checkpoints import (
 from alpaca_qlora.training.data import TokenCounts, TokenizedDataset, make_collator, training_items
 from alpaca_qlora.training.distributed import all_reduce_counts, process_group
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
+from alpaca_qlora.training.peak_memory import LoadingPeak, peak_memory
 from alpaca_qlora.training.sharding import (
     fsdp_training_arguments,
     gather_trainable_state_dict,
     is_sharded,
     keep_output_projection_whole,
+    reduce_in_fp32,
 )
 from alpaca_qlora.training.tracking import LossLogger, wandb_environment
 
@@ -118,14 +119,6 @@ class ThroughputProgress(TrainerCallback):
             self.bar.close()
 
 
-def peak_memory(device: str) -> dict[str, Any]:
-    if device == "cuda":
-        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                "peak_memory_kind": "cuda_max_allocated"}
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_memory_gib": round(rss_kib / 2**20, 3), "peak_memory_kind": "process_max_rss"}
-
-
 def build_training_arguments(job: TrainingJob, items: int | None = None) -> TrainingArguments:
     """`items`: how many rows, or with packing bins, an epoch samples (the dataset's rows by default)."""
     train = job.train
@@ -137,7 +130,7 @@ def build_training_arguments(job: TrainingJob, items: int | None = None) -> Trai
         # Every LoRA weight gets a gradient each step; searching for unused ones would cost a graph walk.
         distributed = {"ddp_find_unused_parameters": False, "ddp_backend": "nccl" if job.device == "cuda" else "gloo"}
         if train.distributed == "fsdp":
-            distributed.update(fsdp_training_arguments())
+            distributed.update(fsdp_training_arguments(offload=train.fsdp_offload))
     arguments = TrainingArguments(
         output_dir=str(job.run_dir),
         per_device_train_batch_size=train.micro_batch_size,
@@ -200,7 +193,9 @@ def _trainer(job: TrainingJob, items: Any, callbacks: list[Any], world_size: int
                             f"({trainer.accelerator.distributed_type}); it does so on GPUs only. Use ddp here.")
     if trainer.is_fsdp_enabled:
         compute_dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
-        keep_output_projection_whole(trainer.accelerator.state.fsdp_plugin, job.model, compute_dtype)
+        plugin = trainer.accelerator.state.fsdp_plugin
+        keep_output_projection_whole(plugin, job.model, compute_dtype, trainer.accelerator.device)
+        reduce_in_fp32(plugin, compute_dtype)
     return trainer
 
 
@@ -222,13 +217,12 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
     history = HistoryCheckpointer(lambda: dataclasses.asdict(carried + all_reduce_counts(local_counts)))
     if job.train.wandb:
         os.environ.update(wandb_environment(job.train.wandb_project))
-    trainer = _trainer(job, items, [ThroughputProgress(local_counts), losses, history], ranks.world_size)
+    loading = LoadingPeak(job.device)  # FSDP shards inside train(): its peak until then is the loading's
+    trainer = _trainer(job, items, [ThroughputProgress(local_counts), losses, history, loading], ranks.world_size)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     # Counted before train() prepares the model: under FSDP the parameters become one process's shards.
     trainable, total = job.model.get_nb_trainable_parameters()
-    if job.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -256,7 +250,7 @@ def run_training(job: TrainingJob, *, resume: bool) -> TrainingResult:
         "quantization_reason": job.plan.reason,
         "compute_dtype": str(job.plan.compute_dtype).removeprefix("torch."),
         "device": job.device,
-        **peak_memory(job.device),
+        **peak_memory(job.device, loading),
     }
     return TrainingResult(metrics=metrics, state_dict=state_dict)
 

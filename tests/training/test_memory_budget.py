@@ -8,7 +8,7 @@ import torch
 from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.quantization import plan_quantization
-from alpaca_qlora.training.memory import (
+from alpaca_qlora.training.memory_budget import (
     GIB,
     StepPeaks,
     apply_plan,
