@@ -106,3 +106,15 @@ def test_the_stage_exits_with_the_message_not_empty_answers(project, tmp_path):
     )
     assert result.returncode == 2 and "holds NaN or infinite weights" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("instruction", ["   ", "\t\n"])
+def test_a_blank_instruction_is_refused_before_loading(monkeypatch, capsys, instruction):
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded for a blank instruction")
+
+    monkeypatch.setattr(infer, "load_for_inference", no_load)
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main([instruction])
+    assert exit_info.value.code == 2
+    assert "instruction" in capsys.readouterr().err

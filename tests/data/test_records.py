@@ -112,3 +112,13 @@ def test_prompt_key_ignores_case_width_and_spacing():
     c = {"instruction": "ｗhat is the symbol of sodium?", "input": ""}  # full-width w
     assert prompt_key(a) == prompt_key(b) == prompt_key(c)
     assert prompt_key(a) != prompt_key({"instruction": a["instruction"], "input": "context"})
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_latin1_byte_is_named_with_the_fix(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    path.write_bytes('[{"instruction": "Caf\xe9?", "input": "", "output": "yes"}]'.encode("latin-1"))
+    with pytest.raises(DataFormatError) as error:
+        read_rows(path)
+    message = str(error.value)
+    assert str(path) in message and "UTF-8" in message and "0xe9" in message and "iconv" in message
