@@ -2,8 +2,11 @@
 CPU 4-bit layers kept on the path CUDA takes."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from alpaca_qlora.data.prompts import get_template
-from alpaca_qlora.generation import generate
+from alpaca_qlora.generation import Recorder, generate
 
 TEMPLATE = get_template("alpaca")
 QUESTIONS = ["What is the capital of France?", "Name the chemical symbol of sodium.", "Write a haiku about the sea.",
@@ -26,3 +29,21 @@ def run(model, tokenizer, method, markers=TEMPLATE.stop_markers, max_new_tokens=
                                   stop_markers=markers, progress=False, method=method)
     assert stats["generation"] == method
     return generations
+
+
+class Calls(Recorder):
+    """A recorder that writes down every call a decoding loop makes of it, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def begin(self) -> None:
+        self.calls.append("begin")
+
+    def mark(self, phase: str) -> None:
+        self.calls.append(phase)
+
+    @contextlib.contextmanager
+    def host_work(self) -> Iterator[None]:
+        self.calls.append("host_work")
+        yield

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import yaml
 
 from alpaca_qlora.evaluation.significance import compare_paired
 from support import ROOT
+from support.commands import dvc, run
 
 RESAMPLES = 10_000
 SEED = 7
@@ -36,17 +36,6 @@ PREDICT = textwrap.dedent('''
 ''')
 
 
-def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(ROOT), ALPACA_QLORA_LOG_LEVEL="WARNING")
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd=cwd)
 
 
 def compare(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

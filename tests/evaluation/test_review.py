@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,9 +11,10 @@ import yaml
 
 from alpaca_qlora.evaluation.report import delta_with_interval, prompt_excerpt
 from alpaca_qlora.evaluation.significance import compare_paired, exact_match_mcnemar, pair_rows
+from support import ROOT
+from support.commands import dvc, run
 from support.params import write_embedded_params
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 # A stand-in for train + evaluate: 60 fixed rows, each answered right with probability lora.r / 40 (its own draw
@@ -42,17 +41,6 @@ PREDICT = textwrap.dedent('''
 ''')
 
 
-def run(command: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(ROOT), ALPACA_QLORA_LOG_LEVEL="WARNING", **env)
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd=cwd)
 
 
 def make_review(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -2,28 +2,10 @@
 and its stop checks a chunk behind."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.generation import Recorder
-from support.generation import PROMPTS, TEMPLATE, run
-
-
-class PhaseNames(Recorder):
-    """The phases a loop marks, and `host_check` for its host-side stop checks (the bench times these)."""
-
-    def __init__(self):
-        self.seen: set[str] = set()
-
-    def mark(self, phase: str) -> None:
-        self.seen.add(phase)
-
-    @contextlib.contextmanager
-    def host_work(self):
-        self.seen.add("host_check")
-        yield
+from support.generation import PROMPTS, TEMPLATE, Calls, run
 
 
 def test_graphed_refuses_batches_beyond_the_sliding_window(tiny_lora):
@@ -51,11 +33,12 @@ def test_graphed_stop_checks_a_chunk_behind_keep_plain_tokens(embedded, check_ev
     model, tokenizer, _ = embedded
     plain = run(model, tokenizer, "plain", max_new_tokens=20)
     input_ids, attention_mask = left_pad([encode_prompt(tokenizer, p) for p in PROMPTS], tokenizer.pad_token_id)
-    phases = PhaseNames()
+    recorder = Calls()
     rows = graphed_generate(model, input_ids, attention_mask, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id,
                             marker_check=MarkerCheck(tokenizer, TEMPLATE.stop_markers), check_every=check_every,
-                            recorder=phases)
+                            recorder=recorder)
     texts = [tokenizer.decode(split_generated(r, tokenizer.eos_token_id, tokenizer.pad_token_id)[0],
                               skip_special_tokens=True) for r in rows]
     assert texts == [g.raw for g in plain]
-    assert {"prefill", "capture", "decode", "host_check"} <= phases.seen
+    assert [call for call in recorder.calls if call != "host_work"] == ["begin", "prefill", "capture", "decode"]
+    assert "host_work" in recorder.calls

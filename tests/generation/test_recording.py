@@ -2,32 +2,12 @@
 transformers' generate()) tells it nothing, and recording never changes an answer."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
 from alpaca_qlora.generation import Recorder, generate
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
-from support.generation import PROMPTS
-
-
-class Calls(Recorder):
-    """Writes down every call it gets, in order."""
-
-    def __init__(self):
-        self.calls: list[str] = []
-
-    def begin(self) -> None:
-        self.calls.append("begin")
-
-    def mark(self, phase: str) -> None:
-        self.calls.append(phase)
-
-    @contextlib.contextmanager
-    def host_work(self):
-        self.calls.append("host_work")
-        yield
+from support.generation import PROMPTS, Calls
 
 
 @pytest.fixture(scope="module")
