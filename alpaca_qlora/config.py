@@ -21,6 +21,7 @@ EMBEDDED_MODEL_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model w
 # AdamW's step is about the learning rate per weight whatever the gradient's scale, so a rate above 1 moves every
 # weight by more than its own size each step: the loss overflows (as 1e38 did) rather than trains.
 MAX_LEARNING_RATE = 1.0
+ALL_LINEAR = "all-linear"  # lora.target_modules shorthand, PEFT's: every linear layer but the output head
 Switch = Literal["auto", True, False]  # a speed setting: auto picks it by device, true / false force it
 
 
@@ -86,7 +87,8 @@ class LoraParams:
     dropout: float
     """Dropout on the LoRA input, in [0, 1)."""
     target_modules: tuple[str, ...]
-    """Names of the linear layers that get adapters (PEFT matches them by suffix)."""
+    """Names of the linear layers that get adapters (PEFT matches them by suffix), or all-linear alone: PEFT's
+    every linear layer but the output head (metrics/train.json records the names it resolves to)."""
     bias: Literal["none", "all", "lora_only"]
     """Which biases train (PEFT's meaning)."""
     use_rslora: bool
@@ -99,6 +101,8 @@ class LoraParams:
         _require(self.alpha > 0, "lora.alpha", self.alpha, "a positive scaling numerator")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a probability in [0, 1)")
         _require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules, "a non-empty list")
+        _require(ALL_LINEAR not in self.target_modules or len(self.target_modules) == 1, "lora.target_modules",
+                 self.target_modules, f"{ALL_LINEAR} alone (it already names every linear layer) or a list of names")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from alpaca_qlora.training.checkpoints import (
 from alpaca_qlora.training.data import TokenizedDataset
 from alpaca_qlora.training.distributed import accelerate_command, process_group
 from alpaca_qlora.training.memory_budget import memory_budget, plan_to_budget, prefer_expandable_segments
-from alpaca_qlora.training.model import build_trainable_model, resolve_speed_switches
+from alpaca_qlora.training.model import build_trainable_model, resolve_speed_switches, targeted_modules
 from alpaca_qlora.training.tracking import publish_curves
 from alpaca_qlora.training.trainer import TrainingJob, run_training
 
@@ -90,6 +90,7 @@ def main() -> None:
                                   frozen_dtype=params.train.frozen_dtype,
                                   checkpoint_offload=params.train.checkpoint_offload,
                                   shardable=params.train.distributed == "fsdp")
+    resolved_targets = targeted_modules(model)  # all-linear as PEFT resolved it, for metrics/train.json
     budget = memory_budget(params.train, device)
     memory_plan = plan_to_budget(model, budget, plan.compute_dtype) if budget is not None else None
 
@@ -105,7 +106,8 @@ def main() -> None:
         if not ranks.is_main:
             return
         publish_curves(Path(live_dir), PLOTS_OUT, enabled=params.train.dvclive)
-    metrics = {**result.metrics, **dataclasses.asdict(switches), **(memory_plan.record() if memory_plan else {})}
+    metrics = {**result.metrics, **dataclasses.asdict(switches), **(memory_plan.record() if memory_plan else {}),
+               "lora_target_modules_resolved": resolved_targets}
     if budget is not None:
         metrics["memory_plan_budget_gib"] = budget.gib
 

@@ -74,6 +74,13 @@ def test_speed_switches_take_auto_true_false_and_nothing_else():
         embedded_params(train={"gradient_checkpointing": False, "checkpoint_offload": True})
 
 
+def test_all_linear_is_accepted_alone_as_a_word_or_a_list_and_refused_beside_names():
+    for value in ("all-linear", ["all-linear"]):
+        assert embedded_params(lora={"target_modules": value}).lora.target_modules == ("all-linear",)
+    with pytest.raises(ConfigError, match=r"lora.target_modules = \('all-linear', 'q_proj'\).*all-linear alone"):
+        embedded_params(lora={"target_modules": ["all-linear", "q_proj"]})
+
+
 def test_fsdp_needs_at_least_two_processes():
     with pytest.raises(ConfigError, match="at least 2 with train.distributed=fsdp"):
         embedded_params(train={"distributed": "fsdp", "num_processes": 1})

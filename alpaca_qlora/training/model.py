@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from alpaca_qlora.config import LoraParams
+from alpaca_qlora.config import ALL_LINEAR, LoraParams
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import QuantizationPlan
@@ -73,16 +73,68 @@ def apply_liger_kernels(model: torch.nn.Module, device: str) -> None:
         raise PipelineError(f"train.liger_kernels=true but liger-kernel is not importable ({error}).") from error
 
 
+def linear_layer_names(model: torch.nn.Module) -> set[str]:
+    """The suffixes (q_proj, qkv_proj, lm_head, ...) of the model's linear layers, 4-bit ones included: the names a
+    LoRA target can match."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")}
+
+
 def validate_target_modules(model: torch.nn.Module, target_modules: Sequence[str]) -> None:
-    """Every requested LoRA target must exist, or a typo would silently train fewer modules."""
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                    if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")}
-    missing = [name for name in target_modules if name not in linear_names]
+    """Every requested LoRA target must exist, or a typo would silently train fewer modules (all-linear always
+    does: it names no layer)."""
+    linear_names = linear_layer_names(model)
+    missing = [name for name in target_modules if name != ALL_LINEAR and name not in linear_names]
     if missing:
         raise PipelineError(
             f"lora.target_modules {missing} do not exist in this model; its linear layers are: "
             f"{', '.join(sorted(linear_names))}."
         )
+
+
+def uses_all_linear(target_modules: Sequence[str]) -> bool:
+    return tuple(target_modules) == (ALL_LINEAR,)
+
+
+def peft_target_modules(target_modules: Sequence[str]) -> str | list[str]:
+    """LoraConfig's target_modules: PEFT reads all-linear only as a bare string (in a list it is a module name)."""
+    return ALL_LINEAR if uses_all_linear(target_modules) else list(target_modules)
+
+
+def weightless_model(config: Any) -> torch.nn.Module:
+    """The architecture of `config` on the meta device: its module names and shapes, no memory, no weights read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def all_linear_targets(config: Any) -> list[str]:
+    """What all-linear wraps in this architecture, resolved by PEFT itself on a weightless copy: known before LoRA's
+    weights are allocated, without a copy of PEFT's rule here."""
+    from peft import LoraConfig, LoraModel
+
+    tuner = LoraModel(weightless_model(config), LoraConfig(target_modules=ALL_LINEAR), "default",
+                      low_cpu_mem_usage=True)
+    return sorted({name.rsplit(".", 1)[-1] for name in tuner.targeted_module_names})
+
+
+def check_targets_before_loading(source: str, target_modules: Sequence[str]) -> None:
+    """A target that matches nothing fails from config.json alone, in seconds, not after a 7B base has loaded."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:  # loading the model says what is wrong with the source
+        log.debug("lora.target_modules are checked after loading: no config for %s (%s)", source, error)
+        return
+    validate_target_modules(weightless_model(config), target_modules)
+
+
+def targeted_modules(model: Any) -> list[str]:
+    """The module names (suffixes) PEFT wrapped, sorted: what the run trained, all-linear resolved."""
+    return sorted({name.rsplit(".", 1)[-1] for name in model.base_model.targeted_module_names})
 
 
 # Above this share of the base model's weights the adapter costs much of the memory that LoRA exists to save.
@@ -94,12 +146,14 @@ def _stored_count(parameter: torch.nn.Parameter) -> int:
     return parameter.numel() * (2 if type(parameter).__name__ == "Params4bit" else 1)
 
 
-def validate_lora_rank(model: torch.nn.Module, lora: Any) -> None:
+def validate_lora_rank(model: torch.nn.Module, lora: Any, targets: Sequence[str] | None = None) -> None:
     """Refuse a rank above an adapted layer's smaller side, before PEFT allocates it (a rank of 100000 ran out of
     memory in the allocator): no update of that layer has a higher rank. Equal is a full-rank update, legal if
-    unusual. Warn when the adapter would be a large share of the model."""
+    unusual. Warn when the adapter would be a large share of the model. `targets`: the names LoRA wraps, where
+    lora.target_modules does not list them (all-linear)."""
+    targets = lora.target_modules if targets is None else targets
     layers = [(name, module) for name, module in model.named_modules()
-              if name.rsplit(".", 1)[-1] in lora.target_modules and hasattr(module, "in_features")]
+              if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features")]
     if not layers:
         return
     name, smallest = min(layers, key=lambda item: min(item[1].in_features, item[1].out_features))
@@ -148,7 +202,7 @@ def lora_config_kwargs(lora: Any) -> dict[str, Any]:
     Read by the fields of LoraParams, so the stage's declared-keys view and a LoraParams both work, and a key added
     to LoraParams reaches PEFT without a line here."""
     values = {field.name: getattr(lora, field.name) for field in dataclasses.fields(LoraParams)}
-    values["target_modules"] = list(values["target_modules"])
+    values["target_modules"] = peft_target_modules(values["target_modules"])
     return {LORA_CONFIG_NAMES.get(name, name): value for name, value in values.items()}
 
 
@@ -157,7 +211,7 @@ def attach_lora(model: torch.nn.Module, lora: Any, *, quantized: bool, gradient_
     from peft import LoraConfig, get_peft_model
 
     validate_target_modules(model, lora.target_modules)
-    validate_lora_rank(model, lora)
+    validate_lora_rank(model, lora, all_linear_targets(model.config) if uses_all_linear(lora.target_modules) else None)
     if quantized:
         model = prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing,
                                         frozen_dtype=frozen_dtype)
@@ -174,12 +228,14 @@ def build_trainable_model(source: str, plan: QuantizationPlan, lora: Any, switch
                           shardable: bool = False) -> Any:
     """The train stage's model, built in one place so the bench measures the stage's own sequence: the base as the
     plan says, Liger's kernels patched in before PEFT wraps the modules, then LoRA (and checkpointing) attached."""
+    check_targets_before_loading(source, lora.target_modules)
     model = load_model(source, plan, device=device, shardable=shardable)
     if switches.liger_kernels:
         apply_liger_kernels(model, device)
     model = attach_lora(model, lora, quantized=plan.quantized, gradient_checkpointing=switches.gradient_checkpointing,
                         frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    log.info("trainable params: %d of %d (%.3f%%); LoRA on %s", trainable, total, 100 * trainable / total,
+             ", ".join(targeted_modules(model)))
     return model
 

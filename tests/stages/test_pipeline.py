@@ -74,6 +74,9 @@ def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
                 "metrics/eval_finetuned.json", "metrics/compare.json", "reports/compare.md"):
         assert (project / out).exists(), out
     assert json.loads((project / "metrics/sample.json").read_text())["eval_train_overlap"] == 0
+    lora = yaml.safe_load((project / "params.yaml").read_text())["lora"]
+    resolved = json.loads((project / "metrics/train.json").read_text())["lora_target_modules_resolved"]
+    assert resolved == sorted(lora["target_modules"])
     stage_metrics = (("train", "train"), ("evaluate_base", "eval_base"), ("evaluate_finetuned", "eval_finetuned"))
     for stage, metrics in stage_metrics:
         timing = json.loads((project / f"metrics/timing/{stage}.json").read_text())
