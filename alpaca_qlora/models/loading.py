@@ -143,8 +143,9 @@ def load_model(source: str, plan: QuantizationPlan, *, device: str, shardable: b
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa", "dtype": plan.compute_dtype,
-                              "device_map": _device_map("cpu" if shardable else device)}
+    # No attn_implementation: transformers' default is sdpa, and eager for an architecture sdpa cannot run
+    # (Gemma 2 soft-caps its attention logits); asking for sdpa there is an error.
+    kwargs: dict[str, Any] = {"dtype": plan.compute_dtype, "device_map": _device_map("cpu" if shardable else device)}
     if plan.quantized:
         kwargs["quantization_config"] = bnb_config(plan, shardable=shardable)
     started = time.perf_counter()
@@ -154,8 +155,9 @@ def load_model(source: str, plan: QuantizationPlan, *, device: str, shardable: b
         raise _load_error(source, error) from error
     except SafetensorError as error:
         raise _damaged_weights_error(source, error) from error
-    log.info("loaded %s (%s, %s) in %.1f s%s", source, "NF4" if plan.quantized else "unquantized",
-             str(plan.compute_dtype).removeprefix("torch."), time.perf_counter() - started,
+    log.info("loaded %s (%s, %s, %s attention) in %.1f s%s", source, "NF4" if plan.quantized else "unquantized",
+             str(plan.compute_dtype).removeprefix("torch."), model.config._attn_implementation,
+             time.perf_counter() - started,
              ", staged in host memory for FSDP" if shardable else "")
     if shardable:
         # accelerate refuses a 4-bit model whose device map differs from the training device; this one's "cpu" is
