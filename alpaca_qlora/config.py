@@ -105,6 +105,11 @@ class LoraParams:
                  self.target_modules, f"{ALL_LINEAR} alone (it already names every linear layer) or a list of names")
 
 
+# Train keys that decide only how this machine holds the run, not what it learns: left out of the run's fingerprint
+# (a resumed run may change them) and of the adapter's card.
+MACHINE_ONLY_TRAIN_KEYS = frozenset({"memory_budget_gib", "fsdp_offload"})
+
+
 @dataclass(frozen=True)
 class TrainParams:
     """The optimizer, batches, speed switches, checkpoints, logging and launch (`train:`)."""
@@ -241,6 +246,15 @@ class Params:
     lora: LoraParams
     train: TrainParams
     eval: EvalParams
+
+
+def recorded_params(params: Any) -> dict[str, dict[str, Any]]:
+    """The model, lora and train sections as plain values, for the adapter's card and the run's fingerprint, less
+    the machine-only train keys. `params` is a Params or a stage's declared view of one."""
+    sections = {"model": ModelParams, "lora": LoraParams, "train": TrainParams}
+    return {name: {field.name: getattr(getattr(params, name), field.name) for field in dataclasses.fields(cls)
+                   if not (name == "train" and field.name in MACHINE_ONLY_TRAIN_KEYS)}
+            for name, cls in sections.items()}
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:

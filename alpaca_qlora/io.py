@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,16 +84,19 @@ class OutsGroup:
         return any(target == out or out in target.parents for out in self.outs)
 
     def commit(self) -> None:
-        """Check that every target can take its scratch, then rename them all with SIGINT and SIGTERM held off."""
-        for scratch, target in self.staged:
+        """Check that every target can take its scratch, then move them all in, two-phase: the old outs are set
+        aside first and put back if any move fails, so the outs are all new or all old. SIGINT and SIGTERM wait."""
+        latest: dict[Path, Path] = {}
+        for scratch, target in self.staged:  # a target written twice: its last write counts
+            if target in latest:
+                _remove(latest[target])
+            latest[target] = scratch
+        for target, scratch in latest.items():
             _check_replaceable(scratch, target)
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            for scratch, target in self.staged:
-                _move_into_place(scratch, target)
+        with _signals_deferred():
+            aside = _replace_all(latest)
             self.committed = True
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            _remove_all(aside)
 
     def discard(self) -> None:
         for scratch, _ in self.staged:
@@ -125,14 +129,54 @@ def _check_replaceable(scratch: Path, target: Path) -> None:
 
 
 def _move_into_place(scratch: Path, target: Path) -> None:
-    if scratch.is_dir() and target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(scratch, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(scratch, target)
+    _remove_all(_replace_all({target: scratch}))
+
+
+def _replace_all(moves: dict[Path, Path]) -> list[Path]:
+    """Move each scratch onto its target, the old target set aside beside it; on any failure put every old target
+    back and re-raise. Returns the set-aside old targets, for the caller to remove."""
+    aside: dict[Path, Path] = {}
+    placed: list[Path] = []
+    try:
+        for target, scratch in moves.items():
+            if target.exists() or target.is_symlink():
+                old = target.with_name(f".{target.name}.old")
+                _remove(old)
+                os.replace(target, old)
+                aside[target] = old
+            os.replace(scratch, target)
+            placed.append(target)
+    except BaseException:
+        for target in reversed(placed):
+            _remove(target)
+        for target, old in aside.items():
+            os.replace(old, target)
+        raise
+    return list(aside.values())
+
+
+def _remove_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        _remove(path)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM only noted while the block runs, then raised: a handler, unlike a blocked mask, holds in
+    every thread of the process, since Python runs handlers in the main thread alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {number: signal.signal(number, lambda caught, _frame: received.append(caught))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def _remove(path: Path) -> None:

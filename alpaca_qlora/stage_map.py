@@ -39,10 +39,10 @@ def stage_outs(stage: dict[str, Any]) -> list[str]:
 
 def _runs(cmd: Any, argv: list[str]) -> bool | None:
     """True: `cmd` is exactly this command line; None: it runs the same script with other arguments."""
-    words = shlex.split(cmd) if isinstance(cmd, str) else []
-    if words[:1] != ["python"] or len(words) < 2 or Path(words[1]) != Path(argv[0]):
+    words = shlex.split(cmd) if isinstance(cmd, str) else []  # a launcher passes the script's absolute path
+    if words[:1] != ["python"] or len(words) < 2 or Path(words[1]).resolve() != Path(argv[0]).resolve():
         return False
-    return True if words[1:] == argv else None
+    return True if words[2:] == argv[1:] else None
 
 
 def stage_map(argv: list[str], dvc_file: str | Path = DVC_FILE) -> StageMap:

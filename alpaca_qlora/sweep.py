@@ -83,7 +83,11 @@ def default_gpus(environ: dict[str, str]) -> list[str]:
 
 
 def worker_names(jobs: int | None, gpus: Sequence[str]) -> list[tuple[str, str | None]]:
-    """(celery node name, GPU or None) per worker: one per GPU by default; more jobs than GPUs share them in turn."""
+    """(celery node name, GPU or None) per worker: one per GPU. Two workers on one card would each plan their
+    training to the whole card's memory budget, so more jobs than GPUs are refused where there are GPUs."""
+    if gpus and jobs and jobs > len(gpus):
+        raise PipelineError(f"--jobs {jobs} with {len(gpus)} GPU(s): each experiment plans its training to a whole "
+                            "card's memory (train.memory_budget_gib), so run at most one per GPU.")
     count = jobs or max(len(gpus), 1)
     return [(f"alpaca-sweep-{index + 1}-{os.getpid()}@localhost", gpus[index % len(gpus)] if gpus else None)
             for index in range(count)]

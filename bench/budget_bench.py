@@ -28,7 +28,7 @@ import torch
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training.memory_budget import GIB, MemoryBudget, decoder_layers, plan_to_budget
+from alpaca_qlora.training.memory_budget import GIB, MemoryBudget, cap_process_memory, decoder_layers, plan_to_budget
 from bench import command_line
 from bench.train_bench import build_variant, measure, release_memory
 from bench.train_profile import frozen_linear_params
@@ -50,8 +50,7 @@ def grid_workloads(micro_batch: int, steps: int, warmup: int, packing: bool) -> 
 
 @contextlib.contextmanager
 def capped(cap_gib: float) -> Iterator[None]:
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total))
+    cap_process_memory(cap_gib, torch.device("cuda", torch.cuda.current_device()))
     try:
         yield
     finally:

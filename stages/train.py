@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import _venv_check  # noqa: F401 (first: says to activate the venv when a package is missing)
 import torch
@@ -25,12 +24,12 @@ from transformers import set_seed
 
 from alpaca_qlora import io
 from alpaca_qlora.adapter import render_model_card, save_adapter
-from alpaca_qlora.config import LoraParams, ModelParams, TrainParams
+from alpaca_qlora.config import recorded_params
 from alpaca_qlora.data.prompts import get_template
 from alpaca_qlora.models.loading import load_tokenizer, resolve_model_source
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
-from alpaca_qlora.stage_params import StageParams, stage_params
+from alpaca_qlora.stage_params import stage_params
 from alpaca_qlora.training.checkpoints import (
     lock_checkpoints,
     remove_stale_runs,
@@ -54,13 +53,6 @@ ON_INTERRUPT = ("training resumes from its last checkpoint in models/checkpoints
                 "steps since it are run again")
 
 log = logging.getLogger("train")
-
-
-def recorded_params(params: StageParams) -> dict[str, dict[str, Any]]:
-    """The sections the card and the run fingerprint record, as plain values (the stage's view hides the rest)."""
-    sections = {"model": ModelParams, "lora": LoraParams, "train": TrainParams}
-    return {name: {field.name: getattr(getattr(params, name), field.name) for field in dataclasses.fields(cls)}
-            for name, cls in sections.items()}
 
 
 def main() -> None:

@@ -60,3 +60,69 @@ def test_an_interrupted_write_leaves_the_old_out_and_no_scratch(tmp_path):
         raise RuntimeError("killed")
     assert io.read_json(target) == {"old": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def _two_outs(tmp_path):
+    outs = [tmp_path / "a.json", tmp_path / "dir"]
+    io.write_json(outs[0], {"old": True})
+    (outs[1]).mkdir()
+    (outs[1] / "f.txt").write_text("old")
+    return outs
+
+
+def _write_new(outs):
+    io.write_json(outs[0], {"new": True})
+    with io.atomic_dir(outs[1]) as scratch:
+        (scratch / "f.txt").write_text("new")
+
+
+def test_a_move_that_fails_midway_puts_every_old_out_back(tmp_path, monkeypatch):
+    outs = _two_outs(tmp_path)
+    real_replace, moves, failed = os.replace, [], []
+
+    def failing_second_move(source, target):  # the new folder's move in fails, once
+        moves.append(target)
+        if os.path.abspath(target) == str(outs[1]) and ".old" not in str(source) and not failed:
+            failed.append(target)
+            raise OSError(13, "Permission denied", str(target))
+        real_replace(source, target)
+
+    with pytest.raises(OSError), io.outs_group(outs):
+        _write_new(outs)
+        monkeypatch.setattr(os, "replace", failing_second_move)
+    monkeypatch.undo()
+    assert io.read_json(outs[0]) == {"old": True}  # the first out was moved in, then put back
+    assert (outs[1] / "f.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "dir"]
+
+
+def test_a_signal_during_the_moves_waits_until_every_out_is_new(tmp_path, monkeypatch):
+    import signal
+
+    outs = _two_outs(tmp_path)
+    real_replace = os.replace
+    signalled = []
+
+    def replace_then_signal(source, target):
+        real_replace(source, target)
+        if not signalled:
+            signalled.append(target)
+            signal.raise_signal(signal.SIGTERM)
+
+    class Terminated(Exception):
+        pass
+
+    def terminate(*_):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with pytest.raises(Terminated), io.outs_group(outs):
+            _write_new(outs)
+            monkeypatch.setattr(os, "replace", replace_then_signal)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        monkeypatch.undo()
+    assert signalled
+    assert io.read_json(outs[0]) == {"new": True}
+    assert (outs[1] / "f.txt").read_text() == "new"

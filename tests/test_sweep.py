@@ -112,3 +112,13 @@ def test_a_grid_runs_one_worker_per_gpu_from_a_clean_clone_and_a_failure_shows_a
     logs = subprocess.run([sys.executable, "-m", "dvc", "queue", "logs", "grid-2"], cwd=clone, capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
     assert "lora.r 99 is this test's failing experiment" in logs
+
+
+def test_more_jobs_than_gpus_are_refused_since_each_plans_to_a_whole_card():
+    from alpaca_qlora.errors import PipelineError
+    from alpaca_qlora.sweep import worker_names
+
+    assert [gpu for _, gpu in worker_names(None, ["0", "1"])] == ["0", "1"]
+    assert [gpu for _, gpu in worker_names(3, [])] == [None, None, None]  # CPU: as many as asked
+    with pytest.raises(PipelineError, match="at most one per GPU"):
+        worker_names(3, ["0", "1"])

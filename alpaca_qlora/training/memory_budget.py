@@ -68,8 +68,10 @@ class MemoryPlan:
     fixed_gib: float
 
     def record(self) -> dict[str, Any]:
+        """The plan's figures; the budget itself the stage records, plan or none."""
         return {f"memory_plan_{key}": value for key, value in dataclasses.asdict(self).items()
-                if key != "checkpointed_layers"} | {"memory_plan_checkpointed_layers": len(self.checkpointed_layers)}
+                if key not in ("checkpointed_layers", "budget_gib")} | {
+                    "memory_plan_checkpointed_layers": len(self.checkpointed_layers)}
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,9 @@ def resolve_budget_gib(requested: str | float, total_bytes: int) -> float:
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's checkpointable decoder layers, in forward order (transformers' GradientCheckpointingLayer)."""
-    layers = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")
-              and type(module).__name__.endswith(("DecoderLayer", "Block"))]
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
     if not layers:
         raise PipelineError("train.memory_budget_gib: this model has no checkpointable decoder layers to plan.")
     return layers

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from alpaca_qlora import io
+from alpaca_qlora.config import recorded_params
 from alpaca_qlora.data.formatting import tokenize_training_rows
 from alpaca_qlora.data.prompts import ALPACA
 from alpaca_qlora.models.loading import load_tokenizer
@@ -25,11 +26,13 @@ from alpaca_qlora.training.checkpoints import (
     CheckpointsBusy,
     checkpoint_problem,
     lock_checkpoints,
+    run_fingerprint,
     share_lock_with_workers,
 )
 from alpaca_qlora.training.trainer import run_training
 from support import ROOT
 from support.killed_runs import RUN_METRICS, curves, kill_train_after_checkpoint, resumed_from_step
+from support.params import embedded_params
 from support.training import Interrupt, make_job
 
 HOLDER = """
@@ -311,3 +314,15 @@ def test_with_no_sound_checkpoint_training_starts_over(tiny_mistral_dir, tokeniz
                                resume=True).metrics
     assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 6
     assert "starts over" in caplog.text
+
+
+def test_settings_of_the_machine_alone_change_neither_the_run_fingerprint_nor_the_card():
+    """A resumed run may get another memory budget (another card): its checkpoints and adapter stay the same run's."""
+    def recorded(**train):
+        return recorded_params(embedded_params(train=train))
+
+    base = recorded()
+    assert "memory_budget_gib" not in base["train"] and "fsdp_offload" not in base["train"]
+    assert recorded(memory_budget_gib=20) == base
+    assert run_fingerprint(recorded(memory_budget_gib=20), "sha") == run_fingerprint(base, "sha")
+    assert run_fingerprint(recorded(learning_rate=5e-4), "sha") != run_fingerprint(base, "sha")
