@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import _venv_check  # noqa: F401 (first: says to activate the venv when a package is missing)
 import torch
@@ -102,24 +103,25 @@ def main() -> None:
                "lora_target_modules_resolved": resolved_targets}
     if budget is not None:
         metrics["memory_plan_budget_gib"] = budget.gib
-
-    results, timing = split_timing(metrics)  # the card, inside the adapter out, gets no machine-dependent figure
-    template = get_template(params.data.template)
-    card = render_model_card(
-        model_name=params.model.name,
-        template=template,
-        params=recorded,
-        metrics=results,
-        data=io.read_json(DATA_SOURCE),
-        training_data={"train_file": str(TRAIN_IN), "train_rows": len(dataset), "train_file_sha256": data_sha256},
-    )
-    save_adapter(model, tokenizer, ADAPTER_OUT, card, model_name=params.model.name, template=template,
-                 state_dict=result.state_dict)
-    io.write_json(timing_path("train"), timing)
-    io.write_json(METRICS_OUT, results)
+    publish(params, recorded, model, tokenizer, metrics, result.state_dict,
+            training_data={"train_file": str(TRAIN_IN), "train_rows": len(dataset), "train_file_sha256": data_sha256})
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
     log.info("loss %.4f -> %.4f in %d steps, %.0f tokens/s; adapter in %s", metrics["first_loss"] or 0,
              metrics["final_loss"] or 0, metrics["steps"], metrics["tokens_per_s"], ADAPTER_OUT)
+
+
+def publish(params: Any, recorded: dict[str, Any], model: Any, tokenizer: Any, metrics: dict[str, Any],
+            state_dict: dict[str, Any] | None, *, training_data: dict[str, Any]) -> None:
+    """The adapter with its card, the result metrics and the machine's timing: the card, inside the adapter out,
+    gets no machine-dependent figure."""
+    results, timing = split_timing(metrics)
+    template = get_template(params.data.template)
+    card = render_model_card(model_name=params.model.name, template=template, params=recorded, metrics=results,
+                             data=io.read_json(DATA_SOURCE), training_data=training_data)
+    save_adapter(model, tokenizer, ADAPTER_OUT, card, model_name=params.model.name, template=template,
+                 state_dict=state_dict)
+    io.write_json(timing_path("train"), timing)
+    io.write_json(METRICS_OUT, results)
 
 
 if __name__ == "__main__":
