@@ -23,10 +23,11 @@ from alpaca_qlora.generation import generate
 from alpaca_qlora.models.inference import check_adapter_matches, check_adapter_weights, load_for_inference
 from alpaca_qlora.models.loading import load_model, load_tokenizer, resolve_model_source
 from alpaca_qlora.models.quantization import QuantizationPlan
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import run_command
 from alpaca_qlora.stop_rule import clean_generation
 
 log = logging.getLogger("infer")
+ON_INTERRUPT = "nothing was written (--merge moves its folder into place only when it is complete)"
 
 
 def merge_adapter(model_name: str, adapter_dir: Path, out_dir: Path) -> None:
@@ -87,4 +88,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_command(main, name="infer", on_interrupt=ON_INTERRUPT)

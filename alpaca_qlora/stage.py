@@ -3,7 +3,8 @@ user errors, file-system errors and interruptions turned into one clear line ins
 
 DVC runs each stage with its outs in place (`persist: true` in dvc.yaml): the stage writes its new outs beside the
 old ones and moves them in only when it has succeeded, so a failed, full-disk or interrupted run leaves the previous
-outs as dvc.lock records them, and `dvc repro` simply runs the stage again.
+outs as dvc.lock records them, and `dvc repro` simply runs the stage again. The commands that are not stages
+(`make review`, `make sweep`, ...) get the same one-line errors through run_command, with their own advice.
 """
 from __future__ import annotations
 
@@ -106,12 +107,14 @@ def interrupted_message(command: str, signum: int, committed: bool, on_interrupt
             f"again{resume}.")
 
 
-def file_system_message(error: OSError) -> str | None:
+def file_system_message(error: OSError, then: str) -> str | None:
+    """One line for an OSError the machine caused, ending with `then` (what was kept, how to go on); None for any
+    other errno."""
     fix = FILE_SYSTEM_FIXES.get(error.errno or 0)
     if fix is None:
         return None
     where = f"{error.filename}: " if error.filename else ""
-    return f"{where}{error.strerror}; {fix}. Nothing was replaced: {KEPT}. Then rerun `dvc repro`."
+    return f"{where}{error.strerror}; {fix}. {then}"
 
 
 def check_inputs(stages: StageMap) -> None:
@@ -120,32 +123,56 @@ def check_inputs(stages: StageMap) -> None:
         raise PipelineError(missing_input_message(path, made_by))
 
 
-def run_stage(main: Callable[[], None], *, on_interrupt: str = "") -> None:
-    """Run a stage's main() with its declared outs staged and replaced together only if it succeeds.
+def run_guarded(main: Callable[[], None], *, interrupted: Callable[[int], str], after_file_error: str) -> None:
+    """Run a command's main() with what the user can fix as one line instead of a traceback.
 
-    A PipelineError or a file-system error exits with status 2 and one line; SIGINT and SIGTERM with 128 + the
-    signal's number, as a shell reports them, and one line saying what is kept and how to go on (`on_interrupt`).
+    A PipelineError or a file-system error exits with status 2 and one line (a file-system error's ends with
+    `after_file_error`); SIGINT and SIGTERM with 128 + the signal's number, as a shell reports them, and the line
+    `interrupted(signum)`, which says what is kept and how to go on: that differs between a DVC stage and a command.
     """
     configure_logging()
-    command = " ".join(["python", *sys.argv])
-    stages = stage_map(sys.argv)
     signal.signal(signal.SIGTERM, _raise_terminated)
-    group = None
     try:
-        check_inputs(stages)
-        with io.outs_group(stages.outs) as group:
-            main()
+        main()
     except PipelineError as error:
         log.error("%s", error)
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
         signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
-        log.error("%s", interrupted_message(command, signum, bool(group and group.committed), on_interrupt))
+        log.error("%s", interrupted(signum))
         sys.exit(128 + signum)
     except OSError as error:
-        message = file_system_message(error)
+        message = file_system_message(error, after_file_error)
         if message is None:
             raise
-        log.debug("%s", command, exc_info=True)
+        log.debug("file-system error", exc_info=True)
         log.error("%s", message)
         sys.exit(2)
+
+
+def run_command(main: Callable[[], None], *, name: str, on_interrupt: str) -> None:
+    """Run a command that is not a DVC stage (`make review`, `make sweep`, ...): nothing is staged, and an
+    interruption says what `on_interrupt` says of this command (`name`), not to rerun `dvc repro`."""
+    run_guarded(main, interrupted=lambda signum: f"{name} was interrupted ({signal.Signals(signum).name}): "
+                f"{on_interrupt}.", after_file_error=f"Then run {name} again.")
+
+
+def run_stage(main: Callable[[], None], *, on_interrupt: str = "") -> None:
+    """Run a stage's main() with its declared outs staged and replaced together only if it succeeds.
+
+    Errors and interruptions as run_guarded says; an interruption's line says what is kept and how to go on
+    (`on_interrupt`).
+    """
+    command = " ".join(["python", *sys.argv])
+    stages = stage_map(sys.argv)
+    group: io.OutsGroup | None = None
+
+    def staged() -> None:
+        nonlocal group
+        check_inputs(stages)
+        with io.outs_group(stages.outs) as group:
+            main()
+
+    run_guarded(staged, interrupted=lambda signum: interrupted_message(
+        command, signum, bool(group and group.committed), on_interrupt),
+        after_file_error=f"Nothing was replaced: {KEPT}. Then rerun `dvc repro`.")

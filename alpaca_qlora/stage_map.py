@@ -1,10 +1,12 @@
 """What dvc.yaml says about the stage being run: which stage a command line is, its outs, who makes its inputs.
 
 The stage runner reads it so that dvc.yaml stays the one list of each stage's outs and inputs: the outs it stages
-and replaces together, and the inputs it checks before the stage starts.
+and replaces together, and the inputs it checks before the stage starts. The stage's params view
+(alpaca_qlora/stage_params.py) reads the same parsed stages: dvc.yaml is parsed once per process.
 """
 from __future__ import annotations
 
+import functools
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,22 @@ class StageMap:
 
     def missing_inputs(self) -> dict[str, str]:
         return {path: maker for path, maker in self.inputs.items() if not Path(path).exists()}
+
+
+def dvc_stages(dvc_file: str | Path = DVC_FILE) -> dict[str, Any]:
+    """dvc.yaml's stages, {} where there is no dvc.yaml (a script run elsewhere). Parsed once per version of the
+    file, however many readers a stage run has; the dict is shared, so callers only read it."""
+    path = Path(dvc_file)
+    if not path.is_file():
+        return {}
+    status = path.stat()
+    return _parse_stages(str(path.resolve()), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_stages(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """The stages of the file at `path`; its modification time and size are the key that a new version misses."""
+    return (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("stages", {})
 
 
 def _paths(entries: list[Any]) -> list[str]:
@@ -50,8 +68,7 @@ def stage_map(argv: list[str], dvc_file: str | Path = DVC_FILE) -> StageMap:
 
     Empty where there is no dvc.yaml (a script run elsewhere): then nothing is staged and no input is checked.
     """
-    path = Path(dvc_file)
-    stages = yaml.safe_load(path.read_text(encoding="utf-8")).get("stages", {}) if path.is_file() else {}
+    stages = dvc_stages(dvc_file)
     matches = {name: _runs(stage.get("cmd"), argv) for name, stage in stages.items()}
     names = [name for name, match in matches.items() if match is True] or [
         name for name, match in matches.items() if match is None]

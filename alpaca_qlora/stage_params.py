@@ -10,18 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from alpaca_qlora.config import PARAMS_FILE, ConfigError, Params, load_params
-from alpaca_qlora.stage_map import DVC_FILE
+from alpaca_qlora.stage_map import DVC_FILE, dvc_stages
 
 
 def declared_params(stage: str, dvc_file: str | Path = DVC_FILE) -> tuple[str, ...]:
     """The dotted param keys that `dvc.yaml` declares for `stage` (the `do:` body of a foreach stage included)."""
-    spec = yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8"))
-    stages = spec.get("stages", {})
+    stages = dvc_stages(dvc_file)
     if stage not in stages:
-        raise ConfigError(f"dvc.yaml has no stage '{stage}'; stages: {', '.join(stages)}.")
+        raise ConfigError(f"{dvc_file} has no stage '{stage}'; stages: {', '.join(stages) or 'none'}.")
     body = stages[stage].get("do", stages[stage])
     keys: list[str] = []
     for entry in body.get("params", []) or []:

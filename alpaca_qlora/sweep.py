@@ -30,11 +30,13 @@ from alpaca_qlora import io
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.evaluation.report import delta_with_interval, format_p, format_value
 from alpaca_qlora.evaluation.significance import CONFIDENCE
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import run_command
 
 SHARED_STAGES = ("evaluate_base",)  # with their upstream data stages: nothing a grid of lora/train params changes
 EM = "overall.exact_match"  # compare.json's keys: the fine-tuned minus base EM, its interval and McNemar p
 OUT = Path("reports/sweep.md")
+ON_INTERRUPT = ("the experiments that finished are kept (`dvc exp show`) and the rest may still be queued "
+                "(`dvc queue status`): `dvc queue remove --queued` drops them before the grid is queued again")
 
 log = logging.getLogger("sweep")
 
@@ -187,4 +189,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_command(main, name="the sweep", on_interrupt=ON_INTERRUPT)

@@ -1,6 +1,8 @@
 """The train stage with each process's CUDA allocator capped (torch.cuda.set_per_process_memory_fraction): what a
 card of that size would hold, on a larger one. Launched by accelerate itself, so the stage (seeing LOCAL_RANK) runs
-in place instead of re-executing under a launcher that would drop the cap:
+in place instead of re-executing under a launcher that would drop the cap. The stage's memory budget
+(train.memory_budget_gib, alpaca_qlora/training/memory_budget.py) plans within the cap, as on a card of that size, and
+its own cap never lifts it:
 
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no -m bench.capped_stage 24
@@ -15,13 +17,9 @@ from pathlib import Path
 
 import torch
 
+from alpaca_qlora.training.memory_budget import cap_process_memory
+
 STAGE = Path(__file__).resolve().parents[1] / "stages" / "train.py"
-
-
-def cap(gib: float) -> None:
-    device = int(os.environ.get("LOCAL_RANK", 0))
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
 
 
 def main() -> None:
@@ -32,7 +30,7 @@ def main() -> None:
         raise SystemExit("bench.capped_stage caps CUDA memory: it needs a GPU")
     if "LOCAL_RANK" not in os.environ:
         raise SystemExit("run it under `accelerate launch` (the stage would otherwise relaunch itself uncapped)")
-    cap(arguments.cap_gib)
+    cap_process_memory(arguments.cap_gib, torch.device("cuda", int(os.environ["LOCAL_RANK"])))
     sys.argv = [str(STAGE)]
     runpy.run_path(str(STAGE), run_name="__main__")
 

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from alpaca_qlora.stage import configure_logging
+from alpaca_qlora.training.memory_budget import cap_process_memory
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
-from alpaca_qlora.training.peak_memory import host_peak_gib, per_process
+from alpaca_qlora.training.peak_memory import gpu_peak_gib, host_peak_gib, per_process
 from alpaca_qlora.training.sharding import fsdp_training_arguments, keep_output_projection_whole, reduce_in_fp32
 from bench import command_line
 from bench.train_bench import project_model, project_settings
@@ -68,17 +69,6 @@ def build_model(model_dir: str, mode: str, liger: bool) -> Any:
     return model
 
 
-def cap_memory(cap_gib: float | None, device: int) -> None:
-    if cap_gib is not None:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
-
-
-def gathered_gib(accelerator: Any, value: float) -> list[float]:
-    values = accelerator.gather(torch.tensor([value], device=accelerator.device))
-    return [round(float(v), 3) for v in values.tolist()]
-
-
 def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_gib: float | None,
             liger: bool = True, offload: bool = False) -> dict[str, Any]:
     from accelerate import Accelerator
@@ -86,7 +76,8 @@ def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_g
     # bf16 as the Trainer runs it: autocast for DDP, and for FSDP2 the policy that computes in bf16.
     accelerator = Accelerator(mixed_precision="bf16", fsdp_plugin=fsdp_plugin(offload) if mode == "fsdp" else None)
     torch.cuda.set_device(accelerator.local_process_index)
-    cap_memory(cap_gib, accelerator.local_process_index)
+    if cap_gib is not None:
+        cap_process_memory(cap_gib, torch.device("cuda", accelerator.local_process_index))
     result: dict[str, Any] = {
         "mode": mode, "liger": liger, "offload": offload, "processes": accelerator.num_processes,
         "device": torch.cuda.get_device_name(0),
@@ -104,7 +95,7 @@ def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_g
         stage = "prepare"
         model, optimizer = accelerator.prepare(model, optimizer)
         # loading and sharding: under DDP the whole base, under FSDP the shards plus the layer being cut
-        result["load_peak_memory_gib_per_rank"] = per_process(torch.cuda.max_memory_allocated() / 2**30)
+        result["load_peak_memory_gib_per_rank"] = per_process(gpu_peak_gib())
         result["load_peak_memory_gib"] = max(result["load_peak_memory_gib_per_rank"])
         batches, _ = collate(dense_batches(steps + warmup, rows=rows, length=LENGTH,
                                            seed=1000 + accelerator.process_index), True)
@@ -134,14 +125,14 @@ def measure(model_dir: str, mode: str, steps: int, warmup: int, rows: int, cap_g
         return result
     elapsed = time.perf_counter() - started
     tokens = accelerator.num_processes * rows * LENGTH * steps
-    peaks = gathered_gib(accelerator, torch.cuda.max_memory_allocated() / 2**30)
+    peaks = per_process(gpu_peak_gib())
     return {
         **result,
         "step_time_s": round(elapsed / steps, 4),
         "tokens_per_s": round(tokens / elapsed, 1),
         "peak_memory_gib": max(peaks),
         "peak_memory_gib_per_rank": peaks,
-        "peak_reserved_gib_per_rank": gathered_gib(accelerator, torch.cuda.max_memory_reserved() / 2**30),
+        "peak_reserved_gib_per_rank": per_process(torch.cuda.max_memory_reserved() / 2**30),
         "host_peak_gib_per_rank": per_process(host_peak_gib()),
         "losses_rank0": losses,
     }

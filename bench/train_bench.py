@@ -42,7 +42,14 @@ import torch
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model, resolve_speed_switches
+from alpaca_qlora.training.model import (
+    SpeedSwitches,
+    all_linear_targets,
+    build_trainable_model,
+    peft_target_modules,
+    resolve_speed_switches,
+    uses_all_linear,
+)
 from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
 from bench import command_line
 from bench.train_results import Measurement, summarize, table
@@ -74,7 +81,7 @@ def profile_lora() -> Any:
 
 def baseline_model(model_dir: str, gradient_checkpointing: bool = True) -> Any:
     """transformers + PEFT + bitsandbytes as their docs show it: the reference every ratio is against."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -85,10 +92,24 @@ def baseline_model(model_dir: str, gradient_checkpointing: bool = True) -> Any:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    lora = profile_lora()
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=REFERENCE_LORA_DROPOUT, task_type="CAUSAL_LM",
-                        target_modules=list(lora.target_modules))
-    return get_peft_model(model, config)
+    return get_peft_model(model, reference_lora_config(profile_lora()))
+
+
+def reference_lora_config(lora: Any) -> Any:
+    """The baseline's LoraConfig: the profile's rank, scaling and targets (all-linear as the train stage hands it
+    to PEFT), the reference dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=REFERENCE_LORA_DROPOUT, task_type="CAUSAL_LM",
+                      target_modules=peft_target_modules(lora.target_modules))
+
+
+def target_names(lora: Any, model_config: Any) -> list[str]:
+    """The profile's LoRA targets as layer names, all-linear resolved by PEFT as the train stage resolves it: for a
+    library that takes a list of names (Unsloth)."""
+    if uses_all_linear(lora.target_modules):
+        return all_linear_targets(model_config)
+    return list(lora.target_modules)
 
 
 def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, frozen_dtype: str,

@@ -32,7 +32,13 @@ import torch  # noqa: E402
 from alpaca_qlora.stage import configure_logging  # noqa: E402
 from bench import command_line  # noqa: E402
 from bench.budget_bench import run_grid  # noqa: E402
-from bench.train_bench import REFERENCE_LORA_DROPOUT, measure, profile_lora, release_memory  # noqa: E402
+from bench.train_bench import (  # noqa: E402
+    REFERENCE_LORA_DROPOUT,
+    measure,
+    profile_lora,
+    release_memory,
+    target_names,
+)
 from bench.train_results import Measurement  # noqa: E402
 from bench.workloads import alpaca_micro_batches, collate, workloads  # noqa: E402
 
@@ -44,7 +50,7 @@ def unsloth_model(model_dir: str, dropout: float, checkpointing: str | bool = "u
     model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=2048, dtype=torch.bfloat16,
                                                  load_in_4bit=True)
     return FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,
-                                            target_modules=list(lora.target_modules), bias="none",
+                                            target_modules=target_names(lora, model.config), bias="none",
                                             use_gradient_checkpointing=checkpointing, random_state=0)
 
 

@@ -206,3 +206,47 @@ def test_oserror_numbers_outside_the_file_system_still_raise():
 
     with pytest.raises(OSError):
         run_stage(broken)
+
+
+def test_a_command_that_is_not_a_stage_says_how_to_go_on_with_it(tmp_path):
+    """Its own advice, not `dvc repro` (it is no stage), even in a folder whose dvc.yaml has stages."""
+    project = toy_project(tmp_path, "pass")
+    (project / "tool.py").write_text(
+        "import os, signal, time\nfrom alpaca_qlora.stage import run_command\n\n\ndef main():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n\n\n"
+        "run_command(main, name='the sweep', on_interrupt='the rest stay queued')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "tool.py"], cwd=project, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].endswith("the sweep was interrupted (SIGTERM): the rest stay queued."), lines
+    assert outs(project) == [OLD, OLD]
+
+
+def test_a_command_exits_with_status_two_and_one_line_on_a_user_error(caplog):
+    from alpaca_qlora.stage import run_command
+
+    def main() -> None:
+        raise PipelineError("no such revision: set BASE")
+
+    with caplog.at_level(logging.ERROR, logger="alpaca_qlora"), pytest.raises(SystemExit) as exit_:
+        run_command(main, name="the review", on_interrupt="run it again")
+    assert exit_.value.code == 2 and "no such revision: set BASE" in caplog.text
+
+
+@pytest.mark.parametrize("module", ["alpaca_qlora.sweep", "alpaca_qlora.evaluation.review",
+                                    "alpaca_qlora.evaluation.compare_revisions", "alpaca_qlora.infer"])
+def test_ctrl_c_in_a_command_gives_its_own_advice_not_dvc_repro(module):
+    """Each command's main() parses its arguments first: Ctrl-C arrives there."""
+    driver = ("import argparse, runpy\n"
+              "def interrupted(*args, **kwargs):\n    raise KeyboardInterrupt\n"
+              "argparse.ArgumentParser.parse_args = interrupted\n"
+              f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr
+    lines = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(lines) == 1 and "was interrupted (SIGINT)" in lines[0], result.stderr
+    assert "dvc repro" not in result.stderr and "Traceback" not in result.stderr

@@ -24,10 +24,11 @@ from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.evaluation.report import NOT_SIGNIFICANT_NOTE, delta_with_interval, format_p, format_value
 from alpaca_qlora.evaluation.significance import CONFIDENCE, PairedDelta, compare_paired, exact_match_mcnemar, pair_rows
-from alpaca_qlora.stage import run_stage
+from alpaca_qlora.stage import run_command
 
 PREDICTIONS = "data/predictions/finetuned.jsonl"
 WORKSPACE = "workspace"
+ON_INTERRUPT = "nothing was written (--json is written last); run `make compare-revs` again"
 
 log = logging.getLogger("compare_revisions")
 
@@ -143,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_command(main, name="the comparison", on_interrupt=ON_INTERRUPT)

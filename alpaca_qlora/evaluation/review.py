@@ -31,10 +31,11 @@ from alpaca_qlora.evaluation.compare_revisions import (
 )
 from alpaca_qlora.evaluation.report import format_value, prompt_excerpt, select_examples, table_cell
 from alpaca_qlora.evaluation.significance import pair_rows
-from alpaca_qlora.stage import TIMING_DIR, run_stage
+from alpaca_qlora.stage import TIMING_DIR, run_command
 
 OUT = Path("reports/review.md")
 TITLE = "alpaca-qlora review"
+ON_INTERRUPT = f"{OUT} is left as it was (it is written last); run `make review` again"
 FLIPPED_ROWS = 3
 # Files whose keys the paired table already has (the fine-tuned eval) or that are deltas against the base model.
 PAIRED_METRIC_FILES = ("metrics/eval_finetuned.json", "metrics/compare.json")
@@ -194,4 +195,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_command(main, name="the review", on_interrupt=ON_INTERRUPT)

@@ -89,10 +89,16 @@ def memory_budget(train: Any, device: str) -> MemoryBudget | None:
     process holds a shard, which the plan's whole-model figures do not describe), where the cap is not applied."""
     if device != "cuda" or train.distributed == "fsdp":
         return None
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    gib = resolve_budget_gib(train.memory_budget_gib, total)
+    gib = resolve_budget_gib(train.memory_budget_gib, usable_bytes(torch.cuda.current_device()))
     return MemoryBudget(gib=gib, tokens_per_micro_batch=train.micro_batch_size * train.max_seq_length,
                         plans_layers=train.gradient_checkpointing == "auto")
+
+
+def usable_bytes(device: int | torch.device) -> int:
+    """The card's memory, or the share of it this process's allocator is capped at already (a bench running the
+    stage as a smaller card would): the budget plans within that cap and its own cap never lifts it."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(total * torch.cuda.get_per_process_memory_fraction(device))
 
 
 def prefer_expandable_segments() -> None:
@@ -102,14 +108,15 @@ def prefer_expandable_segments() -> None:
 
 
 def resolve_budget_gib(requested: str | float, total_bytes: int) -> float:
-    """The budget in GiB: an explicit figure as given (refused above the card), `auto` the card less the margin."""
+    """The budget in GiB of `total_bytes` (what the process may use): an explicit figure as given (refused above
+    it), `auto` that less the margin."""
     total_gib = total_bytes / GIB
     if requested == "auto":
         return round(total_gib - max(AUTO_MARGIN_MIN_GIB, AUTO_MARGIN_SHARE * total_gib), 2)
     budget = float(requested)
     if budget > total_gib:
-        raise PipelineError(f"train.memory_budget_gib = {budget:g} is more than this GPU has ({total_gib:.1f} GiB); "
-                            "use auto or a smaller figure.")
+        raise PipelineError(f"train.memory_budget_gib = {budget:g} is more than this GPU has for this process "
+                            f"({total_gib:.1f} GiB); use auto or a smaller figure.")
     return budget
 
 
@@ -232,4 +239,4 @@ def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget, compute_dtype: 
 
 
 __all__ = ["MemoryBudget", "MemoryPlan", "StepPeaks", "apply_plan", "measure_step_peaks", "memory_budget",
-           "plan_layers", "plan_to_budget", "prefer_expandable_segments", "resolve_budget_gib"]
+           "plan_layers", "plan_to_budget", "prefer_expandable_segments", "resolve_budget_gib", "usable_bytes"]

@@ -139,16 +139,68 @@ def test_runs_on_another_eval_split_are_refused_and_the_file_says_why(origin):
     assert "Not comparable" in (repo / "reports/review.md").read_text()
 
 
-def test_ci_script_dry_run_pulls_from_the_secret_remote_and_writes_the_comment(origin, tmp_path):
-    clone = tmp_path / "clone"
+def review_clone(origin: dict[str, Path], tmp_path: Path, name: str) -> Path:
+    """A fresh clone of branch pr, as CI checks it out, with an old review.md that no failed run may post."""
+    clone = tmp_path / name
     run(["git", "clone", "-q", str(origin["repo"]), str(clone)], cwd=tmp_path)
     run(["git", "checkout", "-q", "pr"], cwd=clone)
+    (clone / "reports").mkdir()
+    (clone / "reports/review.md").write_text("## alpaca-qlora review\n\nan older run's review\n")
+    return clone
+
+
+def ci_review(clone: Path, comment: Path, **env: str) -> subprocess.CompletedProcess:
+    return run(["bash", str(ROOT / ".ci/review.sh")], cwd=clone, check=False, COMMENT_FILE=str(comment),
+               REPO_TOKEN="", **env)
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, (result.returncode, result.stderr)
+    return lines[0]
+
+
+def test_ci_script_dry_run_pulls_from_the_secret_remote_and_writes_the_comment(origin, tmp_path):
+    clone = review_clone(origin, tmp_path, "clone")
     assert not (clone / "data/predictions/finetuned.jsonl").exists()
     comment = tmp_path / "comment.md"
-    result = run(["bash", str(ROOT / ".ci/review.sh")], cwd=clone, BASE="origin/main",
-                 DVC_REMOTE_URL=str(origin["remote"]), COMMENT_FILE=str(comment), REPO_TOKEN="")
-    assert "dry run" in result.stderr
+    result = ci_review(clone, comment, BASE="origin/main", DVC_REMOTE_URL=str(origin["remote"]))
+    assert result.returncode == 0 and "dry run" in result.stderr, result.stderr
     assert read_rows(clone / "data/predictions/finetuned.jsonl") == read_rows(origin["copies"] / "pr.jsonl")
     text = comment.read_text()
     assert text == (clone / "reports/review.md").read_text()
     assert "| lora.r | 16 | 32 |" in text and "A = origin/main (" in text and "B = workspace" in text
+
+
+@pytest.mark.parametrize("setup", ["unknown base", "no git remote"])
+def test_ci_script_without_the_base_commit_says_to_set_base(origin, tmp_path, setup):
+    clone = review_clone(origin, tmp_path, "clone")
+    comment = tmp_path / "comment.md"
+    if setup == "no git remote":
+        run(["git", "remote", "remove", "origin"], cwd=clone)
+    base = "origin/nope" if setup == "unknown base" else "origin/main"
+    line = one_line(ci_review(clone, comment, BASE=base, DVC_REMOTE_URL=str(origin["remote"])))
+    assert f"BASE={base} is not a commit" in line and "set BASE" in line
+    assert ("remotes: none" in line) == (setup == "no git remote")
+    assert not comment.exists()
+
+
+def test_ci_script_with_an_unreachable_dvc_remote_says_to_set_the_remote(origin, tmp_path):
+    clone = review_clone(origin, tmp_path, "clone")
+    comment = tmp_path / "comment.md"
+    line = one_line(ci_review(clone, comment, BASE="origin/main", DVC_REMOTE_URL=str(tmp_path / "nowhere")))
+    assert "cannot pull data/predictions/finetuned.jsonl" in line and "set DVC_REMOTE_URL" in line
+    assert "nowhere" in line and "reports/dvc-pull.log" in line
+    assert "failed to pull" in (clone / "reports/dvc-pull.log").read_text()
+    assert not comment.exists()
+
+
+def test_ci_script_without_any_dvc_remote_uses_the_secret_or_says_to_set_it(origin, tmp_path):
+    clone = review_clone(origin, tmp_path, "clone")
+    dvc("remote", "remove", "shared", cwd=clone)
+    comment = tmp_path / "comment.md"
+    line = one_line(ci_review(clone, comment, BASE="origin/main"))
+    assert "no DVC remote" in line and "set DVC_REMOTE_URL" in line and not comment.exists()
+    result = ci_review(clone, comment, BASE="origin/main", DVC_REMOTE_URL=str(origin["remote"]))
+    assert result.returncode == 0, result.stderr
+    assert "| lora.r | 16 | 32 |" in comment.read_text()

@@ -94,3 +94,20 @@ def test_the_budget_plans_nothing_on_cpu_and_the_param_is_validated():
         with pytest.raises(PipelineError, match="memory_budget_gib"):
             embedded_params(train={"memory_budget_gib": bad})
     assert load_params().train.memory_budget_gib == "auto"
+
+
+def test_auto_plans_within_a_cap_already_set_and_the_budget_never_lifts_it(monkeypatch):
+    """A bench capping the process as a smaller card (bench/capped_stage.py): the budget is that card's."""
+    from types import SimpleNamespace
+
+    fraction = {"value": 0.25}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: fraction["value"])
+    train = embedded_params().train
+    capped = memory_budget(train, "cuda")
+    assert capped.gib == pytest.approx(resolve_budget_gib("auto", 20 * GIB)) and capped.gib < 20
+    with pytest.raises(PipelineError, match="more than this GPU has for this process"):
+        memory_budget(embedded_params(train={"memory_budget_gib": 30}).train, "cuda")
+    fraction["value"] = 1.0
+    assert memory_budget(train, "cuda").gib == pytest.approx(resolve_budget_gib("auto", 80 * GIB))
