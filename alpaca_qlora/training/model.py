@@ -192,7 +192,11 @@ def prepare_quantized_model(model: torch.nn.Module, *, gradient_checkpointing: b
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant checkpointing per decoder layer; the embeddings' output must carry gradients for it."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers' new name; the old one warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
 
 
