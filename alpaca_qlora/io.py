@@ -204,6 +204,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _place(tmp, target)
+    except OSError as error:
+        _remove(tmp)
+        raise _naming(error, target) from None
     except BaseException:
         _remove(tmp)
         raise
@@ -219,9 +222,22 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         _open_to_umask(tmp)
         _place(tmp, target)
+    except OSError as error:
+        _remove(tmp)
+        raise _naming(error, target) from None
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _naming(error: OSError, target: Path) -> OSError:
+    """The error with the out's path where it names none (a full disk fails a write(), which names no file), so
+    the one line the user sees says which out could not be written."""
+    if error.filename is not None or error.errno is None:
+        return error
+    named = OSError(error.errno, error.strerror, str(target))
+    named.__traceback__ = error.__traceback__
+    return named
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -79,7 +79,7 @@ def configure_logging() -> None:
 KEPT = "its previous outs are kept as they were (dvc.lock still records them)"
 # What to do about an OSError that the machine, not the code, caused; any other errno is a bug and keeps its trace.
 FILE_SYSTEM_FIXES = {
-    errno.ENOSPC: "the disk is full: free some space (`df -h .` shows it)",
+    errno.ENOSPC: "the disk is full: free some space (`df -h` on that path shows the disk)",
     errno.EDQUOT: "the disk quota is used up: free some space",
     errno.EACCES: "no permission to write there: fix the folder's owner or mode (`ls -ld` shows them)",
     errno.EPERM: "the operation is not permitted there: fix the folder's owner or mode (`ls -ld` shows them)",

@@ -46,7 +46,7 @@ def main() -> None:
         log.warning("only %d training rows available of %d requested", split.report["train_rows"],
                     split.report["train_rows_requested"])
     if len(split.train) < MIN_TRAIN_ROWS:
-        log.warning("data.sample_frac = %g leaves %d training rows, fewer than %d: too few to learn from; raise "
+        log.warning("data.sample_frac = %g leaves %d training row(s), fewer than %d: too few to learn from; raise "
                     "data.sample_frac (or use more data)", params.data.sample_frac, len(split.train), MIN_TRAIN_ROWS)
     io.write_jsonl(TRAIN_OUT, split.train)
     io.write_jsonl(EVAL_OUT, split.eval)

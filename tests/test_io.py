@@ -1,3 +1,4 @@
+import errno
 import os
 import stat
 
@@ -126,3 +127,17 @@ def test_a_signal_during_the_moves_waits_until_every_out_is_new(tmp_path, monkey
     assert signalled
     assert io.read_json(outs[0]) == {"new": True}
     assert (outs[1] / "f.txt").read_text() == "new"
+
+
+def test_a_full_disk_names_the_out_it_could_not_write_and_keeps_the_old_one(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    out.write_text("old\n")
+
+    def rows():
+        yield {"a": 1}
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() reports it: no file name
+
+    with pytest.raises(OSError) as raised:
+        io.write_jsonl(out, rows())
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out)
+    assert out.read_text() == "old\n" and sorted(tmp_path.iterdir()) == [out]
