@@ -67,16 +67,18 @@ def machine() -> dict[str, Any]:
 
 
 def timed_runs(stage: Any, rows: list[dict[str, Any]], params: Any, loaded: dict[str, tuple], methods: dict[str, str],
-               max_new_tokens: int, repeats: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[tuple]]]:
+               batch_sizes: dict[str, int], max_new_tokens: int,
+               repeats: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[tuple]]]:
     """Old and new answer in turn, `repeats` times, each with its model as the stage loaded it."""
     figures: dict[str, dict[str, Any]] = {label: {"requested": methods[label], "method": loaded[label][1],
-                                                  "weights": loaded[label][2], "wall_s": []} for label in methods}
+                                                  "weights": loaded[label][2], "batch_size": batch_sizes[label],
+                                                  "wall_s": []} for label in methods}
     answers: dict[str, list[tuple]] = {}
     for repeat in range(repeats):
         for label, (model, method, _) in loaded.items():
             started = time.perf_counter()
             generations, stats = stage.answer(rows, model, params, method=method, max_new_tokens=max_new_tokens,
-                                              progress=False)
+                                              batch_size=batch_sizes[label], progress=False)
             wall = time.perf_counter() - started
             figures[label]["wall_s"].append(round(wall, 2))
             figures[label]["new_tokens"] = stats["new_tokens"]
@@ -88,7 +90,8 @@ def timed_runs(stage: Any, rows: list[dict[str, Any]], params: Any, loaded: dict
     return figures, answers
 
 
-def bench(project: Path, *, rows: int, which: str, old: str, new: str, repeats: int) -> dict[str, Any]:
+def bench(project: Path, *, rows: int, which: str, old: str, new: str, old_batch_size: int | None,
+          repeats: int) -> dict[str, Any]:
     if not (project / "data" / "formatted" / "eval.jsonl").is_file():
         prepare(project)
     stage = evaluate_stage()
@@ -99,7 +102,9 @@ def bench(project: Path, *, rows: int, which: str, old: str, new: str, repeats: 
     methods = {"old": old, "new": new}
     loaded = {label: stage.load_for_eval(which, params, generation) for label, generation in methods.items()}
     limit = stage.generation_limit(eval_rows, loaded["old"][0], params)
-    figures, answers = timed_runs(stage, eval_rows[:rows], params, loaded, methods, limit["max_new_tokens"], repeats)
+    batch_sizes = {"old": old_batch_size or params.eval.batch_size, "new": params.eval.batch_size}
+    figures, answers = timed_runs(stage, eval_rows[:rows], params, loaded, methods, batch_sizes,
+                                  limit["max_new_tokens"], repeats)
     reference = next(iter(answers.values()))
     differing = {key: sum(a != b for a, b in zip(reference, value, strict=True)) for key, value in answers.items()}
     return {
@@ -108,7 +113,7 @@ def bench(project: Path, *, rows: int, which: str, old: str, new: str, repeats: 
         "date": time.strftime("%Y-%m-%d"),
         "project_rows": "bundled eval rows" if project.resolve() == ROOT else
                         f"{STAND_IN_ROWS}-row Alpaca-format stand-in (support/alpaca_like.py)",
-        "which": which, "rows": len(eval_rows[:rows]), "batch_size": params.eval.batch_size,
+        "which": which, "rows": len(eval_rows[:rows]),
         "max_new_tokens": limit["max_new_tokens"], "repeats": repeats,
         "machine_before": before, "machine_after": machine(),
         "old": figures["old"], "new": figures["new"],
@@ -120,14 +125,16 @@ def bench(project: Path, *, rows: int, which: str, old: str, new: str, repeats: 
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"{report['which']}, {report['rows']} rows, batch {report['batch_size']}, limit "
-             f"{report['max_new_tokens']} tokens, load before {report['machine_before']['load_average_1_5_15']}",
-             "| path | generation | wall s (median) | runs | new tokens | new tok/s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    load = [report[key]["load_average_1_5_15"] for key in ("machine_before", "machine_after")]
+    lines = [f"{report['which']}, {report['rows']} rows, limit {report['max_new_tokens']} tokens, load (1, 5, 15 min) "
+             f"before {load[0]}, after {load[1]}",
+             "| path | generation | batch | wall s (median) | runs | new tokens | new tok/s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for label in ("old", "new"):
         entry = report[label]
-        lines.append(f"| {label} | {entry['method']} ({entry['requested']}) | {entry['wall_s_median']} | "
-                     f"{entry['wall_s']} | {entry['new_tokens']} | {entry['new_tokens_per_s']} |")
+        lines.append(f"| {label} | {entry['method']} ({entry['requested']}) | {entry['batch_size']} | "
+                     f"{entry['wall_s_median']} | {entry['wall_s']} | {entry['new_tokens']} | "
+                     f"{entry['new_tokens_per_s']} |")
     lines.append(f"new/old wall {report['new_wall_share_of_old']} (speedup {report['speedup']}x); rows identical: "
                  f"{report['rows_identical']}")
     return "\n".join(lines)
@@ -141,12 +148,13 @@ def main() -> None:
     parser.add_argument("--which", choices=("base", "finetuned"), default="base")
     parser.add_argument("--old", default="plain", help="eval.generation of the old path")
     parser.add_argument("--new", default="auto", help="eval.generation of the new path")
+    parser.add_argument("--old-batch-size", type=int, help="batch size of the old path (default: eval.batch_size)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu_eval_bench.json")
     args = parser.parse_args()
     out = args.out.resolve()
     report = bench(args.project.resolve(), rows=args.rows, which=args.which, old=args.old, new=args.new,
-                   repeats=args.repeats)
+                   old_batch_size=args.old_batch_size, repeats=args.repeats)
     io.write_json(out, report)
     print(table(report))  # the bench's output
     log.info("written to %s", out)

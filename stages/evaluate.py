@@ -59,10 +59,12 @@ def generation_limit(rows: list[dict[str, Any]], loaded: LoadedModel, params: St
 
 
 def answer(rows: list[dict[str, Any]], loaded: LoadedModel, params: StageParams, *, method: str,
-           max_new_tokens: int, progress: bool = True) -> tuple[list[Generation], dict[str, Any]]:
-    """Greedy answers to the rows' prompts, as the stage generates them."""
+           max_new_tokens: int, batch_size: int | None = None,
+           progress: bool = True) -> tuple[list[Generation], dict[str, Any]]:
+    """Greedy answers to the rows' prompts, as the stage generates them (`batch_size`: eval.batch_size unless a
+    bench compares another)."""
     return generate(loaded.model, loaded.tokenizer, [row["prompt"] for row in rows], max_new_tokens=max_new_tokens,
-                    batch_size=params.eval.batch_size,
+                    batch_size=batch_size or params.eval.batch_size,
                     stop_markers=get_template(params.data.template).stop_markers, method=method, progress=progress)
 
 
