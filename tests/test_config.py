@@ -137,9 +137,9 @@ def test_params_yaml_reminders_name_exactly_the_choices_the_schema_accepts():
 
 
 def test_eval_generation_params_validated():
-    embedded = embedded_params().eval  # params.yaml: auto, which is plain generate() on CPU; LoRA kept apart
+    embedded = embedded_params().eval  # params.yaml: auto, which is our fast loop on CPU; LoRA kept apart
     assert embedded.generation == "auto" and embedded.merge_bf16 is False and embedded.fold_lora is False
-    assert resolve_generation_method(embedded.generation, "cpu") == "plain"
+    assert resolve_generation_method(embedded.generation, "cpu") == "fast"
     params = embedded_params(eval={"generation": "fast", "merge_bf16": "true"})
     assert params.eval.generation == "fast" and params.eval.merge_bf16 is True
     assert embedded_params(eval={"generation": "plain"}).eval.generation == "plain"

@@ -12,8 +12,9 @@ Three ways to run the same greedy decoding (`generate(..., method=...)`), one mo
   attention through sdpa with `enable_gqa` (attention.py).
 Only `plain` is bitwise `generate()` on GPU: the other two run other kernels, under which near-tie logits can flip.
 Where the model is sure of its answers `graphed` agrees with `plain` (measured in the README), so `auto`, the params'
-default, picks `graphed` on CUDA and `plain` elsewhere (on CPU every method gives the same tokens, and plain is the
-reference); the metrics record the method that ran.
+default, picks `graphed` on CUDA. On CPU, where generation runs in float64 (models/numerics.py), `fast` gives plain's
+tokens (tested, and checked on the whole eval set: README) and computes nothing for rows that have finished, so
+`auto` picks it there; `plain` stays the reference when asked for. The metrics record the method that ran.
 """
 from __future__ import annotations
 
@@ -57,12 +58,12 @@ class Generation:
 
 
 def resolve_generation_method(requested: str, device: str | torch.device = "cpu", model: Any = None) -> str:
-    """The method that runs: `auto` is graphed on CUDA (the fastest) and plain elsewhere (the reference), and plain
-    too where the model's generation config asks for logits processors our loops do not apply; an explicit fast or
-    graphed is refused there."""
+    """The method that runs: `auto` is graphed on CUDA and fast elsewhere (the fastest on each, and on CPU plain's
+    exact tokens), and plain where the model's generation config asks for logits processors our loops do not
+    apply; an explicit fast or graphed is refused there."""
     if requested not in GENERATION_CHOICES:
         raise PipelineError(f"generation method {requested!r}: use one of {', '.join(GENERATION_CHOICES)}.")
-    if requested == "plain" or (requested == "auto" and torch.device(device).type != "cuda"):
+    if requested == "plain":
         return "plain"
     blockers = greedy_loop_blockers(model) if model is not None else []
     if blockers and requested == "auto":
@@ -70,7 +71,9 @@ def resolve_generation_method(requested: str, device: str | torch.device = "cpu"
     if blockers:
         raise PipelineError(f"the {requested} generation loop applies no logits processors, but the model's "
                             f"generation config sets {', '.join(blockers)}; use generation 'plain'.")
-    return "graphed" if requested == "auto" else requested
+    if requested == "auto":
+        return "graphed" if torch.device(device).type == "cuda" else "fast"
+    return requested
 
 
 def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from alpaca_qlora.generation.kv_cache import preallocated_cache
 from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck
 
@@ -78,16 +79,15 @@ def greedy_generate(
     """Greedy decoding of a left-padded batch, dropping rows from the batch and the KV cache as they finish.
 
     Returns each row's new ids, ending with EOS when EOS stopped it. Calls the model as transformers 5's greedy
-    `generate()` does (DynamicCache, position ids from the mask, mask dropped when there is no padding, logits of
-    the last position only, argmax of fp32 logits), so rows get the tokens `generate()` gives them.
+    `generate()` does (its DynamicCache's keys and values, here written in place: kv_cache.py; position ids from
+    the mask, mask dropped when there is no padding, logits of the last position only, argmax of fp32 logits), so
+    rows get the tokens `generate()` gives them.
     """
-    from transformers import DynamicCache
-
     recorder.begin()
     network = forward_model(model)
     device = input_ids.device
     position_ids, mask = prefill_inputs(attention_mask)
-    cache = DynamicCache(config=network.config)
+    cache = preallocated_cache(network.config, input_ids.shape[1] + max_new_tokens)
     rows = list(range(input_ids.shape[0]))  # original row index of each batch position
     padded = [not bool(attention_mask[row].all()) for row in rows]
     generated: list[list[int]] = [[] for _ in rows]

@@ -23,6 +23,7 @@ from alpaca_qlora.models.numerics import Float64RMSNorm, base_weights_fingerprin
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.model import attach_lora
 from support import ROOT
+from support.generation import QUESTIONS
 from support.params import embedded_params
 
 TEMPLATE = get_template("alpaca")
@@ -78,6 +79,23 @@ def test_cpu_inference_never_takes_the_bitsandbytes_repack_path(monkeypatch, tin
     assert loaded.numeric_path["weights"] == "nf4 dequantized once to float64"
 
 
+def test_auto_on_the_float64_path_gives_plain_tokens(embedded_model_dir):
+    """What the evaluate stage runs on CPU: auto (our loop, finished rows dropped from the batch and the KV cache)
+    on the float64 model gives plain generate()'s tokens, with rows ending at EOS at several steps and at the limit,
+    in batches of uneven size."""
+    loaded = load_for_inference(str(embedded_model_dir), "auto", device="cpu")
+    prompts = [TEMPLATE.render(q, "") for q in QUESTIONS]
+    answers, methods = {}, {}
+    for method in ("plain", "auto"):
+        generations, stats = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=30, batch_size=4,
+                                      stop_markers=TEMPLATE.stop_markers, progress=False, method=method)
+        answers[method], methods[method] = generations, stats["generation"]
+    assert methods == {"plain": "plain", "auto": "fast"}
+    assert answers["auto"] == answers["plain"]  # raw text, stopped_by_eos and new_tokens of every row
+    ends = {g.new_tokens for g in answers["plain"] if g.stopped_by_eos}
+    assert len(ends) >= 3 and any(not g.stopped_by_eos for g in answers["plain"])  # rows dropped at several steps
+
+
 def test_float64_rms_norm_replaces_only_the_plain_formula():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -115,9 +133,12 @@ from alpaca_qlora.models.inference import load_for_inference
 import torch
 loaded = load_for_inference(sys.argv[1], "nf4", device="cpu")
 prompts = json.loads(sys.argv[2])
-generations, _ = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=40, batch_size=8,
-                          stop_markers=[], progress=False)
-print(json.dumps([[g.raw, g.new_tokens] for g in generations]) + "\\n" + torch.backends.cpu.get_cpu_capability())
+answers = {}
+for method in ("plain", "auto"):  # auto: what the evaluate stage runs on CPU
+    generations, _ = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=40, batch_size=8,
+                              stop_markers=[], progress=False, method=method)
+    answers[method] = [[g.raw, g.new_tokens] for g in generations]
+print(json.dumps(answers) + "\\n" + torch.backends.cpu.get_cpu_capability())
 """
 
 
@@ -140,3 +161,4 @@ def test_embedded_answers_do_not_depend_on_the_cpu_kernels(embedded_model_dir):
         answers[name] = (json.loads(out), capability)
     assert answers["best"][1] == "AVX512" and answers["avx2"][1] == "AVX2"
     assert answers["best"][0] == answers["avx2"][0]
+    assert answers["best"][0]["auto"] == answers["best"][0]["plain"]
