@@ -201,15 +201,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _scratch_beside(target, lambda name: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
-    try:
+    with _removed_on_failure(tmp, target):
         yield tmp
         _place(tmp, target)
-    except OSError as error:
-        _remove(tmp)
-        raise _naming(error, target) from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -218,15 +212,22 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _scratch_beside(target, lambda name: os.mkdir(name, 0o777))
-    try:
+    with _removed_on_failure(tmp, target):
         yield tmp
         _open_to_umask(tmp)
         _place(tmp, target)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(scratch: Path, target: Path) -> Iterator[None]:
+    """The scratch copy goes if the block fails; an OSError names the out where it names no file."""
+    try:
+        yield
     except OSError as error:
-        _remove(tmp)
+        _remove(scratch)
         raise _naming(error, target) from None
     except BaseException:
-        _remove(tmp)
+        _remove(scratch)
         raise
 
 
