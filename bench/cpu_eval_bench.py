@@ -37,10 +37,16 @@ log = logging.getLogger("cpu_eval_bench")
 
 
 def evaluate_stage() -> Any:
-    """stages/evaluate.py as a module (the stage scripts import their neighbours, so stages/ goes on the path)."""
-    sys.path.insert(0, str(ROOT / "stages"))
-    spec = importlib.util.spec_from_file_location("evaluate_stage", ROOT / "stages" / "evaluate.py")
+    """stages/evaluate.py as a module; its neighbour `_venv_check`, which it imports first, is loaded the same way
+    (stages/ is not a package, and no sys.path edit is made)."""
+    _load_script("_venv_check")
+    return _load_script("evaluate", as_name="evaluate_stage")
+
+
+def _load_script(name: str, as_name: str | None = None) -> Any:
+    spec = importlib.util.spec_from_file_location(as_name or name, ROOT / "stages" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[as_name or name] = module
     spec.loader.exec_module(module)
     return module
 
