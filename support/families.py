@@ -1,8 +1,7 @@
 """Tiny random-init models of the families users fine-tune (Llama 3, Qwen2.5, Qwen3, Gemma 2, Gemma 3 text, Phi-3),
-each from transformers' own config class for that architecture, so a test runs the family's real modelling code.
-
-Only the architecture is the family's: every model here takes the tokenizer it is given (the tests give Mistral's),
-since no family's real tokenizer is installed offline.
+each from transformers' own config class for that architecture and with the family's tokenizer
+(support/family_tokenizers.py: the real one where a package ships it), so a test runs the family's real modelling
+and tokenization code.
 """
 from __future__ import annotations
 
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from support.family_tokenizers import copy_tokenizer
 
 # family -> transformers' config class name for it (Qwen2.5 is the qwen2 architecture, Llama 3 the llama one).
 FAMILY_CONFIGS = {
@@ -24,6 +25,8 @@ FAMILY_CONFIGS = {
 # than hidden_size / heads; the configs without the argument (Qwen2, Phi-3) derive the same 16.
 TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096}
+# Gemma's windows at test size: shorter than the tests' prompts, so a path that ignored the window would show.
+TINY_SLIDING_WINDOW = {"gemma2": 32, "gemma3-text": 32}
 # What each family's linear layers are called: Phi-3 fuses q, k, v into one projection, and gate with up.
 FAMILY_LINEAR_NAMES = {family: ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
                        for family in FAMILY_CONFIGS}
@@ -37,21 +40,21 @@ def family_config(family: str, tokenizer: Any) -> Any:
 
     config_class = getattr(transformers, FAMILY_CONFIGS[family])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-    return config_class(**TINY_SHAPE, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    window = {"sliding_window": TINY_SLIDING_WINDOW[family]} if family in TINY_SLIDING_WINDOW else {}
+    return config_class(**TINY_SHAPE, **window, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
 
 
-def build_tiny_family(family: str, out_dir: str | Path, tokenizer: Any, *, seed: int = 0) -> Path:
-    """A random-init model of `family` saved with `tokenizer` in `out_dir`, loadable as `model.name` is.
+def build_tiny_family(family: str, out_dir: str | Path, tokenizer_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random-init model of `family` saved in `out_dir` beside the tokenizer files of `tokenizer_dir`
+    (support.family_tokenizers.save_family_tokenizer's), loadable as `model.name` is.
 
-    The model is sized to the tokenizer as transformers loads it back from the family's directory: transformers 5
-    picks the tokenizer class by model type, so in a qwen2 directory Mistral's tokenizer becomes a Qwen2Tokenizer
-    that adds <|endoftext|> as a 32001st token (its pad), which a 32000-row embedding would not hold."""
+    The config is written first and the tokenizer read back from the folder, as the pipeline will read it:
+    transformers 5 may pick the tokenizer class by model type, and the embedding must hold every id it then has."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir = Path(out_dir)
-    tokenizer.save_pretrained(str(out_dir))
-    family_config(family, tokenizer).save_pretrained(str(out_dir))  # the model type the tokenizer is loaded by
+    out_dir = copy_tokenizer(tokenizer_dir, out_dir)
+    family_config(family, AutoTokenizer.from_pretrained(str(out_dir))).save_pretrained(str(out_dir))
     config = family_config(family, AutoTokenizer.from_pretrained(str(out_dir)))
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(out_dir))

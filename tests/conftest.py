@@ -23,6 +23,8 @@ from alpaca_qlora.models.embedded import EMBEDDED_SMOLLM2
 from alpaca_qlora.models.loading import load_model, load_tokenizer, resolve_model_source
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.model import attach_lora
+from support.families import build_tiny_family
+from support.family_tokenizers import save_family_tokenizer
 from support.mistral import build_tiny_mistral
 from support.params import embedded_params, write_embedded_params
 
@@ -31,6 +33,33 @@ from support.params import embedded_params, write_embedded_params
 def tiny_mistral_dir(tmp_path_factory) -> Path:
     """A 2-layer random Mistral with the real Mistral-7B tokenizer (from mistral-common)."""
     return build_tiny_mistral(tmp_path_factory.mktemp("tiny-mistral"))
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(tmp_path_factory):
+    """family -> a folder holding its tokenizer (support/family_tokenizers.py), each built once per test session
+    (Gemma 2 shares Gemma 3's)."""
+    built: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        source = "gemma3-text" if family == "gemma2" else family
+        if source not in built:
+            built[source] = save_family_tokenizer(source, tmp_path_factory.mktemp(f"tokenizer-{source}"))
+        return built[source]
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory, family_tokenizer):
+    """family -> the folder of its tiny random-init model with its tokenizer (support/families.py), built once."""
+    built: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_family(family, tmp_path_factory.mktemp(f"tiny-{family}"),
+                                              family_tokenizer(family))
+        return built[family]
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The training model on each family's architecture (support/families.py: tiny random-init Llama 3, Qwen2.5, Qwen3,
-Gemma 2, Gemma 3 text, Phi-3; Mistral's tokenizer): which targets attach, all-linear as PEFT resolves it, the check
-before loading, and one training step. Tokenizer rules per family (EOS, BOS, padding) are not covered here."""
+Gemma 2, Gemma 3 text, Phi-3, each with its tokenizer): which targets attach, all-linear as PEFT resolves it, the
+check before loading, and one training step. The token rules per family are tested through the stages, in
+tests/stages/test_families.py."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
@@ -17,7 +18,7 @@ from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.model import SpeedSwitches, all_linear_targets, build_trainable_model, targeted_modules
 from alpaca_qlora.training.trainer import run_training
 from support import ROOT
-from support.families import FAMILY_CONFIGS, FAMILY_LINEAR_NAMES, build_tiny_family
+from support.families import FAMILY_CONFIGS, FAMILY_LINEAR_NAMES
 from support.params import embedded_params
 from support.training import make_job, tokenized_rows
 
@@ -27,11 +28,10 @@ PLAN = plan_quantization("none", "cpu")
 PLAIN = SpeedSwitches(liger_kernels=False, gradient_checkpointing=False)
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
-def family(request, tmp_path_factory, tiny_mistral_dir):
-    """(family, its tiny model's directory), built once per family for this file."""
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_mistral_dir))
-    return request.param, build_tiny_family(request.param, tmp_path_factory.mktemp(request.param), tokenizer)
+@pytest.fixture(params=sorted(FAMILY_CONFIGS))
+def family(request, tiny_family):
+    """(family, its tiny model's directory)."""
+    return request.param, tiny_family(request.param)
 
 
 def build(model_dir, lora):
@@ -72,10 +72,9 @@ def test_one_training_step_gives_a_finite_loss_and_moves_the_adapter(family, tmp
     assert any("lora_B" in key for key in moved)  # lora_B starts at zero: a step that trained nothing leaves it
 
 
-def test_a_target_that_matches_nothing_fails_before_any_weight_is_loaded(tmp_path, tiny_mistral_dir):
+def test_a_target_that_matches_nothing_fails_before_any_weight_is_loaded(tmp_path, tiny_family):
     """A directory with config.json alone: loading it would fail, so the error can only come from the early check."""
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_mistral_dir))
-    built = build_tiny_family("phi3", tmp_path / "phi3", tokenizer)
+    built = tiny_family("phi3")
     (tmp_path / "config-only").mkdir()
     shutil.copy(built / "config.json", tmp_path / "config-only" / "config.json")
     with pytest.raises(PipelineError, match=r"\['q_proj', 'k_proj'.* its linear layers are: .*gate_up_proj"):
