@@ -35,36 +35,76 @@ WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "tokenizer.json", "tokenizer.m
 
 
 class Float64RMSNorm(torch.nn.Module):
-    """weight * x / sqrt(mean(x**2) + eps), computed in the input's dtype (float64 here), never narrowed to fp32."""
+    """(offset + weight) * x / sqrt(mean(x**2) + eps), computed in the input's dtype (float64 here), never narrowed
+    to fp32. `offset` is 0 for Llama's formula and 1 for Gemma's, whose own forward computes in fp32."""
 
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.eps = float(eps)
+        self.eps, self.offset = float(eps), float(offset)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return self.weight.to(hidden_states.dtype) * (hidden_states * torch.rsqrt(variance + self.eps))
+        scale = self.weight.to(hidden_states.dtype) + self.offset
+        return scale * (hidden_states * torch.rsqrt(variance + self.eps))
 
 
 def _rms_norm_replacement(module: torch.nn.Module) -> Float64RMSNorm | None:
-    """A Float64RMSNorm for `module` if it is an RMSNorm of that formula (Llama, Mistral, Qwen2, SmolLM2, ...);
-    None for anything else (Gemma's 1 + weight, LayerNorm, ...), which then keeps its own forward."""
+    """A Float64RMSNorm for `module` if it is an RMSNorm of either formula (Llama, Mistral, Qwen, SmolLM2, Phi-3:
+    weight; Gemma: 1 + weight), as a probe input shows; None for anything else (LayerNorm, ...), which keeps its own
+    forward."""
     if not type(module).__name__.endswith("RMSNorm"):
         return None
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
         return None
-    candidate = Float64RMSNorm(weight.float(), eps)
     probe = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight.device)
     with torch.no_grad():
         expected = module(probe.to(weight.dtype)).float()
-        got = candidate(probe).float()
-    if not torch.allclose(expected, got, rtol=1e-3, atol=1e-4):
-        return None
-    candidate.train(module.training)
-    return candidate
+    for offset in (0.0, 1.0):
+        candidate = Float64RMSNorm(weight.float(), eps, offset)
+        with torch.no_grad():
+            if torch.allclose(expected, candidate(probe).float(), rtol=1e-3, atol=1e-4):
+                candidate.train(module.training)
+                return candidate
+    return None
+
+
+EAGER_FLOAT64 = "eager_float64"
+
+
+def eager_float64_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention (Gemma 2's, soft-capping included) with its softmax kept in float64. The
+    library's casts the scores to fp32 for the softmax: the float64 mask's minimum becomes -inf there, a left-padded
+    row's padding positions (masked everywhere) turn NaN, and 0 x NaN spreads it to the row's real tokens."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * (module.head_dim**-0.5 if scaling is None else scaling)
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.dropout(torch.softmax(weights, dim=-1), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def float64_attention(model: torch.nn.Module) -> str:
+    """Eager attention switched to eager_float64_attention (masks as for eager); sdpa stays, it keeps float64.
+    Returns what the kernel path records."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = base.config._attn_implementation
+    if own != "eager":
+        return own
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(EAGER_FLOAT64, eager_float64_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(EAGER_FLOAT64, eager_mask)
+    base.set_attn_implementation(EAGER_FLOAT64)
+    return "eager attention with its softmax in float64"
 
 
 def float64_norms(model: torch.nn.Module) -> tuple[int, list[str]]:
@@ -91,6 +131,7 @@ def to_cpu_float64(model: torch.nn.Module, *, quantized: bool) -> dict[str, Any]
     # nn.Module's own .to: transformers refuses a dtype cast of a bitsandbytes-loaded model, which no longer holds
     # a 4-bit layer here
     torch.nn.Module.to(model, CPU_GENERATION_DTYPE)
+    attention = float64_attention(model)
     model.eval()
     log.info("CPU generation in float64: %d 4-bit layers dequantized, %d RMSNorm layers in float64", dequantized,
              norms)
@@ -99,7 +140,7 @@ def to_cpu_float64(model: torch.nn.Module, *, quantized: bool) -> dict[str, Any]
         "compute_dtype": "float64",
         "weights": "nf4 dequantized once to float64" if quantized and dequantized else "float64 (widened exactly)",
         "adapter_weights": "float64, unmerged",
-        "kernel_path": "torch CPU float64 (F.linear, sdpa); no bitsandbytes 4-bit kernel",
+        "kernel_path": f"torch CPU float64 (F.linear, {attention}); no bitsandbytes 4-bit kernel",
         "norms": f"{norms} RMSNorm layers in float64" + (f"; kept as the model computes them: {', '.join(kept)}"
                                                          if kept else ""),
         "rotary": "cos/sin in fp32 as transformers computes them, then float64",

@@ -96,25 +96,44 @@ def test_auto_on_the_float64_path_gives_plain_tokens(embedded_model_dir):
     assert len(ends) >= 3 and any(not g.stopped_by_eos for g in answers["plain"])  # rows dropped at several steps
 
 
-def test_float64_rms_norm_replaces_only_the_plain_formula():
+def test_float64_rms_norm_replaces_llamas_and_gemmas_formulas_and_keeps_any_other():
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    class OnePlusWeightRMSNorm(LlamaRMSNorm):  # Gemma's formula: (1 + weight) * x / rms(x)
+    class ShiftedRMSNorm(LlamaRMSNorm):  # a formula neither covers: it must keep its own forward
         def forward(self, hidden_states):
-            return (1 + self.weight) * super().forward(hidden_states) / self.weight
+            return super().forward(hidden_states) + 0.5
 
-    model = torch.nn.Sequential(LlamaRMSNorm(8, eps=1e-6), OnePlusWeightRMSNorm(8, eps=1e-6))
+    model = torch.nn.Sequential(LlamaRMSNorm(8, eps=1e-6), Gemma2RMSNorm(8, eps=1e-6), ShiftedRMSNorm(8, eps=1e-6))
     with torch.no_grad():
-        model[0].weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
-        model[1].weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        for index, norm in enumerate(model):
+            norm.weight.uniform_(-0.5, 1.5, generator=torch.Generator().manual_seed(index))
     probe = torch.randn(2, 8, dtype=torch.float64)
-    expected = model[0](probe.float()).double()
+    expected = [norm(probe.float()).double() for norm in model[:2]]  # Gemma's computes in fp32 whatever it gets
     replaced, kept = float64_norms(model)
-    assert (replaced, kept) == (1, ["OnePlusWeightRMSNorm"])
-    assert isinstance(model[0], Float64RMSNorm)
-    result = model[0].to(torch.float64)(probe)
-    assert result.dtype == torch.float64
-    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+    assert (replaced, kept) == (2, ["ShiftedRMSNorm"])
+    for norm, reference in zip(model[:2], expected):
+        assert isinstance(norm, Float64RMSNorm)
+        result = norm.to(torch.float64)(probe)
+        assert result.dtype == torch.float64
+        torch.testing.assert_close(result, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_a_left_padded_row_of_an_eager_model_gets_its_own_logits_in_float64(tiny_family):
+    """Gemma 2 runs eager attention; transformers' eager softmax in fp32 turns the float64 mask's minimum into -inf,
+    and a padded row came out NaN. On the float64 path it must equal the row run alone."""
+    loaded = load_for_inference(str(tiny_family("gemma2")), "none", device="cpu")
+    assert "softmax in float64" in loaded.numeric_path["kernel_path"]
+    tokenizer = loaded.tokenizer
+    long, short = (tokenizer(text)["input_ids"] for text in ("Name three colours of the rainbow, please.", "Hi"))
+    pad = len(long) - len(short)
+    input_ids = torch.tensor([long, [tokenizer.pad_token_id] * pad + short])
+    attention_mask = torch.tensor([[1] * len(long), [0] * pad + [1] * len(short)])
+    with torch.no_grad():
+        batch = loaded.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        alone = loaded.model(input_ids=torch.tensor([short])).logits
+    assert torch.isfinite(batch).all()
+    torch.testing.assert_close(batch[1, pad:], alone[0], rtol=1e-9, atol=1e-9)
 
 
 def test_base_weights_fingerprint_hashes_weights_and_tokenizer(tiny_mistral_dir, tmp_path):
