@@ -18,6 +18,7 @@ tokens (tested, and checked on the whole eval set: README) and computes nothing 
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from alpaca_qlora.data.formatting import encode_prompt
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation.batching import left_pad, length_sorted_batches, split_generated
 from alpaca_qlora.generation.graphed import graphed_generate
-from alpaca_qlora.generation.greedy import greedy_generate, greedy_loop_blockers
+from alpaca_qlora.generation.greedy import forward_model, greedy_generate, greedy_loop_blockers
 from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
 from alpaca_qlora.generation.weights import (
@@ -45,6 +46,8 @@ from alpaca_qlora.generation.weights import (
 __all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "Recorder", "dequantize_for_generation",
            "describe_weights", "fold_lora_for_generation", "generate", "merge_lora_for_generation",
            "prepare_for_generation", "resolve_generation_method"]
+
+log = logging.getLogger(__name__)
 
 GENERATION_METHODS = ("plain", "fast", "graphed")
 GENERATION_CHOICES = ("auto", *GENERATION_METHODS)
@@ -71,9 +74,19 @@ def resolve_generation_method(requested: str, device: str | torch.device = "cpu"
     if blockers:
         raise PipelineError(f"the {requested} generation loop applies no logits processors, but the model's "
                             f"generation config sets {', '.join(blockers)}; use generation 'plain'.")
+    if requested == "auto" and torch.device(device).type == "cuda" and sliding_window(model) is not None:
+        log.info("generation auto: the model attends within a %d-token sliding window, which graphed's static "
+                 "cache does not apply; running fast (its cache keeps the window)", sliding_window(model))
+        return "fast"
     if requested == "auto":
         return "graphed" if torch.device(device).type == "cuda" else "fast"
     return requested
+
+
+def sliding_window(model: Any) -> int | None:
+    """The model's attention window (Gemma 2 and 3, Mistral v0.1), None where every layer sees every position."""
+    config = getattr(forward_model(model), "config", None) if model is not None else None
+    return getattr(config, "sliding_window", None)
 
 
 def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,

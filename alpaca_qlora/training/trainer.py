@@ -169,12 +169,18 @@ def build_training_arguments(job: TrainingJob, items: int | None = None) -> Trai
 
 def _attention(job: TrainingJob) -> str:
     """The attention the run uses: packed bins on CUDA get a variable-length flash kernel, instead of sdpa under a
-    materialized block mask."""
+    materialized block mask. Only where the model runs sdpa: the kernel has no term for what made transformers
+    choose eager (Gemma 2's soft-capped attention logits), so such a model keeps its own attention, masked."""
     job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
+    own = job.model.config._attn_implementation
     if job.train.packing and varlen_attention_available(job.device):
+        if own != "sdpa":
+            log.info("packed rows keep %s attention under a block-diagonal mask: the variable-length kernel stands "
+                     "in for sdpa only, and this architecture runs %s", own, own)
+            return own
         use_varlen_attention(job.model)
         return "varlen"
-    return job.model.config._attn_implementation
+    return own
 
 
 def _trainer(job: TrainingJob, items: Any, callbacks: list[Any], world_size: int) -> Trainer:
