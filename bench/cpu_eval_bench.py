@@ -12,7 +12,6 @@ the stage's own functions (float64 on CPU), take the stage's token limit over al
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import platform
@@ -29,26 +28,12 @@ import yaml
 
 from alpaca_qlora import io
 from support.alpaca_like import write_alpaca_like
+from support.stages import stage_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 STAND_IN_ROWS = 1000
 log = logging.getLogger("cpu_eval_bench")
-
-
-def evaluate_stage() -> Any:
-    """stages/evaluate.py as a module; its neighbour `_venv_check`, which it imports first, is loaded the same way
-    (stages/ is not a package, and no sys.path edit is made)."""
-    _load_script("_venv_check")
-    return _load_script("evaluate", as_name="evaluate_stage")
-
-
-def _load_script(name: str, as_name: str | None = None) -> Any:
-    spec = importlib.util.spec_from_file_location(as_name or name, ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[as_name or name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def prepare(project: Path) -> None:
@@ -100,7 +85,7 @@ def bench(project: Path, *, rows: int, which: str, old: str, new: str, old_batch
           repeats: int) -> dict[str, Any]:
     if not (project / "data" / "formatted" / "eval.jsonl").is_file():
         prepare(project)
-    stage = evaluate_stage()
+    stage = stage_script("evaluate")
     os.chdir(project)  # the stage reads params.yaml, dvc.yaml, its input rows and the adapter from here
     params = stage.stage_params(f"evaluate_{which}")
     eval_rows = stage.read_eval_rows()

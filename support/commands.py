@@ -1,5 +1,5 @@
 """Running the project's commands in a test's scratch project: this interpreter's venv first on PATH, the checkout
-on PYTHONPATH, quiet logs, and the output in the failure message."""
+on PYTHONPATH (unless `env` names another), quiet logs, and the output in the failure message."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,8 @@ from support import ROOT
 
 
 def run(command: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    environment = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                       PYTHONPATH=str(ROOT), ALPACA_QLORA_LOG_LEVEL="WARNING", **env)
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                   "PYTHONPATH": str(ROOT), "ALPACA_QLORA_LOG_LEVEL": "WARNING", **env}
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

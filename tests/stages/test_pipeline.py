@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import ROOT
+from support.projects import make_project, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -34,35 +33,10 @@ def stages_run(result: subprocess.CompletedProcess) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
 
 
-def tiny_params(model_dir: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(sample_frac=0.02, eval_size=12)
-    params["model"].update(name=str(model_dir), quantization="none")
-    params["train"].update(max_steps=2, micro_batch_size=4, gradient_accumulation_steps=1, max_seq_length=256,
-                           logging_steps=1, save_steps=100)
-    params["eval"].update(max_new_tokens=6, batch_size=8, num_examples=2)
-    return params
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_mistral_dir) -> Path:
     """A fresh git + DVC repository holding the project's files and a tiny params.yaml."""
-    path = tmp_path_factory.mktemp("project")
-    for name in ("alpaca_qlora", "stages"):
-        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, path / name)
-    (path / "data" / "external").mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "external" / "README.md", path / "data" / "external" / "README.md")
-    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_mistral_dir), sort_keys=False))
-    run(["git", "init", "-q"], cwd=path)
-    run(["git", "config", "user.email", "test@example.com"], cwd=path)
-    run(["git", "config", "user.name", "test"], cwd=path)
-    dvc("init", "-q", cwd=path)
-    shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")  # the committed default remote
-    run(["git", "add", "-A"], cwd=path)
-    run(["git", "commit", "-qm", "project"], cwd=path)  # as in a clone; DVCLive needs a commit to start from
-    return path
+    return make_project(tmp_path_factory.mktemp("project"), tiny_params(tiny_mistral_dir))
 
 
 def test_end_to_end_then_no_op_then_only_downstream_of_a_change(project):
