@@ -6,9 +6,10 @@ INSTALLED := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 # pip warns about every package the machine's extra local index lacks; keep the output readable.
 PIP := $(VENV)/bin/python -m pip install --quiet --quiet
+FAMILY_PROFILES := llama-3.1-8b qwen2.5-7b gemma-2-9b phi-3.5-mini
 
 
-.PHONY: setup repro test mistral infer chat compare-revs review sweep push pull clean clean-all
+.PHONY: setup repro test mistral $(FAMILY_PROFILES) infer chat compare-revs review sweep push pull clean clean-all
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +32,11 @@ test: setup
 mistral: setup
 	$(PIP) -r requirements-gpu.txt
 	python -m alpaca_qlora.profiles profiles/mistral-7b.yaml -- dvc exp run --name mistral-7b
+
+# The same run on another family: profiles/<name>.yaml (README: Supported models), e.g. `make llama-3.1-8b`.
+$(FAMILY_PROFILES): setup
+	$(PIP) -r requirements-gpu.txt
+	python -m alpaca_qlora.profiles profiles/$@.yaml -- dvc exp run --name $@
 
 # Answer one instruction with the base model + models/adapter: make infer Q="..." [INPUT="..."]
 infer: setup
