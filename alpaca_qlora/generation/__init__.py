@@ -84,9 +84,12 @@ def resolve_generation_method(requested: str, device: str | torch.device = "cpu"
 
 
 def sliding_window(model: Any) -> int | None:
-    """The model's attention window (Gemma 2 and 3, Mistral v0.1), None where every layer sees every position."""
+    """The model's attention window (Gemma 2 and 3, Mistral v0.1), None where every layer sees every position it
+    can hold (Phi-3.5's window is longer than its context)."""
     config = getattr(forward_model(model), "config", None) if model is not None else None
-    return getattr(config, "sliding_window", None)
+    window = getattr(config, "sliding_window", None)
+    context = getattr(config, "max_position_embeddings", None)
+    return None if window is None or (context is not None and window >= context) else window
 
 
 def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,

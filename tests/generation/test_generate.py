@@ -39,6 +39,21 @@ def test_generation_method_resolution(embedded):
         model.generation_config.repetition_penalty = original
 
 
+@pytest.mark.parametrize(("window", "method"), [(None, "graphed"), (32, "fast"), (8192, "graphed")])
+def test_auto_on_cuda_avoids_graphed_where_a_sliding_window_applies(embedded, window, method):
+    """graphed's static cache keeps every key in view; a window shorter than the context (Gemma 2 and 3) needs a
+    cache that applies it. A window as long as the context (Phi-3.5-mini's) is none."""
+    model, _, _ = embedded
+    original = getattr(model.config, "sliding_window", None)
+    model.config.sliding_window = window
+    try:
+        assert model.config.max_position_embeddings <= 8192
+        assert resolve_generation_method("auto", "cuda", model) == method
+        assert resolve_generation_method("auto", "cpu", model) == "fast"
+    finally:
+        model.config.sliding_window = original
+
+
 def test_auto_is_fast_on_cpu_with_plain_tokens(embedded):
     model, tokenizer, _ = embedded
     generations, stats = generate(model, tokenizer, PROMPTS, max_new_tokens=30, batch_size=4,
