@@ -61,7 +61,7 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
 from bench.decode_profile import decode_profile, profile_table
-from bench.train_bench import profile_lora
+from bench.train_bench import add_profile_argument, profile_lora, use_profile
 
 log = logging.getLogger("eval_bench")
 # variant: (generation method, base weights, LoRA); the weights change in place, only forward: 4-bit -> dequantized,
@@ -316,8 +316,10 @@ def main() -> None:
                         help="profile this many eager decoding steps per graphed variant (top kernels; CUDA only)")
     parser.add_argument("--agreement", type=Path,
                         help="bench/sure_model.py's JSON: its agreement figures join this one")
+    add_profile_argument(parser)
     arguments = parser.parse_args()
     configure_logging()
+    use_profile(arguments.profile)
     variants = [v for v in arguments.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

@@ -40,6 +40,11 @@
 #   budget  bench/budget_bench.py then bench/unsloth_bench.py --caps: each tool's best setting under each memory cap
 #           (BUDGET_CAPS, GiB), the project through the train stage's memory budget; the table in budget.json
 #   profile  bench/train_profile.py: where a training step's GPU time goes, baseline and project
+#   families  with .family-tokenizers/ carried (python -m bench.make_random_family --pack-tokenizers
+#             .family-tokenizers, here): for each of FAMILIES (default all six), its released shape at random init
+#             (bench/make_random_family.py), bench/train_bench.py's project variant packed and padded, bench/eval_bench.py
+#             plain against auto, and for UNSLOTH_FAMILIES (default llama3 qwen2.5) bench/unsloth_bench.py (dropout 0),
+#             each with the family's profile; the model is deleted after; then bench/family_table.py's table
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUT_DIR PHASE...}; shift
 mkdir -p "$out"
@@ -221,6 +226,31 @@ indent=2)" \
     profile)
       CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_TIMEOUT:-300}" python -m bench.train_profile "$model" \
         --out "$out/train_profile.json" ${PROFILE_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
+    families)
+      for family in ${FAMILIES:-llama3 qwen2.5 qwen3 gemma2 gemma3-text phi3}; do
+        dir=/tmp/family-$family
+        profile=$(python -c "import sys; from bench.family_table import FAMILY_PROFILES; print(FAMILY_PROFILES[sys.argv[1]])" "$family")
+        [ -f "$dir/config.json" ] || python -m bench.make_random_family "$family" "$dir" --tokenizers .family-tokenizers \
+          2>&1 | grep -v "Warning\|shards" | tail -2
+        CUDA_VISIBLE_DEVICES=0 timeout "${TRAIN_TIMEOUT:-240}" python -m bench.train_bench "$dir" --profile "$profile" \
+          --variants project,unpacked --memory-rows= --steps "${BENCH_STEPS:-6}" --warmup 2 \
+          --alpaca-steps "${ALPACA_STEPS:-4}" --out "$out/family_${family}_train.json" 2>&1 \
+          | grep -v "Warning\|Loading weights\|liger_kernel" > "$out/family_${family}_train.log"; tail -6 "$out/family_${family}_train.log"
+        CUDA_VISIBLE_DEVICES=0 timeout "${EVAL_TIMEOUT:-200}" python -m bench.eval_bench "$dir" --profile "$profile" \
+          --variants plain,auto --prompts "${EVAL_PROMPTS:-64}" --batch-size "${EVAL_BATCH:-64}" \
+          --max-new-tokens "${EVAL_TOKENS:-64}" --out "$out/family_${family}_eval.json" 2>&1 \
+          | grep -v "Warning\|Loading weights\|liger_kernel" > "$out/family_${family}_eval.log"; tail -4 "$out/family_${family}_eval.log"
+        if [[ " ${UNSLOTH_FAMILIES-llama3 qwen2.5} " == *" $family "* ]]; then
+          mkdir -p /tmp/unsloth-site && tar xzf .whl/unsloth-site.tar.gz -C /tmp/unsloth-site
+          CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 \
+            timeout "${UNSLOTH_TIMEOUT:-240}" python -m bench.unsloth_bench "$dir" --profile "$profile" \
+            --baseline "$out/family_${family}_train.json" --out "$out/family_${family}_unsloth.json" \
+            --steps "${BENCH_STEPS:-6}" --warmup 2 --dropouts 0 2>&1 \
+            | grep -v "Warning\|Loading weights\|Measurement(" > "$out/family_${family}_unsloth.log"; tail -4 "$out/family_${family}_unsloth.log"
+        fi
+        rm -rf "$dir"
+      done
+      python -m bench.family_table "$out" --out "$out/families.json" ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

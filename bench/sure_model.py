@@ -44,7 +44,7 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
 from bench.eval_bench import VARIANTS, prepare
-from bench.train_bench import mistral_profile, profile_lora
+from bench.train_bench import bench_profile, profile_lora
 
 log = logging.getLogger("sure_model")
 # (variant, generation method, base weights, LoRA) from the eval bench, each run on a freshly loaded model and
@@ -194,7 +194,7 @@ def build_sure_model(work: Path, tokenizer: Any, size: Size, device: str) -> dic
 
 def score(items: list[dict[str, Any]], generations: list[Any], template: Any, max_new_tokens: int) -> dict[str, Any]:
     """EM and F1 through the evaluate stage's own scoring, under the real run's short-answer rule."""
-    rows = score_generations(items, generations, template, mistral_profile().eval, max_new_tokens)
+    rows = score_generations(items, generations, template, bench_profile().eval, max_new_tokens)
     overall = aggregate(rows)["overall"]
     return {"exact_match": overall["exact_match"], "f1": overall["f1"], "n_short_answer": overall["n_short_answer"]}
 

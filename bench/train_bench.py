@@ -66,14 +66,23 @@ MISTRAL_PROFILE = ROOT / "profiles" / "mistral-7b.yaml"
 REFERENCE_LORA_DROPOUT = 0.05
 
 
-def mistral_profile() -> Any:
-    """The real run's params (the Mistral profile over params.yaml), for every variant and script."""
-    return profile_params(MISTRAL_PROFILE, ROOT / "params.yaml")
+_profile = {"path": MISTRAL_PROFILE}
+
+
+def use_profile(path: str | Path) -> None:
+    """The profile whose LoRA and speed settings every bench variant takes: the Mistral one unless a family's bench
+    names its own (--profile)."""
+    _profile["path"] = Path(path)
+
+
+def bench_profile() -> Any:
+    """The real run's params (the bench's profile over params.yaml), for every variant and script."""
+    return profile_params(_profile["path"], ROOT / "params.yaml")
 
 
 def profile_lora() -> Any:
     """LoRA as the real run sets it."""
-    return mistral_profile().lora
+    return bench_profile().lora
 
 
 
@@ -128,7 +137,7 @@ def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, 
 def project_settings() -> dict[str, Any]:
     """The Mistral profile's speed settings on CUDA, as the train stage resolves them (the same under ddp and fsdp),
     plus whether it packs."""
-    params = mistral_profile()
+    params = bench_profile()
     switches = resolve_speed_switches(params.train, "cuda", liger_installed=True)
     return {"liger": switches.liger_kernels, "gradient_checkpointing": switches.gradient_checkpointing,
             "frozen_dtype": params.train.frozen_dtype, "checkpoint_offload": params.train.checkpoint_offload,
@@ -283,6 +292,11 @@ def memory_table(model_dir: str, rows: list[int], limit_gib: float) -> dict[str,
 
 
 
+def add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", type=Path, default=MISTRAL_PROFILE,
+                        help="the profile whose LoRA and speed settings the variants take (default: Mistral's)")
+
+
 def write_results(path: Path, results: list[Measurement], summary: dict[str, Any]) -> None:
     payload = {"command": command_line(), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                **summary, "results": [m.__dict__ for m in results]}
@@ -305,8 +319,10 @@ def main() -> None:
     parser.add_argument("--memory-rows", default="1,2,3,4,6,8",
                         help="micro-batch sizes (x 2048 tokens) for the memory table; empty to skip")
     parser.add_argument("--memory-limit-gib", type=float, default=11.0)
+    add_profile_argument(parser)
     arguments = parser.parse_args()
     configure_logging()
+    use_profile(arguments.profile)
     results = run(arguments.model_dir, arguments.steps, arguments.warmup, arguments.variants.split(","),
                   alpaca_steps=arguments.alpaca_steps or arguments.steps)
     summary = summarize(results)

@@ -34,10 +34,12 @@ from bench import command_line  # noqa: E402
 from bench.budget_bench import run_grid  # noqa: E402
 from bench.train_bench import (  # noqa: E402
     REFERENCE_LORA_DROPOUT,
+    add_profile_argument,
     measure,
     profile_lora,
     release_memory,
     target_names,
+    use_profile,
 )
 from bench.train_results import Measurement  # noqa: E402
 from bench.workloads import alpaca_micro_batches, collate, workloads  # noqa: E402
@@ -153,8 +155,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dropouts", default=f"{REFERENCE_LORA_DROPOUT:g},0")
+    add_profile_argument(parser)
     arguments = parser.parse_args()
     configure_logging()
+    use_profile(arguments.profile)
     if arguments.caps:
         payload = run_caps(arguments.model_dir, [float(cap) for cap in arguments.caps.split(",")], arguments.steps,
                            arguments.warmup)

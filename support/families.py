@@ -59,3 +59,41 @@ def build_tiny_family(family: str, out_dir: str | Path, tokenizer_dir: str | Pat
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(out_dir))
     return out_dir
+
+
+# The released models' shapes, for the GPU bench's random-init stand-ins (config kwargs over the class defaults).
+# Rotary scaling (Llama 3.1's llama3, Phi-3.5's longrope) is left out: it changes no shape and no step's cost.
+FAMILY_FULL_SHAPES: dict[str, dict[str, Any]] = {
+    "llama3": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+               "rms_norm_eps": 1e-5, "tie_word_embeddings": False},  # Llama-3.1-8B
+    "qwen2.5": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+                "rms_norm_eps": 1e-6, "tie_word_embeddings": False},  # Qwen2.5-7B
+    "qwen3": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+              "rms_norm_eps": 1e-6, "tie_word_embeddings": False},  # Qwen3-8B
+    "gemma2": {"hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+               "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000, "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "max_position_embeddings": 8192, "tie_word_embeddings": True},  # Gemma-2-9B
+    "gemma3-text": {"hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48,
+                    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 262208,
+                    "sliding_window": 1024, "query_pre_attn_scalar": 256, "max_position_embeddings": 131072,
+                    "tie_word_embeddings": True},  # Gemma-3-12B's text model
+    "phi3": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 4096,
+             "tie_word_embeddings": False},  # Phi-3.5-mini (3.8B)
+}
+
+
+def full_family_config(family: str, tokenizer: Any, **overrides: Any) -> Any:
+    """The family's released shape with the tokenizer's special ids; the vocabulary holds every tokenizer id (Gemma
+    2's stand-in takes Gemma 3's larger tokenizer)."""
+    import transformers
+
+    shape = {**FAMILY_FULL_SHAPES[family], **overrides}
+    shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    return getattr(transformers, FAMILY_CONFIGS[family])(**shape, bos_token_id=tokenizer.bos_token_id,
+                                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
