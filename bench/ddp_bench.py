@@ -37,7 +37,7 @@ import torch
 
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.memory_budget import cap_process_memory
-from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
+from alpaca_qlora.training.packing import packed_attention
 from alpaca_qlora.training.peak_memory import gpu_peak_gib, host_peak_gib, per_process
 from alpaca_qlora.training.sharding import fsdp_training_arguments, keep_output_projection_whole, reduce_in_fp32
 from bench import command_line
@@ -64,8 +64,7 @@ def build_model(model_dir: str, mode: str, liger: bool) -> Any:
     settings = {**project_settings(), **({} if liger else {"liger": False})}
     settings.pop("packing")  # the bench's rows are always packed bins
     model = project_model(model_dir, shardable=mode == "fsdp", **settings)
-    if varlen_attention_available("cuda"):
-        use_varlen_attention(model)  # packed bins, as the train stage trains them
+    packed_attention(model, "cuda")  # packed bins, as the train stage trains them
     return model
 
 

@@ -6,9 +6,10 @@
         [--batch-size 128 --max-new-tokens 128 --prompts 256 --variants plain,graphed,graphed_dequantized,auto]
 
 The model loads in NF4 (alpaca_qlora.models.loading.load_model, plan_quantization("nf4", device)) with a freshly
-initialised, non-zero LoRA adapter on the seven projections (the Mistral profile's LoRA), as the fine-tuned evaluation
-runs; prompts are Alpaca-formatted instructions of Alpaca length, tokenized by the model's tokenizer, greedy with
-the evaluation's stop rules. Variants, in this order on the same model object:
+initialised, non-zero LoRA adapter on the seven projections (the Mistral profile's LoRA; `--profile PATH`: another
+profile's, such as a family's), as the fine-tuned evaluation runs; prompts are Alpaca-formatted instructions of Alpaca
+length, tokenized by the model's tokenizer, greedy with the evaluation's stop rules. Variants, in this order on the
+same model object:
 - plain:               generation.generate(method="plain"): model.generate(), 4-bit bnb layers (the baseline);
 - graphed:             method="graphed": the same 4-bit layers, static KV cache, decoding step in a CUDA graph,
                        attention through sdpa with enable_gqa (alpaca_qlora/generation/attention.py);

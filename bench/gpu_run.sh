@@ -40,11 +40,16 @@
 #   budget  bench/budget_bench.py then bench/unsloth_bench.py --caps: each tool's best setting under each memory cap
 #           (BUDGET_CAPS, GiB), the project through the train stage's memory budget; the table in budget.json
 #   profile  bench/train_profile.py: where a training step's GPU time goes, baseline and project
-#   families  with .family-tokenizers/ carried (python -m bench.make_random_family --pack-tokenizers
-#             .family-tokenizers, here): for each of FAMILIES (default all six), its released shape at random init
-#             (bench/make_random_family.py), bench/train_bench.py's project variant packed and padded, bench/eval_bench.py
-#             plain against auto, and for UNSLOTH_FAMILIES (default llama3 qwen2.5) bench/unsloth_bench.py (dropout 0),
-#             each with the family's profile; the model is deleted after; then bench/family_table.py's table
+#   families  after setup, with .family-tokenizers/ carried (made here: python -m bench.make_random_family
+#             --pack-tokenizers .family-tokenizers): for each of FAMILIES (default llama3 qwen2.5 qwen3 gemma2
+#             gemma3-text phi3), its released shape at random init in /tmp/family-FAMILY (bench/make_random_family.py),
+#             then with the family's profile (bench/family_table.py's FAMILY_PROFILES): bench/train_bench.py's project
+#             variant packed and unpacked (no baseline, no memory table; BENCH_STEPS, ALPACA_STEPS),
+#             bench/eval_bench.py plain against auto (EVAL_PROMPTS, EVAL_TOKENS, EVAL_BATCH), and for UNSLOTH_FAMILIES
+#             (default llama3 qwen2.5) bench/unsloth_bench.py against that train JSON (UNSLOTH_DROPOUTS, default 0,
+#             the profiles' dropout); each under FAMILY_{BUILD,TRAIN,EVAL,UNSLOTH}_TIMEOUT, its output in
+#             family_FAMILY_{build,train,eval,unsloth}.log, the model deleted after; then bench/family_table.py's table
+#             (families.json, families.md). A family takes minutes: give each call one or two (FAMILIES=...)
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUT_DIR PHASE...}; shift
 mkdir -p "$out"
@@ -63,6 +68,16 @@ train_stage() {  # NAME [extra params...]
   python -m bench.set_params "${stage_params[@]}" "$@" && \
     timeout "${STAGE_TIMEOUT:-300}" python stages/train.py 2>&1 | tr '\r' '\n' | grep -v "it/s]\|step/s\|s/step" | tail -25 | tee "$out/$name.log"
   [ -f metrics/train.json ] && cp metrics/train.json "$out/$name.json" && rm -f metrics/train.json
+}
+
+family_bench() {  # LOG LIMIT COMMAND...: COMMAND on GPU 0 under LIMIT seconds, its output less the noise in LOG,
+  # its exit status there when not 0 (124: timed out), the last lines shown (the families phase)
+  local log=$1 limit=$2; shift 2
+  CUDA_VISIBLE_DEVICES=0 timeout "$limit" "$@" 2>&1 | tr '\r' '\n' \
+    | grep -v "Warning\|Loading weights\|liger_kernel\|Measurement(\|Writing model shards" > "$log"
+  local status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] || echo "exit $status after at most ${limit}s: $*" >> "$log"
+  tail -"${FAMILY_TAIL:-6}" "$log"
 }
 
 for phase in "$@"; do
@@ -228,29 +243,30 @@ indent=2)" \
         --out "$out/train_profile.json" ${PROFILE_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;
     families)
       for family in ${FAMILIES:-llama3 qwen2.5 qwen3 gemma2 gemma3-text phi3}; do
-        dir=/tmp/family-$family
-        profile=$(python -c "import sys; from bench.family_table import FAMILY_PROFILES; print(FAMILY_PROFILES[sys.argv[1]])" "$family")
-        [ -f "$dir/config.json" ] || python -m bench.make_random_family "$family" "$dir" --tokenizers .family-tokenizers \
-          2>&1 | grep -v "Warning\|shards" | tail -2
-        CUDA_VISIBLE_DEVICES=0 timeout "${TRAIN_TIMEOUT:-240}" python -m bench.train_bench "$dir" --profile "$profile" \
-          --variants project,unpacked --memory-rows= --steps "${BENCH_STEPS:-6}" --warmup 2 \
-          --alpaca-steps "${ALPACA_STEPS:-4}" --out "$out/family_${family}_train.json" 2>&1 \
-          | grep -v "Warning\|Loading weights\|liger_kernel" > "$out/family_${family}_train.log"; tail -6 "$out/family_${family}_train.log"
-        CUDA_VISIBLE_DEVICES=0 timeout "${EVAL_TIMEOUT:-200}" python -m bench.eval_bench "$dir" --profile "$profile" \
-          --variants plain,auto --prompts "${EVAL_PROMPTS:-64}" --batch-size "${EVAL_BATCH:-64}" \
-          --max-new-tokens "${EVAL_TOKENS:-64}" --out "$out/family_${family}_eval.json" 2>&1 \
-          | grep -v "Warning\|Loading weights\|liger_kernel" > "$out/family_${family}_eval.log"; tail -4 "$out/family_${family}_eval.log"
-        if [[ " ${UNSLOTH_FAMILIES-llama3 qwen2.5} " == *" $family "* ]]; then
+        dir=/tmp/family-$family tokenizer=/tmp/tokenizer-$family log=$out/family_$family
+        rm -f "$log"_*.json  # an earlier call's figures must not stand in for a bench that fails this time
+        profile=$(python -m bench.family_table --profile-of "$family") || continue
+        python -m bench.make_random_family "$family" "$tokenizer" --unpack-from .family-tokenizers || continue
+        [ -f "$dir/config.json" ] || family_bench "${log}_build.log" "${FAMILY_BUILD_TIMEOUT:-300}" \
+          python -m bench.make_random_family "$family" "$dir" --tokenizer-dir "$tokenizer"
+        [ -f "$dir/config.json" ] || { echo "no model for $family"; rm -rf "$dir.partial"; continue; }
+        family_bench "${log}_train.log" "${FAMILY_TRAIN_TIMEOUT:-360}" python -m bench.train_bench "$dir" \
+          --profile "$profile" --variants project,unpacked --memory-rows= --steps "${BENCH_STEPS:-6}" --warmup 2 \
+          --alpaca-steps "${ALPACA_STEPS:-4}" --out "${log}_train.json"
+        family_bench "${log}_eval.log" "${FAMILY_EVAL_TIMEOUT:-240}" python -m bench.eval_bench "$dir" \
+          --profile "$profile" --variants plain,auto --prompts "${EVAL_PROMPTS:-64}" --batch-size "${EVAL_BATCH:-64}" \
+          --max-new-tokens "${EVAL_TOKENS:-64}" --out "${log}_eval.json"
+        if [[ " ${UNSLOTH_FAMILIES-llama3 qwen2.5} " == *" $family "* ]] && [ -f "${log}_train.json" ]; then
           mkdir -p /tmp/unsloth-site && tar xzf .whl/unsloth-site.tar.gz -C /tmp/unsloth-site
-          CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 \
-            timeout "${UNSLOTH_TIMEOUT:-240}" python -m bench.unsloth_bench "$dir" --profile "$profile" \
-            --baseline "$out/family_${family}_train.json" --out "$out/family_${family}_unsloth.json" \
-            --steps "${BENCH_STEPS:-6}" --warmup 2 --dropouts 0 2>&1 \
-            | grep -v "Warning\|Loading weights\|Measurement(" > "$out/family_${family}_unsloth.log"; tail -4 "$out/family_${family}_unsloth.log"
+          family_bench "${log}_unsloth.log" "${FAMILY_UNSLOTH_TIMEOUT:-300}" \
+            env PYTHONPATH="/tmp/unsloth-site:$PYTHONPATH" UNSLOTH_DISABLE_STATISTICS=1 \
+            python -m bench.unsloth_bench "$dir" --profile "$profile" \
+            --baseline "${log}_train.json" --out "${log}_unsloth.json" --steps "${BENCH_STEPS:-6}" --warmup 2 \
+            --dropouts "${UNSLOTH_DROPOUTS:-0}"
         fi
-        rm -rf "$dir"
+        rm -rf "$dir" "$tokenizer"
       done
-      python -m bench.family_table "$out" --out "$out/families.json" ;;
+      python -m bench.family_table "$out" --out "$out/families.json" | tee "$out/families.md" ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

@@ -25,6 +25,8 @@ Variants:
 Then a memory table with the project's defaults: peak memory per micro-batch of k x 2048 tokens, and the largest k
 under 11 GiB (a 12 GB card such as the RTX 3060).
 Prints a table last and writes JSON with `train_speedup`, `train_peak_memory_ratio`, `useful_tokens_speedup`.
+`--profile PATH` puts another profile (a family's: gpu_run.sh's families phase) in the Mistral profile's place for
+every variant; `--memory-rows=` (empty) skips the memory table; without baseline the ratios against it are left out.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ from alpaca_qlora.training.model import (
     resolve_speed_switches,
     uses_all_linear,
 )
-from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
+from alpaca_qlora.training.packing import VARLEN_ATTENTION, packed_attention
 from bench import command_line
 from bench.train_results import Measurement, summarize, table
 from bench.workloads import alpaca_micro_batches, collate, dense_batches, workloads
@@ -66,6 +68,8 @@ MISTRAL_PROFILE = ROOT / "profiles" / "mistral-7b.yaml"
 REFERENCE_LORA_DROPOUT = 0.05
 
 
+# The one place that holds the profile the bench's variants take: set once by each script's --profile (use_profile),
+# read by train_bench, eval_bench, unsloth_bench and sure_model through bench_profile() and profile_lora().
 _profile = {"path": MISTRAL_PROFILE}
 
 
@@ -135,7 +139,7 @@ def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, 
 
 
 def project_settings() -> dict[str, Any]:
-    """The Mistral profile's speed settings on CUDA, as the train stage resolves them (the same under ddp and fsdp),
+    """The bench profile's speed settings on CUDA, as the train stage resolves them (the same under ddp and fsdp),
     plus whether it packs."""
     params = bench_profile()
     switches = resolve_speed_switches(params.train, "cuda", liger_installed=True)
@@ -171,9 +175,14 @@ def build_variant(model_dir: str, variant: str) -> tuple[Any, bool]:
     settings = {**project_settings(), **VARIANTS[variant]}
     packing = settings.pop("packing")
     model = project_model(model_dir, **settings)
-    if packing and varlen_attention_available("cuda"):
-        use_varlen_attention(model)  # as the train stage does for packed bins on CUDA
+    if packing:
+        packed_attention(model, "cuda")
     return model, packing
+
+
+def uses_varlen(model: Any) -> bool:
+    """Whether packed_attention switched the model to the variable-length kernel (its loss check applies)."""
+    return model.get_base_model().config._attn_implementation == VARLEN_ATTENTION
 
 
 def train_step(model: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -251,7 +260,7 @@ def run(model_dir: str, steps: int, warmup: int, variants: list[str], *, alpaca_
             continue
         log.info("%s", results[-1])
         batches, useful = collate(alpaca_micro_batches(rows, packing, alpaca_steps + warmup), packing)
-        if packing:
+        if packing and uses_varlen(model):
             log.info("variant %s: packed loss check %s", variant, varlen_loss_check(model, batches[0]))
         results.append(measure(model, batches, variant=variant,
                                workload="alpaca_packed_32rows" if packing else "alpaca_padded_8rows",
@@ -293,6 +302,8 @@ def memory_table(model_dir: str, rows: list[int], limit_gib: float) -> dict[str,
 
 
 def add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    """--profile, the same in every bench script, so a family's figures all come from its own profile's LoRA (its
+    targets: Phi-3's fused ones) and speed settings; the script passes it to use_profile."""
     parser.add_argument("--profile", type=Path, default=MISTRAL_PROFILE,
                         help="the profile whose LoRA and speed settings the variants take (default: Mistral's)")
 

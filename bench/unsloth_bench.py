@@ -12,7 +12,8 @@ LoRA r=16, alpha 16 on the seven projections, use_gradient_checkpointing="unslot
 baseline's, and Unsloth's own packing as TRL's SFTTrainer feeds it (`packing=True`, padding-free): the project's
 best-fit-decreasing 2048-token bins, 4 per micro-batch, flattened into one row with position ids restarting per
 document and `packed_seq_lengths` (what Unsloth's collator wrapper adds), so its varlen attention keeps documents
-apart. Ratios are against the baseline JSON's figures; prints a table last.
+apart. Ratios are against the baseline JSON's figures; prints a table last. `--profile PATH`: LoRA rank, alpha and
+targets from that profile instead of the Mistral one (a family's, as its train_bench run took).
 """
 from __future__ import annotations
 

@@ -61,17 +61,23 @@ def build_tiny_family(family: str, out_dir: str | Path, tokenizer_dir: str | Pat
     return out_dir
 
 
-# The released models' shapes, for the GPU bench's random-init stand-ins (config kwargs over the class defaults).
-# Rotary scaling (Llama 3.1's llama3, Phi-3.5's longrope) is left out: it changes no shape and no step's cost.
+# The released models' shapes, for the GPU bench's random-init stand-ins (config kwargs over the class defaults, which
+# hold the rest: Phi-3's and Gemma's rotary base, Gemma's norms). Rotary scaling is left out (Llama 3.1's `llama3`
+# rope type, Phi-3.5's longrope, whose long context is why its max_position_embeddings stays at the 4096 it was
+# trained at, Gemma 3's linear factor): it changes no shape and no step's cost at 2048 tokens. transformers 5 takes the
+# rotary base as rope_parameters, not rope_theta.
 FAMILY_FULL_SHAPES: dict[str, dict[str, Any]] = {
     "llama3": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
                "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
                "rms_norm_eps": 1e-5, "tie_word_embeddings": False},  # Llama-3.1-8B
     "qwen2.5": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
                 "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
                 "rms_norm_eps": 1e-6, "tie_word_embeddings": False},  # Qwen2.5-7B
     "qwen3": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
               "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
               "rms_norm_eps": 1e-6, "tie_word_embeddings": False},  # Qwen3-8B
     "gemma2": {"hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
                "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000, "query_pre_attn_scalar": 256,
@@ -88,8 +94,9 @@ FAMILY_FULL_SHAPES: dict[str, dict[str, Any]] = {
 
 
 def full_family_config(family: str, tokenizer: Any, **overrides: Any) -> Any:
-    """The family's released shape with the tokenizer's special ids; the vocabulary holds every tokenizer id (Gemma
-    2's stand-in takes Gemma 3's larger tokenizer)."""
+    """The family's released shape (FAMILY_FULL_SHAPES, then `overrides` such as fewer layers) with the tokenizer's
+    special ids, as the released config.json pairs them. The vocabulary holds every id the tokenizer has, since a
+    stand-in tokenizer may be larger than the release's (Gemma 2's takes Gemma 3's 262,144 ids)."""
     import transformers
 
     shape = {**FAMILY_FULL_SHAPES[family], **overrides}

@@ -209,3 +209,19 @@ def use_varlen_attention(model: torch.nn.Module) -> None:
     AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_attention_mask)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(VARLEN_ATTENTION)
+
+
+def packed_attention(model: torch.nn.Module, device: str) -> str:
+    """Attention for packed bins, as the train stage runs it; returns its name. The variable-length kernel on CUDA
+    where the model runs sdpa; it has no term for what makes transformers choose eager for an architecture (Gemma
+    2's soft-capped attention logits), so such a model keeps its own attention under the block-diagonal mask."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = base.config._attn_implementation
+    if not varlen_attention_available(device):
+        return own
+    if own != "sdpa":
+        log.info("packed rows keep %s attention under a block-diagonal mask: the variable-length kernel stands in "
+                 "for sdpa only", own)
+        return own
+    use_varlen_attention(model)
+    return "varlen"

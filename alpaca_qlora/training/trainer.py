@@ -32,7 +32,7 @@ from alpaca_qlora.training.checkpoints import (
 )
 from alpaca_qlora.training.data import TokenCounts, TokenizedDataset, make_collator, training_items
 from alpaca_qlora.training.distributed import all_reduce_counts, process_group
-from alpaca_qlora.training.packing import use_varlen_attention, varlen_attention_available
+from alpaca_qlora.training.packing import packed_attention
 from alpaca_qlora.training.peak_memory import LoadingPeak, peak_memory
 from alpaca_qlora.training.sharding import (
     fsdp_training_arguments,
@@ -168,19 +168,9 @@ def build_training_arguments(job: TrainingJob, items: int | None = None) -> Trai
 
 
 def _attention(job: TrainingJob) -> str:
-    """The attention the run uses: packed bins on CUDA get a variable-length flash kernel, instead of sdpa under a
-    materialized block mask. Only where the model runs sdpa: the kernel has no term for what made transformers
-    choose eager (Gemma 2's soft-capped attention logits), so such a model keeps its own attention, masked."""
+    """The attention the run uses (packing.packed_attention for packed bins)."""
     job.model.config.use_cache = False  # a KV cache is useless in training and hides packed-row boundaries
-    own = job.model.config._attn_implementation
-    if job.train.packing and varlen_attention_available(job.device):
-        if own != "sdpa":
-            log.info("packed rows keep %s attention under a block-diagonal mask: the variable-length kernel stands "
-                     "in for sdpa only, and this architecture runs %s", own, own)
-            return own
-        use_varlen_attention(job.model)
-        return "varlen"
-    return own
+    return packed_attention(job.model, job.device) if job.train.packing else job.model.config._attn_implementation
 
 
 def _trainer(job: TrainingJob, items: Any, callbacks: list[Any], world_size: int) -> Trainer:
