@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from support import ROOT
@@ -21,3 +22,15 @@ def run(command: list[str], cwd: Path, check: bool = True, **env: str) -> subpro
 
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], cwd=cwd)
+
+
+def run_together(commands: list[tuple[list[str], Path, dict[str, str]]], at_once: int = 2,
+                 **env: str) -> list[subprocess.CompletedProcess]:
+    """(command, cwd, env) each, `at_once` at a time, unchecked; one torch thread each, so the processes share the
+    cores rather than fight over them (most of a tiny pipeline's time is each stage's imports, on one core)."""
+    def one(job: tuple[list[str], Path, dict[str, str]]) -> subprocess.CompletedProcess:
+        command, cwd, own_env = job
+        return run(command, cwd, check=False, OMP_NUM_THREADS="1", **{**env, **own_env})
+
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        return list(pool.map(one, commands))

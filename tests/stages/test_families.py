@@ -10,12 +10,14 @@ Mistral's run of the same stages is tests/stages/test_pipeline.py's.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from alpaca_qlora import infer
@@ -26,7 +28,7 @@ from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.stage_params import stage_params
 from alpaca_qlora.training.data import make_collator
 from alpaca_qlora.training.packing import PackedCollator
-from support.commands import run
+from support.commands import run_together
 from support.families import FAMILY_CONFIGS
 from support.projects import make_project, tiny_params
 from support.stages import stage_script
@@ -56,22 +58,38 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
-def repro(request, tmp_path_factory, tiny_family):
-    """(family, its scratch project after `dvc repro`, its model's folder)."""
-    family, model_dir = request.param, tiny_family(request.param)
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, tiny_family) -> dict[str, tuple[Path, Path, str]]:
+    """family -> (its scratch project, its model's folder, dvc repro's failure or ""), the repros two at a time."""
     assert sorted(TOKEN_RULES) == sorted(FAMILY_CONFIGS)
-    params = tiny_params(model_dir, lora={"target_modules": "all-linear"},
-                         train={"max_steps": 1, "max_seq_length": 192}, eval={"generation": "auto"})
-    project = make_project(tmp_path_factory.mktemp(f"project-{family}"), params)
-    run([sys.executable, "-m", "dvc", "repro"], cwd=project, PYTHONPATH=str(project), HF_HUB_OFFLINE="1")
-    return family, project, model_dir
+    projects = {}
+    for family in sorted(FAMILY_CONFIGS):
+        params = tiny_params(tiny_family(family), lora={"target_modules": "all-linear"},
+                             train={"max_seq_length": 192}, eval={"generation": "auto"})
+        projects[family] = make_project(tmp_path_factory.mktemp(f"project-{family}"), params)
+    results = run_together([([sys.executable, "-m", "dvc", "repro"], project, {"PYTHONPATH": str(project)})
+                            for project in projects.values()], HF_HUB_OFFLINE="1")
+    return {family: (project, tiny_family(family), "" if result.returncode == 0 else
+                     f"dvc repro failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            for (family, project), result in zip(projects.items(), results)}
+
+
+@pytest.fixture(params=sorted(FAMILY_CONFIGS))
+def repro(request, reproduced):
+    """(family, its scratch project after `dvc repro`, its model's folder)."""
+    project, model_dir, failure = reproduced[request.param]
+    assert not failure, failure
+    return request.param, project, model_dir
 
 
 def test_every_stage_ran_packed_with_the_family_targets(repro):
     family, project, _ = repro
     train = json.loads((project / "metrics/train.json").read_text())
     assert train["lora_target_modules_resolved"]  # all-linear, resolved on this architecture
+    assert train["steps"] == 2 and math.isfinite(train["final_loss"]) and train["final_loss"] > 0
+    adapter = load_file(project / "models/adapter/adapter_model.safetensors")
+    # B starts at zero, and warm-up gives the first step a learning rate of 0: the second step moves it
+    assert any(bool(tensor.any()) for name, tensor in adapter.items() if "lora_B" in name)
     # Packed: bins of whole rows pad only their tails, where padded micro-batches of these rows (some 40 tokens,
     # some 190) would be a third padding or more.
     assert stage_params("train", project / "params.yaml", project / "dvc.yaml").train.packing

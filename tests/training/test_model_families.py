@@ -1,10 +1,9 @@
 """The training model on each family's architecture (support/families.py: tiny random-init Llama 3, Qwen2.5, Qwen3,
 Gemma 2, Gemma 3 text, Phi-3, each with its tokenizer): which targets attach, all-linear as PEFT resolves it, the
-check before loading, and one training step. The token rules per family are tested through the stages, in
+check before loading. Training, and the token rules per family, are tested through the stages, in
 tests/stages/test_families.py."""
 from __future__ import annotations
 
-import math
 import shutil
 
 import pytest
@@ -16,11 +15,9 @@ from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.model import SpeedSwitches, all_linear_targets, build_trainable_model, targeted_modules
-from alpaca_qlora.training.trainer import run_training
 from support import ROOT
 from support.families import FAMILY_CONFIGS, FAMILY_LINEAR_NAMES
 from support.params import embedded_params
-from support.training import make_job, tokenized_rows
 
 DEFAULT_LORA = load_params(ROOT / "params.yaml").lora  # the seven projections
 ALL_LINEAR_LORA = embedded_params(lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}).lora
@@ -59,17 +56,6 @@ def test_all_linear_wraps_every_linear_layer_but_the_head_and_is_known_before_al
     assert wrapped == linear - {"lm_head"}
     assert targeted_modules(model) == FAMILY_LINEAR_NAMES[name]
     assert all_linear_targets(AutoConfig.from_pretrained(str(model_dir))) == FAMILY_LINEAR_NAMES[name]
-
-
-def test_one_training_step_gives_a_finite_loss_and_moves_the_adapter(family, tmp_path):
-    _, model_dir = family
-    job = make_job(model_dir, tokenized_rows(model_dir), tmp_path, max_steps=1, lora=ALL_LINEAR_LORA)
-    before = {key: value.clone() for key, value in job.model.named_parameters() if value.requires_grad}
-    metrics = run_training(job, resume=False).metrics
-    assert metrics["steps"] == 1 and math.isfinite(metrics["final_loss"]) and metrics["final_loss"] > 0
-    after = dict(job.model.named_parameters())
-    moved = [key for key, value in before.items() if not torch.equal(after[key], value)]
-    assert any("lora_B" in key for key in moved)  # lora_B starts at zero: a step that trained nothing leaves it
 
 
 def test_a_target_that_matches_nothing_fails_before_any_weight_is_loaded(tmp_path, tiny_family):
