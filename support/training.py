@@ -77,3 +77,19 @@ class Interrupt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.at_step:
             raise KeyboardInterrupt("simulated interruption")
+
+
+def assert_packed_rows_apart(model: torch.nn.Module, rows: list[dict]) -> None:
+    """One bin holding `rows` gives each row the logits it gets alone: no row attends across a boundary. Boundaries
+    are read from the position resets only without a KV cache, as in training."""
+    from alpaca_qlora.training.packing import PackedCollator
+
+    packed = PackedCollator()([rows])
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                              use_cache=False).logits[0]
+        start = 0
+        for row in rows:
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed_logits[start : start + len(alone)], alone, rtol=1e-4, atol=1e-4)
+            start += len(alone)

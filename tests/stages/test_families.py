@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -27,11 +26,11 @@ from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.stage_params import stage_params
 from alpaca_qlora.training.data import make_collator
-from alpaca_qlora.training.packing import PackedCollator
 from support.commands import run_together
 from support.families import FAMILY_CONFIGS
 from support.projects import make_project, tiny_params
 from support.stages import stage_script
+from support.training import assert_packed_rows_apart
 
 pytestmark = pytest.mark.slow
 
@@ -143,18 +142,9 @@ def test_padding_and_packing_keep_every_eos_label(repro):
 
 
 def test_packed_rows_never_attend_across_rows(repro):
-    family, project, model_dir = repro
+    _, project, model_dir = repro
     model = load_model(str(model_dir), plan_quantization("none", "cpu"), device="cpu").eval()
-    rows = read_jsonl(project / "data/formatted/train.jsonl")[:3]
-    packed = PackedCollator()([rows])
-    with torch.no_grad():
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                              use_cache=False).logits[0]
-        start = 0
-        for row in rows:
-            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
-            torch.testing.assert_close(packed_logits[start : start + len(alone)], alone, rtol=1e-4, atol=1e-4)
-            start += len(alone)
+    assert_packed_rows_apart(model, read_jsonl(project / "data/formatted/train.jsonl")[:3])
 
 
 def says_eos_on_third_token(model, eos: int):

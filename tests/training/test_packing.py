@@ -13,22 +13,13 @@ from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.packing import PackedCollator, PackedDataset, best_fit_decreasing, sequence_boundaries
 from alpaca_qlora.training.trainer import run_training
-from support.training import GradientsAtStep, assert_same_gradients, make_job
+from support.training import GradientsAtStep, assert_packed_rows_apart, assert_same_gradients, make_job
 
 
 def test_packed_rows_never_attend_across_row_boundaries(tiny_mistral_dir, tokenized):
     model = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu").eval()
-    packed = PackedCollator()([tokenized])  # one bin holding every row
-    with torch.no_grad():
-        # Row boundaries are read from the position resets only without a KV cache, as in training.
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                              use_cache=False).logits[0]
-        start = 0
-        for row in tokenized:
-            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
-            torch.testing.assert_close(packed_logits[start : start + len(alone)], alone, rtol=1e-4, atol=1e-4)
-            start += len(alone)
-    assert packed["position_ids"][0, len(tokenized[0]["input_ids"])] == 0
+    assert_packed_rows_apart(model, tokenized)
+    assert PackedCollator()([tokenized])["position_ids"][0, len(tokenized[0]["input_ids"])] == 0
 
 
 @pytest.mark.parametrize("max_seq_length", [2048, 100])  # all rows in one bin; bins of <= 100 tokens
