@@ -16,15 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from support import ROOT
-from support.families import FAMILY_FULL_SHAPES
+from support.families import FAMILY_FULL_SHAPES, FAMILY_PROFILE
 
-# family -> the profile its bench takes (LoRA targets, speed settings): the one place that pairs them. Qwen3 and
-# Gemma 3 have no profile of their own; they take their predecessor's, as the README's supported-models table says
-# (the same seven targets as Mistral's, the same settings).
-FAMILY_PROFILES = {family: ROOT / "profiles" / name for family, name in {
-    "llama3": "llama-3.1-8b.yaml", "qwen2.5": "qwen2.5-7b.yaml", "qwen3": "qwen2.5-7b.yaml",
-    "gemma2": "gemma-2-9b.yaml", "gemma3-text": "gemma-2-9b.yaml", "phi3": "phi-3.5-mini.yaml"}.items()}
-assert set(FAMILY_PROFILES) == set(FAMILY_FULL_SHAPES)
+# family -> the profile file its bench takes (LoRA targets, speed settings)
+FAMILY_PROFILES = {family: ROOT / "profiles" / f"{name}.yaml" for family, name in FAMILY_PROFILE.items()}
 
 
 def read(path: Path) -> dict[str, Any] | None:

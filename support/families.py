@@ -27,6 +27,10 @@ TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 12
               "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096}
 # Gemma's windows at test size: shorter than the tests' prompts, so a path that ignored the window would show.
 TINY_SLIDING_WINDOW = {"gemma2": 32, "gemma3-text": 32}
+# The profile each family runs with (profiles/<name>.yaml): the one place that pairs them. Qwen3 and Gemma 3 have no
+# profile of their own and take their predecessor's (the same seven targets, the same settings).
+FAMILY_PROFILE = {"llama3": "llama-3.1-8b", "qwen2.5": "qwen2.5-7b", "qwen3": "qwen2.5-7b", "gemma2": "gemma-2-9b",
+                  "gemma3-text": "gemma-2-9b", "phi3": "phi-3.5-mini"}
 # What each family's linear layers are called: Phi-3 fuses q, k, v into one projection, and gate with up.
 FAMILY_LINEAR_NAMES = {family: ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
                        for family in FAMILY_CONFIGS}

@@ -19,7 +19,6 @@ import base64
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from alpaca_qlora.models.embedded import package_dir
 
@@ -142,7 +141,7 @@ def save_family_tokenizer(family: str, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def copy_tokenizer(source: str | Path, out_dir: str | Path) -> Any:
+def copy_tokenizer(source: str | Path, out_dir: str | Path) -> Path:
     """The tokenizer files of `source` copied into `out_dir` (a cached family tokenizer into a model's folder)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
