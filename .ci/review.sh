@@ -48,7 +48,7 @@ elif [[ -z "$remote" ]]; then
 fi
 mkdir -p "$(dirname "$PULL_LOG")"
 if ! dvc pull "$PULLED" >"$PULL_LOG" 2>&1; then
-    url=$(dvc remote list | awk -v name="$remote" '$1 == name {print $2}')
+    url=$(dvc config "remote.$remote.url" 2>/dev/null || true)  # not `dvc remote list`: it wraps long URLs
     fail "cannot pull $PULLED from the DVC remote '$remote' ($url); set DVC_REMOTE_URL (and its credentials) to" \
         "the remote this branch's outs were pushed to. DVC's output: $PULL_LOG"
 fi

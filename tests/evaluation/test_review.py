@@ -188,9 +188,10 @@ def test_ci_script_without_the_base_commit_says_to_set_base(origin, tmp_path, se
 def test_ci_script_with_an_unreachable_dvc_remote_says_to_set_the_remote(origin, tmp_path):
     clone = review_clone(origin, tmp_path, "clone")
     comment = tmp_path / "comment.md"
-    line = one_line(ci_review(clone, comment, BASE="origin/main", DVC_REMOTE_URL=str(tmp_path / "nowhere")))
+    nowhere = tmp_path / ("nowhere-" + "deep/" * 20)  # longer than a terminal line: `dvc remote list` wraps those
+    line = one_line(ci_review(clone, comment, BASE="origin/main", DVC_REMOTE_URL=str(nowhere)))
     assert "cannot pull data/predictions/finetuned.jsonl" in line and "set DVC_REMOTE_URL" in line
-    assert "nowhere" in line and "reports/dvc-pull.log" in line
+    assert f"({nowhere})" in line and "reports/dvc-pull.log" in line
     assert "failed to pull" in (clone / "reports/dvc-pull.log").read_text()
     assert not comment.exists()
 
