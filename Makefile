@@ -25,7 +25,7 @@ repro: setup
 
 test: setup
 	ruff check .
-	python -m pytest -q
+	python -m pytest -q -n auto --dist loadfile
 
 # The real run, profiles/mistral-7b.yaml (Mistral-7B-Instruct-v0.2 on alpaca-cleaned; needs a CUDA GPU and the hub):
 # its keys over params.yaml, as `dvc exp run -S key=value` flags.

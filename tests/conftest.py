@@ -12,6 +12,7 @@ unique across tests/ (pytest says so at collection otherwise).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,12 @@ from support.families import build_tiny_family
 from support.family_tokenizers import save_family_tokenizer
 from support.mistral import build_tiny_mistral
 from support.params import embedded_params, write_embedded_params
+
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # `make test` runs a worker per core (pytest-xdist): one thread each, and in the stages they start, so that
+    # workers do not spin-wait on each other's cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

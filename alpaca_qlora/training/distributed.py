@@ -49,7 +49,8 @@ def accelerate_command(train: Any, script: str, device: str) -> list[str] | None
     # The same launch for ddp and fsdp: FSDP is set up by the Trainer's arguments (training.sharding), so an
     # outside launcher (the README's multi-node recipe) needs no FSDP flags either.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-               "--num_processes", str(train.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+               "--num_processes", str(train.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0"]  # 0: a free port, so two runs on one host (a sweep, CI) never collide
     if train.num_processes > 1:
         command += ["--multi_gpu"]  # torchrun under the hood: gloo on CPU, NCCL on GPUs
     return command + [script]

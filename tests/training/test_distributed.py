@@ -30,6 +30,7 @@ def test_no_launch_without_distribution_or_inside_a_launched_process(monkeypatch
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert command[command.index("--num_processes") + 1] == "2" and "--multi_gpu" in command
     assert command[-1] == "stages/train.py"
+    assert command[command.index("--main_process_port") + 1] == "0"  # accelerate picks a free port: runs side by side
     one = accelerate_command(dataclasses.replace(ddp, num_processes=1), "stages/train.py", "cpu")
     assert "--multi_gpu" not in one  # accelerate refuses --multi_gpu with one process
     monkeypatch.setenv("LOCAL_RANK", "0")
