@@ -5,7 +5,7 @@ header, the model has finished its answer and begun inventing the next prompt.
 
 Three ways to run the same greedy decoding (`generate(..., method=...)`), one module each:
 - `plain`: `model.generate()` as transformers ships it; finished rows stay in the batch, fed padding.
-- `fast` (greedy.py): our own loop that drops each row from the batch and the KV cache as it finishes, calling the
+- `fast` (greedy.py): our own loop that drops finished rows from the batch and the KV cache, calling the
   model as `generate()` does, so the tokens are the same (tested on CPU). On CUDA the evaluate stage pairs it with
   the 4-bit base dequantized once (weights.py).
 - `graphed` (graphed.py): a static KV cache and a decoding step captured in a CUDA graph, 4-bit layers kept,
@@ -13,7 +13,7 @@ Three ways to run the same greedy decoding (`generate(..., method=...)`), one mo
 Only `plain` is bitwise `generate()` on GPU: the other two run other kernels, under which near-tie logits can flip.
 Where the model is sure of its answers `graphed` agrees with `plain` (measured in the README), so `auto`, the params'
 default, picks `graphed` on CUDA. On CPU, where generation runs in float64 (models/numerics.py), `fast` gives plain's
-tokens (tested, and checked on the whole eval set: README) and computes nothing for rows that have finished, so
+tokens (tested, and checked on the whole eval set: README) and computes little for rows that have finished, so
 `auto` picks it there; `plain` stays the reference when asked for. The metrics record the method that ran.
 """
 from __future__ import annotations
@@ -74,9 +74,10 @@ def resolve_generation_method(requested: str, device: str | torch.device = "cpu"
     if blockers:
         raise PipelineError(f"the {requested} generation loop applies no logits processors, but the model's "
                             f"generation config sets {', '.join(blockers)}; use generation 'plain'.")
-    if requested == "auto" and torch.device(device).type == "cuda" and sliding_window(model) is not None:
+    window = sliding_window(model) if requested == "auto" and torch.device(device).type == "cuda" else None
+    if window is not None:
         log.info("generation auto: the model attends within a %d-token sliding window, which graphed's static "
-                 "cache does not apply; running fast (its cache keeps the window)", sliding_window(model))
+                 "cache does not apply; running fast (its cache keeps the window)", window)
         return "fast"
     if requested == "auto":
         return "graphed" if torch.device(device).type == "cuda" else "fast"

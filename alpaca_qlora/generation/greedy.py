@@ -1,5 +1,6 @@
-"""Our greedy loop (generation `fast`): generate()'s decoding, with each row dropped from the batch and from the KV
-cache as soon as it finishes, so the late steps run on the rows still going.
+"""Our greedy loop (generation `fast`): generate()'s decoding, with finished rows dropped from the batch and from the
+KV cache, so the late steps run on the rows still going, and the prefill run on chunks of rows of similar length, so
+a large batch pays no padding for its longest prompt.
 
 Everything that makes its tokens generate()'s lives here and the graphed loop reuses it: how the model is called
 (the transformers model under PEFT, position ids from the mask, the mask dropped when nothing is padded, the last
@@ -12,9 +13,17 @@ from typing import Any
 
 import torch
 
-from alpaca_qlora.generation.kv_cache import preallocated_cache
+from alpaca_qlora.generation.kv_cache import is_preallocated, preallocated_cache, stacked_cache
 from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck
+
+# The prefill runs on chunks of this many rows, each cut to its own longest prompt: a batch sorted by length then
+# pays almost no padding in its prefill, however many rows decode together afterwards.
+PREFILL_ROWS = 16
+
+# Finished rows leave the batch once they are this share of it (1/8; in a batch of under 16 rows, each at once):
+# leaving copies every layer's filled cache, so the rows still running wait until enough of them pay for that copy.
+DROP_FINISHED_SHARE = 8
 
 # Generation-config settings that add logits processors or stopping rules to greedy `generate()`; our own loop
 # applies none of them, so it refuses a model whose generation config sets any (the plain path still works).
@@ -76,7 +85,7 @@ def greedy_generate(
     marker_check: MarkerCheck | None = None,
     recorder: Recorder = NO_RECORDING,
 ) -> list[list[int]]:
-    """Greedy decoding of a left-padded batch, dropping rows from the batch and the KV cache as they finish.
+    """Greedy decoding of a left-padded batch, dropping finished rows from the batch and the KV cache.
 
     Returns each row's new ids, ending with EOS when EOS stopped it. Calls the model as transformers 5's greedy
     `generate()` does (its DynamicCache's keys and values, here written in place: kv_cache.py; position ids from
@@ -87,19 +96,15 @@ def greedy_generate(
     network = forward_model(model)
     device = input_ids.device
     position_ids, mask = prefill_inputs(attention_mask)
-    cache = preallocated_cache(network.config, input_ids.shape[1] + max_new_tokens)
+    logits, cache = prefill(network, input_ids, attention_mask, capacity=input_ids.shape[1] + max_new_tokens)
     rows = list(range(input_ids.shape[0]))  # original row index of each batch position
     padded = [not bool(attention_mask[row].all()) for row in rows]
     generated: list[list[int]] = [[] for _ in rows]
     watched = [False] * len(rows)  # a row that generated a marker's first character: decode it every step
     finished = [False] * len(rows)
-    step_ids, step_positions = input_ids, position_ids
+    step_positions = position_ids
     for step in range(max_new_tokens):
-        outputs = network(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
-                          past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
-        cache = outputs.past_key_values
-        next_tokens = greedy_tokens(outputs.logits)
-        del outputs
+        next_tokens = greedy_tokens(logits)
         tokens = next_tokens.tolist()
         if step == 0:
             recorder.mark("prefill")
@@ -107,7 +112,7 @@ def greedy_generate(
                                   max_new_tokens=max_new_tokens, marker_check=marker_check)
         if not keep or step + 1 == max_new_tokens:
             break
-        if len(keep) < len(rows):
+        if len(rows) - len(keep) >= max(1, len(rows) // DROP_FINISHED_SHARE):
             if mask is not None:
                 keep = _with_a_padded_row(keep, rows, padded)
             index = torch.tensor(keep, device=device)
@@ -115,12 +120,40 @@ def greedy_generate(
             rows = [rows[position] for position in keep]
             next_tokens, step_positions = next_tokens[index], step_positions[index]
             mask = mask[index] if mask is not None else None
-        step_ids = next_tokens[:, None]
         step_positions = step_positions[:, -1:] + 1
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        outputs = network(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=step_positions,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        logits, cache = outputs.logits, outputs.past_key_values
+        del outputs
     recorder.mark("decode")
     return generated
+
+
+def prefill(network: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+            capacity: int) -> tuple[torch.Tensor, Any]:
+    """The prompts' last logits and a KV cache of `capacity` positions holding them, as `generate()`'s first call
+    gives them; a batch of more than PREFILL_ROWS rows runs in chunks of consecutive rows, each without the columns
+    that are padding in all its rows (caches whose layers are not all preallocated run whole)."""
+    cache = preallocated_cache(network.config, capacity)
+    if input_ids.shape[0] <= PREFILL_ROWS or not is_preallocated(cache):
+        position_ids, mask = prefill_inputs(attention_mask)
+        outputs = network(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        return outputs.logits, outputs.past_key_values
+    logits, parts = [], []
+    for start in range(0, input_ids.shape[0], PREFILL_ROWS):
+        chunk_mask = attention_mask[start : start + PREFILL_ROWS]
+        first = int(chunk_mask.any(dim=0).nonzero()[0])  # the first column any row of the chunk fills
+        position_ids, mask = prefill_inputs(chunk_mask[:, first:])
+        part = preallocated_cache(network.config, input_ids.shape[1] - first)
+        outputs = network(input_ids=input_ids[start : start + PREFILL_ROWS, first:], attention_mask=mask,
+                          position_ids=position_ids, past_key_values=part, use_cache=True, logits_to_keep=1,
+                          return_dict=True)
+        logits.append(outputs.logits)
+        parts.append(outputs.past_key_values)
+    return torch.cat(logits), stacked_cache(network.config, capacity, input_ids.shape[1], parts)
 
 
 def _running_positions(rows: list[int], tokens: list[int], generated: list[list[int]], watched: list[bool],

@@ -8,6 +8,7 @@ attention sees, and therefore the tokens, are the ones DynamicCache gives (teste
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,6 +58,23 @@ class PreallocatedLayer(DynamicLayer):
         self.value_buffer = _kept_rows(self.value_buffer, indices, self.length)
         self._expose()
 
+    def stack(self, parts: Sequence[PreallocatedLayer], width: int) -> None:
+        """Hold `parts`' rows one after another, each part's positions ending at `width`; the positions a part does
+        not hold (columns that were padding in all its rows) are zero, hidden by the mask as padding is."""
+        keys, values = parts[0].keys, parts[0].values
+        rows = sum(part.keys.shape[0] for part in parts)
+        self.dtype, self.device = keys.dtype, keys.device
+        self.key_buffer = keys.new_zeros((rows, keys.shape[1], self.capacity, keys.shape[3]))
+        self.value_buffer = values.new_zeros((rows, values.shape[1], self.capacity, values.shape[3]))
+        row = 0
+        for part in parts:
+            count = part.keys.shape[0]
+            self.key_buffer[row : row + count, :, width - part.length : width] = part.keys
+            self.value_buffer[row : row + count, :, width - part.length : width] = part.values
+            row += count
+        self.length, self.is_initialized = width, True
+        self._expose()
+
     def _expose(self) -> None:
         self.keys = self.key_buffer[:, :, : self.length]
         self.values = self.value_buffer[:, :, : self.length]
@@ -78,4 +96,17 @@ def preallocated_cache(config: Any, capacity: int) -> DynamicCache:
     kind (sliding windows, ...) keep DynamicCache's own, so the cache behaves as DynamicCache does."""
     cache = DynamicCache(config=config)
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def is_preallocated(cache: DynamicCache) -> bool:
+    return all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+
+
+def stacked_cache(config: Any, capacity: int, width: int, parts: Sequence[DynamicCache]) -> DynamicCache:
+    """One cache for a batch whose rows were prefilled in consecutive chunks (`parts`, preallocated caches each
+    filled with the batch's last positions), holding `capacity` positions of which `width` are filled."""
+    cache = preallocated_cache(config, capacity)
+    for index, layer in enumerate(cache.layers):
+        layer.stack([part.layers[index] for part in parts], width)
     return cache

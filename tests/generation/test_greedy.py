@@ -10,7 +10,7 @@ from support.generation import PROMPTS, TEMPLATE, run
 
 
 @pytest.mark.parametrize("method", ["fast", "graphed"])
-def test_own_loop_matches_generate_with_rows_stopping_at_different_steps(embedded, method):
+def test_own_loop_matches_generate_with_rows_stopping_at_different_steps(embedded, method, monkeypatch):
     model, tokenizer, _ = embedded
     plain = run(model, tokenizer, "plain")
     assert run(model, tokenizer, method) == plain
@@ -23,6 +23,11 @@ def test_own_loop_matches_generate_with_rows_stopping_at_different_steps(embedde
     assert any(not g.stopped_by_eos and g.new_tokens < 30 for g in plain_m)
     # batches of uneven size and a batch of one
     assert run(model, tokenizer, method, batch_size=4) == run(model, tokenizer, "plain", batch_size=4)
+    if method == "fast":  # finished rows kept, and fed their own tokens, until half the batch has finished
+        from alpaca_qlora.generation import greedy
+
+        monkeypatch.setattr(greedy, "DROP_FINISHED_SHARE", 2)
+        assert run(model, tokenizer, method) == plain
 
 
 @pytest.mark.parametrize("method", ["fast", "graphed"])
@@ -56,3 +61,45 @@ def test_own_loop_with_lora_and_forced_eos(tiny_lora, method):
     assert run(model, tokenizer, method, markers=(), prompts=prompts) == plain
     assert run(model, tokenizer, method, markers=(), prompts=prompts, batch_size=3) == \
         run(model, tokenizer, "plain", markers=(), prompts=prompts, batch_size=3)
+
+
+def test_a_batch_prefilled_in_chunks_gives_the_whole_batchs_logits_and_tokens(tiny_mistral_dir, monkeypatch):
+    """Chunks of two rows, each without the columns that are padding in both (float64, the CPU path): the logits
+    and cached keys of the whole batch's prefill, and generate()'s tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    from alpaca_qlora.data.formatting import encode_prompt
+    from alpaca_qlora.generation import greedy
+    from alpaca_qlora.generation.batching import left_pad, length_sorted_batches
+    from alpaca_qlora.models.loading import load_model, load_tokenizer
+    from alpaca_qlora.models.quantization import plan_quantization
+
+    torch.manual_seed(0)
+    base = load_model(str(tiny_mistral_dir), plan_quantization("none", "cpu"), device="cpu").to(torch.float64)
+    base.config.sliding_window = None  # as Mistral-7B-v0.2's: its window (the context) gives sliding cache layers
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False, task_type="CAUSAL_LM")).to(torch.float64)
+    tokenizer = load_tokenizer(str(tiny_mistral_dir), padding_side="left")
+    prompts = PROMPTS + [TEMPLATE.render("Summarize the text.", "A long input " * k) for k in (3, 9, 20)]
+    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    order = length_sorted_batches([len(ids) for ids in encoded], len(encoded))[0]
+    input_ids, attention_mask = left_pad([encoded[index] for index in order], tokenizer.pad_token_id)
+    network = greedy.forward_model(model)
+    with torch.inference_mode():
+        whole_logits, whole_cache = greedy.prefill(network, input_ids, attention_mask, capacity=input_ids.shape[1] + 4)
+        monkeypatch.setattr(greedy, "PREFILL_ROWS", 2)
+        chunk_logits, chunk_cache = greedy.prefill(network, input_ids, attention_mask, capacity=input_ids.shape[1] + 4)
+    assert len(chunk_cache.layers[0].keys) == len(prompts)
+    torch.testing.assert_close(chunk_logits, whole_logits, rtol=0, atol=1e-12)
+    filled = attention_mask.bool()
+    skipped = torch.zeros_like(filled)  # the columns that are padding in both rows of a chunk
+    for start in range(0, len(prompts), 2):
+        skipped[start : start + 2, : int(filled[start : start + 2].any(dim=0).nonzero()[0])] = True
+    assert skipped.any()
+    for whole, chunked in zip(whole_cache.layers, chunk_cache.layers, strict=True):
+        assert chunked.keys.shape == whole.keys.shape
+        torch.testing.assert_close(chunked.keys.transpose(1, 2)[filled], whole.keys.transpose(1, 2)[filled],
+                                   rtol=0, atol=1e-12)
+        assert not chunked.keys.transpose(1, 2)[skipped].any()  # zero, never computed, and masked
+    assert run(model, tokenizer, "fast", prompts=prompts, batch_size=9) == \
+        run(model, tokenizer, "plain", prompts=prompts, batch_size=9)
