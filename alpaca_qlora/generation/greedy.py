@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from alpaca_qlora.generation.batching import left_pad
 from alpaca_qlora.generation.kv_cache import is_preallocated, preallocated_cache, stacked_cache
 from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck
@@ -95,8 +96,9 @@ def greedy_generate(
     recorder.begin()
     network = forward_model(model)
     device = input_ids.device
+    logits, cache, attention_mask = prefill(network, input_ids, attention_mask,
+                                            capacity=input_ids.shape[1] + max_new_tokens)
     position_ids, mask = prefill_inputs(attention_mask)
-    logits, cache = prefill(network, input_ids, attention_mask, capacity=input_ids.shape[1] + max_new_tokens)
     rows = list(range(input_ids.shape[0]))  # original row index of each batch position
     padded = [not bool(attention_mask[row].all()) for row in rows]
     generated: list[list[int]] = [[] for _ in rows]
@@ -132,28 +134,56 @@ def greedy_generate(
 
 
 def prefill(network: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-            capacity: int) -> tuple[torch.Tensor, Any]:
-    """The prompts' last logits and a KV cache of `capacity` positions holding them, as `generate()`'s first call
-    gives them; a batch of more than PREFILL_ROWS rows runs in chunks of consecutive rows, each without the columns
-    that are padding in all its rows (caches whose layers are not all preallocated run whole)."""
+            capacity: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """The prompts' last logits, a KV cache of `capacity` positions holding them, and the mask of what it holds.
+
+    A batch of more than PREFILL_ROWS rows runs in chunks of consecutive rows (a length-sorted batch: rows of similar
+    length). A chunk's prompts share their first tokens (the template's preamble), which run once for the chunk; then
+    each row's own tokens, left-padded to the chunk's longest. The cache holds a row's shared tokens, its padding
+    (zero, masked) and its own tokens, ending at the batch's last column, and the mask says so; positions count
+    only the row's tokens, as they do in the whole batch. Caches whose layers are not all preallocated run whole."""
     cache = preallocated_cache(network.config, capacity)
     if input_ids.shape[0] <= PREFILL_ROWS or not is_preallocated(cache):
         position_ids, mask = prefill_inputs(attention_mask)
         outputs = network(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                           past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
-        return outputs.logits, outputs.past_key_values
-    logits, parts = [], []
-    for start in range(0, input_ids.shape[0], PREFILL_ROWS):
-        chunk_mask = attention_mask[start : start + PREFILL_ROWS]
-        first = int(chunk_mask.any(dim=0).nonzero()[0])  # the first column any row of the chunk fills
-        position_ids, mask = prefill_inputs(chunk_mask[:, first:])
-        part = preallocated_cache(network.config, input_ids.shape[1] - first)
-        outputs = network(input_ids=input_ids[start : start + PREFILL_ROWS, first:], attention_mask=mask,
-                          position_ids=position_ids, past_key_values=part, use_cache=True, logits_to_keep=1,
-                          return_dict=True)
-        logits.append(outputs.logits)
-        parts.append(outputs.past_key_values)
-    return torch.cat(logits), stacked_cache(network.config, capacity, input_ids.shape[1], parts)
+        return outputs.logits, outputs.past_key_values, attention_mask
+    width = input_ids.shape[1]
+    lengths = attention_mask.sum(dim=1).tolist()
+    prompts = [input_ids[row, width - length :] for row, length in enumerate(lengths)]
+    logits, parts, held = [], [], torch.zeros_like(attention_mask)
+    for start in range(0, len(prompts), PREFILL_ROWS):
+        chunk_logits, part, chunk_mask = _prefill_chunk(network, prompts[start : start + PREFILL_ROWS])
+        logits.append(chunk_logits)
+        parts.append(part)
+        held[start : start + PREFILL_ROWS, width - chunk_mask.shape[1] :] = chunk_mask
+    return torch.cat(logits), stacked_cache(network.config, capacity, width, parts), held
+
+
+def _prefill_chunk(network: Any, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """A chunk's last logits, its cache (shared tokens once, then each row's own) and the mask of that cache."""
+    shared = _shared_prefix(prompts)
+    own_ids, own_mask = left_pad([prompt[shared:].tolist() for prompt in prompts], pad_token_id=0)  # 0: masked
+    own_ids, own_mask = own_ids.to(prompts[0].device), own_mask.to(prompts[0].device)
+    mask = torch.cat([own_mask.new_ones((len(prompts), shared)), own_mask], dim=1)
+    if shared:
+        prefix = preallocated_cache(network.config, shared)
+        network(input_ids=prompts[0][None, :shared], position_ids=torch.arange(shared, device=mask.device)[None],
+                past_key_values=prefix, use_cache=True, logits_to_keep=1, return_dict=True)
+        cache = stacked_cache(network.config, mask.shape[1], shared, [prefix] * len(prompts))
+    else:
+        cache = preallocated_cache(network.config, mask.shape[1])
+    position_ids, step_mask = prefill_inputs(mask)
+    outputs = network(input_ids=own_ids, attention_mask=step_mask, position_ids=position_ids[:, shared:],
+                      past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+    return outputs.logits, outputs.past_key_values, mask
+
+
+def _shared_prefix(prompts: list[torch.Tensor]) -> int:
+    """How many first tokens every prompt has in common, each keeping at least one of its own (its last logits)."""
+    shortest = min(len(prompt) for prompt in prompts)
+    heads = torch.stack([prompt[: shortest - 1] for prompt in prompts])
+    return int((heads == heads[0]).all(dim=0).long().cumprod(dim=0).sum())
 
 
 def _running_positions(rows: list[int], tokens: list[int], generated: list[list[int]], watched: list[bool],

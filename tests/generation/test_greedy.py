@@ -64,8 +64,8 @@ def test_own_loop_with_lora_and_forced_eos(tiny_lora, method):
 
 
 def test_a_batch_prefilled_in_chunks_gives_the_whole_batchs_logits_and_tokens(tiny_mistral_dir, monkeypatch):
-    """Chunks of two rows, each without the columns that are padding in both (float64, the CPU path): the logits
-    and cached keys of the whole batch's prefill, and generate()'s tokens."""
+    """Chunks of two rows (float64, the CPU path): each chunk's shared first tokens run once, then each row's own;
+    the logits and cached keys of every row's tokens are the whole batch's, and the tokens generate()'s."""
     from peft import LoraConfig, get_peft_model
 
     from alpaca_qlora.data.formatting import encode_prompt
@@ -85,21 +85,21 @@ def test_a_batch_prefilled_in_chunks_gives_the_whole_batchs_logits_and_tokens(ti
     order = length_sorted_batches([len(ids) for ids in encoded], len(encoded))[0]
     input_ids, attention_mask = left_pad([encoded[index] for index in order], tokenizer.pad_token_id)
     network = greedy.forward_model(model)
+    capacity = input_ids.shape[1] + 4
     with torch.inference_mode():
-        whole_logits, whole_cache = greedy.prefill(network, input_ids, attention_mask, capacity=input_ids.shape[1] + 4)
+        whole_logits, whole_cache, whole_mask = greedy.prefill(network, input_ids, attention_mask, capacity=capacity)
         monkeypatch.setattr(greedy, "PREFILL_ROWS", 2)
-        chunk_logits, chunk_cache = greedy.prefill(network, input_ids, attention_mask, capacity=input_ids.shape[1] + 4)
-    assert len(chunk_cache.layers[0].keys) == len(prompts)
+        chunk_logits, chunk_cache, chunk_mask = greedy.prefill(network, input_ids, attention_mask, capacity=capacity)
+    assert torch.equal(whole_mask, attention_mask)
+    assert torch.equal(chunk_mask.sum(dim=1), attention_mask.sum(dim=1))  # every row's tokens, no more
+    holes = chunk_mask[:, 1:] < chunk_mask[:, :-1]  # a 1 then a 0: shared tokens, then padding, then its own
+    assert holes.any(dim=1).sum() >= 2
     torch.testing.assert_close(chunk_logits, whole_logits, rtol=0, atol=1e-12)
-    filled = attention_mask.bool()
-    skipped = torch.zeros_like(filled)  # the columns that are padding in both rows of a chunk
-    for start in range(0, len(prompts), 2):
-        skipped[start : start + 2, : int(filled[start : start + 2].any(dim=0).nonzero()[0])] = True
-    assert skipped.any()
     for whole, chunked in zip(whole_cache.layers, chunk_cache.layers, strict=True):
         assert chunked.keys.shape == whole.keys.shape
-        torch.testing.assert_close(chunked.keys.transpose(1, 2)[filled], whole.keys.transpose(1, 2)[filled],
-                                   rtol=0, atol=1e-12)
-        assert not chunked.keys.transpose(1, 2)[skipped].any()  # zero, never computed, and masked
+        for row in range(len(prompts)):
+            torch.testing.assert_close(chunked.keys[row][:, chunk_mask[row].bool()],
+                                       whole.keys[row][:, attention_mask[row].bool()], rtol=0, atol=1e-12)
+        assert chunked.keys.isfinite().all()  # masked positions too: attention weighs them by zero
     assert run(model, tokenizer, "fast", prompts=prompts, batch_size=9) == \
         run(model, tokenizer, "plain", prompts=prompts, batch_size=9)
