@@ -3,6 +3,7 @@ on PYTHONPATH (unless `env` names another), quiet logs, and the output in the fa
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,13 @@ def run(command: list[str], cwd: Path, check: bool = True, **env: str) -> subpro
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:

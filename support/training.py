@@ -93,3 +93,10 @@ def assert_packed_rows_apart(model: torch.nn.Module, rows: list[dict]) -> None:
             alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
             torch.testing.assert_close(packed_logits[start : start + len(alone)], alone, rtol=1e-4, atol=1e-4)
             start += len(alone)
+
+
+def assert_same_adapter(adapter: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """The same adapter weights, by name, to a training step's rounding."""
+    assert adapter.keys() == reference.keys()
+    for name, weight in reference.items():
+        torch.testing.assert_close(adapter[name], weight, rtol=1e-4, atol=1e-5)

@@ -96,4 +96,6 @@ def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tenso
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    # torch keeps a frozen weight tied to another under its second name (Gemma's lm_head, the embeddings): drop it
+    return {name: tensor for name, tensor in get_model_state_dict(model, options=options).items() if name in trainable}

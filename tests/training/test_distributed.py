@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,9 @@ from alpaca_qlora.config import ConfigError
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.training.distributed import accelerate_command
 from support import ROOT
+from support.commands import free_port
 from support.params import embedded_params
+from support.training import assert_same_adapter
 
 
 def test_no_launch_without_distribution_or_inside_a_launched_process(monkeypatch):
@@ -89,12 +90,6 @@ def make_project(path: Path, model_dir: Path) -> Path:
     return path
 
 
-def assert_same_adapter(adapter: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
-    assert adapter.keys() == reference.keys()
-    for name, weight in reference.items():
-        torch.testing.assert_close(adapter[name], weight, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_doubled_accumulation(tmp_path, tiny_mistral_dir):
     project = make_project(tmp_path / "project", tiny_mistral_dir)
@@ -115,8 +110,9 @@ def test_two_gloo_processes_match_one_process_with_doubled_accumulation(tmp_path
 def test_fsdp2_shards_on_two_gloo_processes_and_the_gather_returns_the_adapter(tmp_path, tiny_mistral_dir):
     """The train stage's gather of a sharded adapter (torch.distributed.checkpoint.state_dict), on CPU; the output
     projection, which Liger's cross-entropy reads outside FSDP's gather, stays whole and everything else is sharded."""
-    run([sys.executable, "-m", "support.fsdp_gather", str(tiny_mistral_dir), str(tmp_path), str(free_port())],
+    run([sys.executable, "-m", "support.fsdp_gather", str(tmp_path), str(free_port()), str(tiny_mistral_dir)],
         cwd=ROOT)
+    tmp_path = tmp_path / "0"
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(rank["sharded"] and rank["others_dtensor"] for rank in ranks)
     assert all(rank["whole"] == ["base_model.model.lm_head.weight"] for rank in ranks)
@@ -124,12 +120,6 @@ def test_fsdp2_shards_on_two_gloo_processes_and_the_gather_returns_the_adapter(t
     before = load_file(str(tmp_path / "before.safetensors"))
     assert before and all("lora_" in name for name in before)
     assert_same_adapter(load_file(str(tmp_path / "gathered.safetensors")), before)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def multinode_command(machine_rank: int, port: int, processes: int) -> list[str]:

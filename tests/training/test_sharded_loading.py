@@ -3,7 +3,6 @@ of the 4-bit weights; and the sharded model trains the adapter one process train
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,10 @@ from alpaca_qlora.config import ConfigError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import QuantizationPlan
 from alpaca_qlora.training.sharding import fsdp_training_arguments
+from support.commands import free_port
 from support.params import embedded_params
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_the_fsdp_loader_leaves_every_base_weight_off_the_training_device(tiny_mistral_dir):
