@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,8 +44,9 @@ def worker(rank: int, out_dir: str, port: int, model_dirs: list[str], all_linear
     dist.init_process_group("gloo", rank=rank, world_size=2)
     lora = embedded_params(lora={"target_modules": ["all-linear"]} if all_linear else {}).lora
     for index, model_dir in enumerate(model_dirs):
-        Path(out_dir, str(index)).mkdir(parents=True, exist_ok=True)
-        shard_and_gather(rank, model_dir, Path(out_dir, str(index)), lora)
+        out = Path(out_dir, str(index))
+        out.mkdir(parents=True, exist_ok=True)
+        shard_and_gather(rank, model_dir, out, lora)
     dist.destroy_process_group()
 
 
@@ -82,7 +82,14 @@ def shard_and_gather(rank: int, model_dir: str, out: Path, lora) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
     import torch.multiprocessing as mp
 
-    arguments = [argument for argument in sys.argv[1:] if argument != "--all-linear"]
-    mp.spawn(worker, args=(arguments[0], int(arguments[1]), arguments[2:], "--all-linear" in sys.argv), nprocs=2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("port", type=int)
+    parser.add_argument("model_dirs", nargs="+")
+    parser.add_argument("--all-linear", action="store_true", help="lora.target_modules all-linear (default: seven)")
+    args = parser.parse_args()
+    mp.spawn(worker, args=(args.out_dir, args.port, args.model_dirs, args.all_linear), nprocs=2)

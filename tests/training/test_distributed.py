@@ -112,14 +112,14 @@ def test_fsdp2_shards_on_two_gloo_processes_and_the_gather_returns_the_adapter(t
     projection, which Liger's cross-entropy reads outside FSDP's gather, stays whole and everything else is sharded."""
     run([sys.executable, "-m", "support.fsdp_gather", str(tmp_path), str(free_port()), str(tiny_mistral_dir)],
         cwd=ROOT)
-    tmp_path = tmp_path / "0"
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    out = tmp_path / "0"  # the first (only) model's results
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(rank["sharded"] and rank["others_dtensor"] for rank in ranks)
     assert all(rank["whole"] == ["base_model.model.lm_head.weight"] for rank in ranks)
     assert ranks[1]["gathered"] == 0  # process 0 alone receives the weights
-    before = load_file(str(tmp_path / "before.safetensors"))
+    before = load_file(str(out / "before.safetensors"))
     assert before and all("lora_" in name for name in before)
-    assert_same_adapter(load_file(str(tmp_path / "gathered.safetensors")), before)
+    assert_same_adapter(load_file(str(out / "gathered.safetensors")), before)
 
 
 def multinode_command(machine_rank: int, port: int, processes: int) -> list[str]:
