@@ -30,7 +30,8 @@ log = logging.getLogger("alpaca_qlora")
 TIMING_KEYS = frozenset({"runtime_s", "generation_s", "new_tokens_per_s", "tokens_per_s", "labelled_tokens_per_s",
                          "peak_memory_gib", "peak_memory_kind", "resumed_from_step", "peak_memory_gib_per_process",
                          "load_peak_memory_gib_per_process", "host_peak_memory_gib_per_process"})
-TIMING_PREFIXES = ("memory_plan_",)  # what the memory budget decided on this card
+# what the memory budget decided on this card; what float64 decided for the float32 copy on this CPU
+TIMING_PREFIXES = ("memory_plan_", "near_tie_")
 TIMING_DIR = Path("metrics/timing")
 
 

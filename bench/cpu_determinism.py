@@ -7,9 +7,11 @@
 `prepare` builds what can be carried to the GPU machine (its CPU has AVX512-BF16 and AMX): a random-init 4-layer
 Mistral-shaped model with Mistral's tokenizer (briefly trained, such a model collapses to repeating one token, whose
 answers no kernel could change; a random one has near-tied logits everywhere), a random non-zero LoRA adapter on its
-NF4 quantization, and bundled prompts. `predict` answers them three ways: the pipeline's CPU path
-(alpaca_qlora.models.inference: float64), and the path before it (bitsandbytes' 4-bit layers in fp32) with and without
-bitsandbytes' AVX512-BF16 repack, to show what the float64 path removes.
+NF4 quantization, and bundled prompts. `predict` answers them four ways: the pipeline's CPU reference path
+(alpaca_qlora.models.inference: float64, `plain`), what the evaluate stage runs on CPU (our loop decoding with a float32
+copy while float64 decides the near ties: generation/near_ties.py; it must give the float64 answers), and the path
+before float64 (bitsandbytes' 4-bit layers in fp32) with and without bitsandbytes' AVX512-BF16 repack, to show what
+the float64 path removes.
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ def environment() -> dict:
 
 
 def predict(work: Path, out: Path) -> None:
-    from alpaca_qlora.models.inference import load_for_inference
+    from alpaca_qlora.models.inference import load_for_inference, with_float32_copy
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -137,21 +139,26 @@ def predict(work: Path, out: Path) -> None:
         "predictions": {}}
     for which in ("base", "finetuned"):
         adapter = work / "adapter" if which == "finetuned" else None
-        for path in ("float64", "fp32-4bit-no-repack", "fp32-4bit-bnb-default"):
+        for path in ("float64", "float32-decodes-float64-decides", "fp32-4bit-no-repack", "fp32-4bit-bnb-default"):
+            method, copied = "plain", None
             if path == "float64":
                 loaded = load_for_inference("base", "nf4", adapter_dir=adapter, device="cpu")
                 model, tokenizer = loaded.model, loaded.tokenizer
                 summary.setdefault("numeric_path", loaded.numeric_path)
                 summary.setdefault("float64_weights_sha256", {})[which] = _float64_weights_sha256(model)
+            elif path.startswith("float32"):  # what the evaluate stage runs on CPU (auto: fast + the float32 copy)
+                method, copied = "fast", with_float32_copy(loaded).float32_copy
             else:
                 model, tokenizer = _legacy_load(work / "base", adapter, repack=path.endswith("default"))
-            generations, _ = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=16,
-                                      stop_markers=TEMPLATE.stop_markers, progress=False)
+            generations, stats = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=16,
+                                          stop_markers=TEMPLATE.stop_markers, progress=False, method=method,
+                                          float32_copy=copied)
             name = f"{which}.{path}"
             rows = [{"id": row["id"], "raw": g.raw, "stopped_by_eos": g.stopped_by_eos, "new_tokens": g.new_tokens}
                     for row, g in zip(prompts_rows, generations, strict=True)]
             text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
-            summary["predictions"][name] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": rows}
+            summary["predictions"][name] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": rows,
+                                            **{key: value for key, value in stats.items() if key.startswith("near_tie")}}
             log.info("%s: %s", name, summary["predictions"][name]["sha256"][:16])
     io.write_json(out / "summary.json", summary)
 
@@ -178,7 +185,13 @@ def compare(folders: list[Path], result: Path) -> None:
         "what": "greedy answers of one model + adapter on several CPUs, CUDA hidden (bench/cpu_determinism.py)",
         "max_new_tokens": MAX_NEW_TOKENS, "inputs": reference["inputs"], "numeric_path": reference["numeric_path"],
         "runs": {name: {"environment": run["environment"], "float64_weights_sha256": run["float64_weights_sha256"],
-                        "predictions_sha256": {key: value["sha256"] for key, value in run["predictions"].items()}}
+                        "predictions_sha256": {key: value["sha256"] for key, value in run["predictions"].items()},
+                        "float32_decodes_give_float64_answers": {
+                            which: run["predictions"][f"{which}.float32-decodes-float64-decides"]["sha256"]
+                            == run["predictions"][f"{which}.float64"]["sha256"] for which in ("base", "finetuned")},
+                        "near_ties": {key: {k: v for k, v in value.items() if k.startswith("near_tie")}
+                                      for key, value in run["predictions"].items() if key.startswith(("base.float32",
+                                                                                                      "finetuned.float32"))}}
                  for name, run in runs.items()},
         "comparisons": comparisons})
 

@@ -21,7 +21,7 @@ from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.evaluation.metrics import aggregate
 from alpaca_qlora.evaluation.scoring import score_generations
 from alpaca_qlora.generation import Generation, generate, prepare_for_generation, resolve_generation_method
-from alpaca_qlora.models.inference import LoadedModel, load_for_inference
+from alpaca_qlora.models.inference import LoadedModel, load_for_inference, with_float32_copy
 from alpaca_qlora.models.numerics import base_weights_fingerprint, describe_cuda_path
 from alpaca_qlora.stage import read_input_rows, run_stage, split_timing, timing_path
 from alpaca_qlora.stage_params import StageParams, stage_params
@@ -42,7 +42,7 @@ def load_for_eval(which: str, params: StageParams, generation: str) -> tuple[Loa
     weights = prepare_for_generation(loaded.model, requested=generation, method=method, device=loaded.device,
                                      quantized=loaded.plan.quantized, dequantized_on_load=bool(loaded.numeric_path),
                                      merge=params.eval.merge_bf16, fold=params.eval.fold_lora)
-    return loaded, method, weights
+    return (with_float32_copy(loaded) if method == "fast" else loaded), method, weights
 
 
 def generation_limit(rows: list[dict[str, Any]], loaded: LoadedModel, params: StageParams) -> dict[str, Any]:
@@ -65,7 +65,8 @@ def answer(rows: list[dict[str, Any]], loaded: LoadedModel, params: StageParams,
     bench compares another)."""
     return generate(loaded.model, loaded.tokenizer, [row["prompt"] for row in rows], max_new_tokens=max_new_tokens,
                     batch_size=batch_size or params.eval.batch_size,
-                    stop_markers=get_template(params.data.template).stop_markers, method=method, progress=progress)
+                    stop_markers=get_template(params.data.template).stop_markers, method=method, progress=progress,
+                    float32_copy=loaded.float32_copy)
 
 
 def read_eval_rows() -> list[dict[str, Any]]:

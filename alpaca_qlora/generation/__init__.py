@@ -33,6 +33,7 @@ from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation.batching import left_pad, length_sorted_batches, split_generated
 from alpaca_qlora.generation.graphed import graphed_generate
 from alpaca_qlora.generation.greedy import forward_model, greedy_generate, greedy_loop_blockers
+from alpaca_qlora.generation.near_ties import Float32TooCoarse, NearTieCheck
 from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
 from alpaca_qlora.generation.weights import (
@@ -108,6 +109,18 @@ def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attenti
     return output[:, input_ids.shape[1] :].tolist()
 
 
+def _run_own_loop(own_loop: Any, model: Any, float32_copy: Any, tie_check: NearTieCheck | None,
+                  input_ids: torch.Tensor, attention_mask: torch.Tensor, **settings: Any) -> tuple[list[list[int]], Any]:
+    """Our loop on the float32 copy, float64 deciding the near ties, where there is a copy; else on `model`. A
+    copy found too coarse is dropped (None comes back) and the batch is answered again in float64."""
+    if float32_copy is not None:
+        try:
+            return own_loop(float32_copy, input_ids, attention_mask, tie_check=tie_check, **settings), float32_copy
+        except Float32TooCoarse as error:
+            log.warning("%s: answering in float64 alone from here", error)
+    return own_loop(model, input_ids, attention_mask, **settings), None
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -120,12 +133,15 @@ def generate(
     progress: bool = True,
     method: str = "plain",
     recorder: Recorder = NO_RECORDING,
+    float32_copy: Any = None,
 ) -> tuple[list[Generation], dict[str, Any]]:
     """Greedy answers in the prompts' order, and throughput figures for the whole run.
 
     `method`: plain (model.generate), fast (greedy_generate, dropping finished rows), graphed (graphed_generate:
     static cache, CUDA graph) or auto (see resolve_generation_method). All decode greedily with the same stops.
-    `recorder` is told where each batch's decoding phases end (our own loops; `plain` is transformers')."""
+    `recorder` is told where each batch's decoding phases end (our own loops; `plain` is transformers').
+    `float32_copy` (CPU, a float64 `model`: models/numerics.float32_copy) decodes for `fast`, with the float64
+    model deciding the near ties (near_ties.py), until its error on this machine is found too large."""
     device = next(model.parameters()).device
     method = resolve_generation_method(method, device, model)
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
@@ -134,17 +150,19 @@ def generate(
     batches = length_sorted_batches([len(ids) for ids in encoded], batch_size)
     marker_check = MarkerCheck(tokenizer, stop_markers) if method != "plain" else None
     own_loop = {"fast": greedy_generate, "graphed": graphed_generate}.get(method)
+    float32_copy = float32_copy if method == "fast" else None
+    tie_check = NearTieCheck(forward_model(model)) if float32_copy is not None else None
     model.eval()
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         input_ids, attention_mask = left_pad([encoded[index] for index in batch], tokenizer.pad_token_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        if own_loop is not None:
-            rows_new_ids = own_loop(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                    eos_token_id=tokenizer.eos_token_id, marker_check=marker_check,
-                                    recorder=recorder)
-        else:
+        if own_loop is None:
             rows_new_ids = _plain_generate(model, tokenizer, input_ids, attention_mask,
                                            max_new_tokens=max_new_tokens, stop_markers=stop_markers)
+        else:
+            rows_new_ids, float32_copy = _run_own_loop(
+                own_loop, model, float32_copy, tie_check, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id, marker_check=marker_check, recorder=recorder)
         for row, index in enumerate(batch):
             new_ids, stopped = split_generated(rows_new_ids[row], tokenizer.eos_token_id, tokenizer.pad_token_id)
             new_token_total += len(new_ids) + int(stopped)
@@ -152,5 +170,6 @@ def generate(
             results[index] = Generation(raw=raw, stopped_by_eos=stopped, new_tokens=len(new_ids))
     elapsed = time.perf_counter() - started
     stats = {"generation": method, "generation_s": round(elapsed, 2), "new_tokens": new_token_total,
-             "new_tokens_per_s": round(new_token_total / max(elapsed, 1e-9), 2)}
+             "new_tokens_per_s": round(new_token_total / max(elapsed, 1e-9), 2),
+             **(tie_check.stats() if tie_check is not None else {})}
     return [result for result in results if result is not None], stats

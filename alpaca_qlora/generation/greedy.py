@@ -9,7 +9,7 @@ settings under which no own loop can match generate() (logits processors it woul
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from alpaca_qlora.generation.batching import left_pad
 from alpaca_qlora.generation.kv_cache import is_preallocated, preallocated_cache, stacked_cache
 from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck
+
+if TYPE_CHECKING:
+    from alpaca_qlora.generation.near_ties import NearTieCheck
 
 # The prefill runs on chunks of this many rows, each cut to its own longest prompt: a batch sorted by length then
 # pays almost no padding in its prefill, however many rows decode together afterwards.
@@ -85,17 +88,20 @@ def greedy_generate(
     eos_token_id: int,
     marker_check: MarkerCheck | None = None,
     recorder: Recorder = NO_RECORDING,
+    tie_check: NearTieCheck | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a left-padded batch, dropping finished rows from the batch and the KV cache.
 
     Returns each row's new ids, ending with EOS when EOS stopped it. Calls the model as transformers 5's greedy
     `generate()` does (its DynamicCache's keys and values, here written in place: kv_cache.py; position ids from
     the mask, mask dropped when there is no padding, logits of the last position only, argmax of fp32 logits), so
-    rows get the tokens `generate()` gives them.
+    rows get the tokens `generate()` gives them. With `tie_check`, `model` is a float32 copy of the check's float64
+    model, which decides the near ties (near_ties.py).
     """
     recorder.begin()
     network = forward_model(model)
     device = input_ids.device
+    prompts = [input_ids[row][attention_mask[row].bool()].tolist() for row in range(input_ids.shape[0])]
     logits, cache, attention_mask = prefill(network, input_ids, attention_mask,
                                             capacity=input_ids.shape[1] + max_new_tokens)
     position_ids, mask = prefill_inputs(attention_mask)
@@ -107,6 +113,10 @@ def greedy_generate(
     step_positions = position_ids
     for step in range(max_new_tokens):
         next_tokens = greedy_tokens(logits)
+        if tie_check is not None:
+            next_tokens = tie_check.decide(
+                logits, next_tokens, lambda position: prompts[rows[position]] + generated[rows[position]],
+                [position for position, row in enumerate(rows) if not finished[row]], sampled=[0] if step == 0 else [])
         tokens = next_tokens.tolist()
         if step == 0:
             recorder.mark("prefill")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 from alpaca_qlora.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ORIGIN
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model, load_tokenizer, resolve_model_source
-from alpaca_qlora.models.numerics import to_cpu_float64
+from alpaca_qlora.models.numerics import FLOAT32_DECODING, float32_copy, to_cpu_float64
 from alpaca_qlora.models.quantization import QuantizationPlan, plan_quantization
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class LoadedModel:
     device: str
     source: str
     numeric_path: dict[str, Any] = field(default_factory=dict)  # CPU: how it was made CPU-independent
+    float32_copy: Any = None  # CPU, the fast loop: decodes, with `model` deciding near ties (with_float32_copy)
 
 
 def default_device() -> str:
@@ -101,3 +102,14 @@ def load_for_inference(model_name: str, quantization: str, adapter_dir: Path | N
     numeric_path = to_cpu_float64(model, quantized=plan.quantized) if torch.device(device).type == "cpu" else {}
     return LoadedModel(model=model, tokenizer=tokenizer, plan=plan, device=device, source=source,
                        numeric_path=numeric_path)
+
+
+def with_float32_copy(loaded: LoadedModel) -> LoadedModel:
+    """`loaded` with a float32 copy of its float64 model for the fast loop to decode with (CPU; models/numerics.py).
+    Make it once the weights are final (after prepare_for_generation), as the copy does not follow later changes."""
+    if not loaded.numeric_path:
+        return loaded
+    copied = float32_copy(loaded.model)
+    if copied is None:
+        return loaded
+    return replace(loaded, float32_copy=copied, numeric_path={**loaded.numeric_path, "decoding": FLOAT32_DECODING})

@@ -17,6 +17,7 @@ CUDA keeps its bf16 path (the compute dtype of the quantization plan); this modu
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from alpaca_qlora.generation import dequantize_for_generation
+from alpaca_qlora.generation.near_ties import NEAR_TIE_MARGIN
 from alpaca_qlora.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,26 @@ def to_cpu_float64(model: torch.nn.Module, *, quantized: bool) -> dict[str, Any]
         "rotary": "cos/sin in fp32 as transformers computes them, then float64",
         "greedy_pick": "argmax of the logits cast to fp32 (as generate() does)",
     }
+
+
+def float32_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The float64 model's copy in float32, for the fast loop to decode with while float64 decides the near ties
+    (generation/near_ties.py). Exact: every float64 weight here was widened from float32 (NF4 dequantized once, fp32
+    adapters), so narrowing it back loses nothing. None where float32 matmuls may run in a narrower type (a
+    `torch.set_float32_matmul_precision` other than highest lets oneDNN use bf16 or TF32), which would break the
+    error bound the margin rests on."""
+    precisions = {torch.get_float32_matmul_precision(),
+                  getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")}
+    if not precisions <= {"highest", "none", "ieee"}:
+        log.warning("float32 matmul precision %s: decoding in float64 alone", sorted(precisions))
+        return None
+    copied = copy.deepcopy(model)
+    torch.nn.Module.to(copied, torch.float32)
+    return copied.eval()
+
+
+FLOAT32_DECODING = (f"a float32 copy of the weights decodes; where its two best logits are under {NEAR_TIE_MARGIN} "
+                    "apart, the row's sequence runs through the float64 model, whose argmax decides")
 
 
 def describe_cuda_path(plan_compute_dtype: torch.dtype, weights: str) -> dict[str, Any]:

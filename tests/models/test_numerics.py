@@ -148,14 +148,14 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "
 ANSWER_SCRIPT = """
 import json, sys
 from alpaca_qlora.generation import generate
-from alpaca_qlora.models.inference import load_for_inference
+from alpaca_qlora.models.inference import load_for_inference, with_float32_copy
 import torch
-loaded = load_for_inference(sys.argv[1], "nf4", device="cpu")
+loaded = with_float32_copy(load_for_inference(sys.argv[1], "nf4", device="cpu"))
 prompts = json.loads(sys.argv[2])
 answers = {}
-for method in ("plain", "auto"):  # auto: what the evaluate stage runs on CPU
+for method in ("plain", "auto"):  # auto: what the evaluate stage runs on CPU (float32 copy, float64 near ties)
     generations, _ = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=40, batch_size=8,
-                              stop_markers=[], progress=False, method=method)
+                              stop_markers=[], progress=False, method=method, float32_copy=loaded.float32_copy)
     answers[method] = [[g.raw, g.new_tokens] for g in generations]
 print(json.dumps(answers) + "\\n" + torch.backends.cpu.get_cpu_capability())
 """
