@@ -112,3 +112,26 @@ def test_4bit_bases_are_not_grouped(tiny_mistral_dir):
     bnb_default_path(model)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=SEVEN, task_type="CAUSAL_LM"))
     assert group_lora_for_generation(model) == 0
+
+
+@pytest.mark.parametrize(("family", "groups_per_layer"), [("Qwen2", 2), ("Phi3", 0)])
+def test_biases_are_stacked_and_fused_projections_skipped(family, groups_per_layer):
+    """Qwen2's q/k/v carry biases, stacked with the weights; Phi-3's qkv_proj and gate_up_proj are one layer each
+    already: nothing to group, and the model is left as it was."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).to(torch.float64).eval()
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert group_lora_for_generation(model) == groups_per_layer * 2
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-12, atol=1e-12)
+    if groups_per_layer:
+        group = model.get_base_model().model.layers[0].self_attn.q_proj.group
+        assert group.applies() and group.base_layer.bias.shape == (64 + 2 * 32,)
