@@ -18,10 +18,13 @@ same model object:
 - fast:                the base dequantized once (dequantize_for_generation) + own greedy loop dropping finished
                        rows (method="fast");
 - graphed_dequantized: the dequantized base with method="graphed", PEFT's LoRA;
+- graphed_grouped:     graphed_dequantized with LoRA grouped by input (group_lora_for_generation): PEFT's arithmetic
+                       once for q/k/v and once for gate/up;
 - auto:                what the evaluate stage runs by default (prepare_for_generation with eval.generation auto: on
                        a large card graphed on the dequantized base); `eval_speedup` is this variant's when
                        measured, else graphed_dequantized's, else graphed's;
 - auto_folded:         auto with eval.fold_lora true: LoRA folded beside the weights in bf16 (explicit option);
+- auto_grouped:        auto with LoRA grouped by input (prepare_for_generation(group=True); not a stage option yet);
 - merged_bf16:         LoRA merged into the dequantized weights, method="graphed" (explicit option: changes
                        precision).
 Each reports new tokens/s, wall time, peak GPU memory, how many rows differ from plain (for merged_bf16 that
@@ -52,10 +55,12 @@ from alpaca_qlora.generation import (
     dequantize_for_generation,
     fold_lora_for_generation,
     generate,
+    group_lora_for_generation,
     merge_lora_for_generation,
     prepare_for_generation,
     resolve_generation_method,
 )
+from alpaca_qlora.generation.lora_groups import GroupedLoraMember
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.stage import configure_logging
@@ -66,12 +71,14 @@ from bench.train_bench import add_profile_argument, profile_lora, use_profile
 
 log = logging.getLogger("eval_bench")
 # variant: (generation method, base weights, LoRA); the weights change in place, only forward: 4-bit -> dequantized,
-# PEFT LoRA -> folded or merged. auto and auto_folded are the evaluate stage's own preparation
-# (generation.prepare_for_generation), with eval.fold_lora false and true.
+# PEFT LoRA -> folded, grouped or merged. auto, auto_folded and auto_grouped are the evaluate stage's own preparation
+# (generation.prepare_for_generation), with eval.fold_lora false and true, and with grouping.
 VARIANTS = {"plain": ("plain", "nf4", "peft"), "graphed": ("graphed", "nf4", "peft"),
             "graphed_folded": ("graphed", "nf4", "folded"), "fast": ("fast", "dequantized", "peft"),
-            "graphed_dequantized": ("graphed", "dequantized", "peft"), "auto": ("auto", None, None),
-            "auto_folded": ("auto", None, "folded"), "merged_bf16": ("graphed", "dequantized", "merged")}
+            "graphed_dequantized": ("graphed", "dequantized", "peft"),
+            "graphed_grouped": ("graphed", "dequantized", "grouped"), "auto": ("auto", None, None),
+            "auto_folded": ("auto", None, "folded"), "auto_grouped": ("auto", None, "grouped"),
+            "merged_bf16": ("graphed", "dequantized", "merged")}
 SMALL_CARD_GIB = 11.0  # what a 12 GB card leaves for one process
 
 INSTRUCTIONS = [
@@ -192,18 +199,20 @@ def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, bat
 def prepare(model: Any, variant: str, state: dict[str, str], device: str, *,
             dequantized_on_load: bool = False) -> str | None:
     """Bring the weights to what `variant` runs on, or refuse where an earlier variant's in-place change is past it;
-    for auto and auto_folded, the weights as the evaluate stage names them. `dequantized_on_load`: the CPU
+    for auto, auto_folded and auto_grouped, the weights as the evaluate stage names them. `dequantized_on_load`: the CPU
     loader's float64 path (load_for_inference), which left no 4-bit layers."""
     method, weights, lora = VARIANTS[variant]
     if method == "auto":
         resolved = resolve_generation_method("auto", device, model)
-        if state["lora"] == "merged" or (state["lora"] == "folded" and lora is None):
+        if state["lora"] not in ("peft", lora):
             raise RuntimeError(f"{variant} must run before LoRA is {state['lora']} (in place)")
         described = prepare_for_generation(model, requested="auto", method=resolved, device=device, quantized=True,
                                            dequantized_on_load=dequantized_on_load, merge=False,
-                                           fold=lora == "folded")
+                                           fold=lora == "folded", group=lora == "grouped")
         state["weights"] = "dequantized" if "dequantized" in described else state["weights"]
         state["lora"] = "folded" if "+lora" in described else state["lora"]  # or folded by graphed_folded before
+        if any(isinstance(module, GroupedLoraMember) for module in model.modules()):  # the name does not say
+            state["lora"] = "grouped"
         return described
     if state["weights"] == "dequantized" and weights == "nf4":
         raise RuntimeError(f"{variant} must run before the dequantized variants (dequantization is in place)")
@@ -216,6 +225,8 @@ def prepare(model: Any, variant: str, state: dict[str, str], device: str, *,
         state["weights"] = "dequantized"
     if lora == "folded" and state["lora"] == "peft":
         fold_lora_for_generation(model)
+    if lora == "grouped" and state["lora"] == "peft":
+        group_lora_for_generation(model)
     if lora == "merged" and state["lora"] == "peft":
         merge_lora_for_generation(model)
     state["lora"] = lora
@@ -309,8 +320,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--variants", default="plain,graphed,graphed_dequantized,auto",
                         help=f"from {', '.join(VARIANTS)}, in that order; dequantizing, folding and merging are "
-                             "in place, so graphed_folded excludes the PEFT-LoRA variants after it, and merged_bf16 "
-                             "the folded ones")
+                             "in place, so graphed_folded and graphed_grouped exclude the PEFT-LoRA variants after "
+                             "them, and merged_bf16 the folded and grouped ones")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=0,

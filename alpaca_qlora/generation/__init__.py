@@ -33,6 +33,7 @@ from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.generation.batching import left_pad, length_sorted_batches, split_generated
 from alpaca_qlora.generation.graphed import graphed_generate
 from alpaca_qlora.generation.greedy import forward_model, greedy_generate, greedy_loop_blockers
+from alpaca_qlora.generation.lora_groups import group_lora_for_generation
 from alpaca_qlora.generation.near_ties import Float32TooCoarse, NearTieCheck
 from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck, StopOnMarker
@@ -45,8 +46,8 @@ from alpaca_qlora.generation.weights import (
 )
 
 __all__ = ["GENERATION_CHOICES", "GENERATION_METHODS", "Generation", "Recorder", "dequantize_for_generation",
-           "describe_weights", "fold_lora_for_generation", "generate", "merge_lora_for_generation",
-           "prepare_for_generation", "resolve_generation_method"]
+           "describe_weights", "fold_lora_for_generation", "generate", "group_lora_for_generation",
+           "merge_lora_for_generation", "prepare_for_generation", "resolve_generation_method"]
 
 log = logging.getLogger(__name__)
 

@@ -141,9 +141,9 @@ class FoldedLoraLinear(torch.nn.Module):
         return torch.addmm(flat, hidden.reshape(-1, hidden.shape[-1]), self.lora_up.t()).view(result.shape)
 
 
-def _lora_layers(model: Any) -> list[tuple[Any, str, Any, list[str]]]:
+def active_lora_layers(model: Any) -> list[tuple[Any, str, Any, list[str]]]:
     """(parent, attribute, layer, active adapters) for every PEFT LoRA layer whose adapters PEFT would apply (not
-    disabled, not already merged), refusing the kinds folding and merging cannot take."""
+    disabled, not already merged), whatever their kind."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -153,16 +153,28 @@ def _lora_layers(model: Any) -> list[tuple[Any, str, Any, list[str]]]:
         for name, child in list(module.named_children()):
             if not isinstance(child, LoraLayer) or child.disable_adapters or child.merged:
                 continue
-            adapters = [adapter for adapter in child.active_adapters if adapter in child.lora_A]
-            for adapter in adapters:
-                if (getattr(child, "use_dora", {}).get(adapter) or adapter in getattr(child, "lora_variant", {})
-                        or getattr(child, "lora_bias", {}).get(adapter)):
-                    raise PipelineError("folding or merging LoRA for generation supports plain LoRA only (not DoRA, "
-                                        "variants or lora_bias): set eval.fold_lora and eval.merge_bf16 to false.")
-            if not isinstance(child.get_base_layer(), torch.nn.Linear):
-                raise PipelineError(f"cannot fold or merge LoRA into a {type(child.get_base_layer()).__name__} "
-                                    f"({name}): use eval.generation 'plain'.")
-            found.append((module, name, child, adapters))
+            found.append((module, name, child, [adapter for adapter in child.active_adapters
+                                                if adapter in child.lora_A]))
+    return found
+
+
+def is_plain_lora(layer: Any, adapters: list[str]) -> bool:
+    """Whether every one of `adapters` is plain LoRA, B A x times the scaling: not DoRA, another variant, or
+    lora_bias, whose arithmetic folding, merging and grouping do not reproduce."""
+    return not any(getattr(layer, "use_dora", {}).get(adapter) or adapter in getattr(layer, "lora_variant", {})
+                   or getattr(layer, "lora_bias", {}).get(adapter) for adapter in adapters)
+
+
+def _lora_layers(model: Any) -> list[tuple[Any, str, Any, list[str]]]:
+    """active_lora_layers, refusing the kinds folding and merging cannot take."""
+    found = active_lora_layers(model)
+    for _, name, child, adapters in found:
+        if not is_plain_lora(child, adapters):
+            raise PipelineError("folding or merging LoRA for generation supports plain LoRA only (not DoRA, "
+                                "variants or lora_bias): set eval.fold_lora and eval.merge_bf16 to false.")
+        if not isinstance(child.get_base_layer(), torch.nn.Linear):
+            raise PipelineError(f"cannot fold or merge LoRA into a {type(child.get_base_layer()).__name__} "
+                                f"({name}): use eval.generation 'plain'.")
     return found
 
 
@@ -198,14 +210,15 @@ def describe_weights(model: Any, *, quantized: bool, dequantized: bool, merged: 
 
 
 def prepare_for_generation(model: Any, *, requested: str, method: str, device: str, quantized: bool,
-                           dequantized_on_load: bool, merge: bool, fold: bool) -> str:
+                           dequantized_on_load: bool, merge: bool, fold: bool, group: bool = False) -> str:
     """Put the weights in the form `method` runs fastest on with the agreement shown, and name them.
 
     On CPU the loader already dequantized the 4-bit base to float64 (`dequantized_on_load`). On CUDA the base is
     dequantized once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for the fast loop, for auto
     where the bf16 weights fit, and always before merging LoRA. Merging and folding change LoRA's precision, so
     both are explicit (`merge`, `fold`). An explicit graphed keeps bnb's own
-    4-bit layers."""
+    4-bit layers. `group` runs PEFT's LoRA arithmetic once per group of projections reading one input
+    (lora_groups.py), on dequantized bases only: an option until measured on the GPU."""
     on_cuda = torch.device(device).type == "cuda"
     auto_graphed = on_cuda and requested == "auto" and method == "graphed"
     fast_weights = on_cuda and (method == "fast" or (auto_graphed and dequantized_fits(model)))
@@ -214,4 +227,8 @@ def prepare_for_generation(model: Any, *, requested: str, method: str, device: s
         dequantize_for_generation(model)
     merged = merge and merge_lora_for_generation(model) > 0  # the base model has no adapter to merge
     folded = fold and not merged and fold_lora_for_generation(model) > 0
+    if group and not merged and not folded:
+        from alpaca_qlora.generation.lora_groups import group_lora_for_generation  # it imports this module
+
+        group_lora_for_generation(model)
     return describe_weights(model, quantized=quantized, dequantized=dequantized, merged=merged, folded=folded)

@@ -1,0 +1,137 @@
+"""LoRA grouped by input for generation: PEFT's arithmetic run once for q/k/v and once for gate/up."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alpaca_qlora.generation import group_lora_for_generation, prepare_for_generation
+from alpaca_qlora.generation.lora_groups import GroupedLoraMember
+from alpaca_qlora.models.loading import load_model, load_tokenizer
+from alpaca_qlora.models.numerics import to_cpu_float64
+from alpaca_qlora.models.quantization import plan_quantization
+from support.generation import bnb_default_path, run
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = torch.tensor([[1, 415, 2936, 9060, 285, 1142], [1, 1014, 349, 264, 1369, 28723]])
+
+
+def lora_model(model_dir, quantization: str, targets: list[str], **lora: object):
+    """The tiny Mistral with a random (non-zero) LoRA on `targets`, on CPU's float64 generation path: from NF4 the
+    4-bit bases are dequantized (PEFT's 4-bit LoRA class stays), unquantized bases are PEFT's lora.Linear."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(model_dir), plan_quantization(quantization, "cpu"), device="cpu")
+    bnb_default_path(model)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=targets, init_lora_weights=False,
+                        task_type="CAUSAL_LM", **lora)
+    model = get_peft_model(model, config)
+    to_cpu_float64(model, quantized=quantization == "nf4")
+    return model, load_tokenizer(str(model_dir), padding_side="left")
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_grouped_lora_gives_peft_logits_and_greedy_tokens(tiny_mistral_dir, quantization):
+    model, tokenizer = lora_model(tiny_mistral_dir, quantization, SEVEN)
+    before = logits(model)
+    plain = run(model, tokenizer, "plain", markers=(), max_new_tokens=12)
+    assert run(model, tokenizer, "fast", markers=(), max_new_tokens=12) == plain
+    layers = model.config.num_hidden_layers
+    assert group_lora_for_generation(model) == 2 * layers
+    members = [module for module in model.modules() if isinstance(module, GroupedLoraMember)]
+    assert len(members) == 5 * layers and sum(member.index == 0 for member in members) == 2 * layers
+    for member in members:  # the members' weights are views of the stacked ones, stored once
+        stacked = member.group.base_layer.weight.untyped_storage().data_ptr()
+        assert member.lora_layer.get_base_layer().weight.untyped_storage().data_ptr() == stacked
+    assert all(member.group.applies() for member in members)  # eval mode, as the model was: grouped forward
+    after = logits(model)
+    # not bitwise: the wider GEMMs may sum each output's products in another order (float64: ~1e-16 relative)
+    torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
+    with model.disable_adapter():
+        assert (logits(model) - before).abs().max() > 1e-3  # the adapter matters
+    for method in ("plain", "fast", "graphed"):
+        assert run(model, tokenizer, method, markers=(), max_new_tokens=12) == plain
+
+
+def test_member_called_with_another_input_computes_its_own(tiny_mistral_dir):
+    model, _ = lora_model(tiny_mistral_dir, "none", SEVEN)
+    group_lora_for_generation(model)
+    attention = model.get_base_model().model.layers[0].self_attn
+    q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+    torch.manual_seed(1)
+    first, second = torch.randn(2, 3, 64, dtype=torch.float64), torch.randn(2, 3, 64, dtype=torch.float64)
+    with torch.no_grad():
+        own = {(name, id(x)): member.lora_layer(x) for name, member in (("q", q), ("k", k), ("v", v))
+               for x in (first, second)}
+        query = q(first)
+        keys = k(first)  # the same tensor object: the group's slice, in the storage of q's output
+        assert keys.untyped_storage().data_ptr() == query.untyped_storage().data_ptr()
+        torch.testing.assert_close(keys, own["k", id(first)], rtol=1e-12, atol=1e-12)
+        q(first)
+        other = k(second)  # another input: its own output, not the slice for `first`
+        assert other.untyped_storage().data_ptr() != query.untyped_storage().data_ptr()
+        torch.testing.assert_close(other, own["k", id(second)], rtol=1e-12, atol=1e-12)
+        values = v(first)  # the group forgot `first` at the mismatch: computed on its own, still right
+        torch.testing.assert_close(values, own["v", id(first)], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v(second), own["v", id(second)], rtol=1e-12, atol=1e-12)  # before any q call
+        with model.disable_adapter():  # PEFT's own switch still reaches the grouped layers
+            assert torch.equal(q(first), q.lora_layer.get_base_layer()(first))
+
+
+def test_groups_that_do_not_qualify_stay_as_peft_has_them(tiny_mistral_dir):
+    from peft.tuners.lora import LoraLayer
+
+    model, _ = lora_model(tiny_mistral_dir, "none", ["q_proj", "v_proj", "gate_proj", "up_proj"])
+    before = logits(model)
+    common = {"requested": "fast", "method": "fast", "device": "cpu", "quantized": False,
+              "dequantized_on_load": False, "merge": False, "fold": False}
+    prepare_for_generation(model, **common)
+    assert not any(isinstance(module, GroupedLoraMember) for module in model.modules())  # only when asked
+    prepare_for_generation(model, group=True, **common)  # q and v without k: no group; gate and up: one per layer
+    attention = model.get_base_model().model.layers[0].self_attn
+    assert isinstance(attention.q_proj, LoraLayer) and isinstance(attention.v_proj, LoraLayer)
+    assert sum(isinstance(module, GroupedLoraMember) for module in model.modules()) == 2 * 2
+    torch.testing.assert_close(logits(model), before, rtol=1e-12, atol=1e-12)
+
+    dora, _ = lora_model(tiny_mistral_dir, "none", SEVEN, use_dora=True)
+    assert group_lora_for_generation(dora) == 0
+    mixed, _ = lora_model(tiny_mistral_dir, "none", SEVEN)
+    mixed.base_model.model.model.layers[0].self_attn.k_proj.scaling["default"] = 3.0
+    assert group_lora_for_generation(mixed) == 2 * 2 - 1
+
+
+def test_4bit_bases_are_not_grouped(tiny_mistral_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(tiny_mistral_dir), plan_quantization("nf4", "cpu"), device="cpu")
+    bnb_default_path(model)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=SEVEN, task_type="CAUSAL_LM"))
+    assert group_lora_for_generation(model) == 0
+
+
+@pytest.mark.parametrize(("family", "groups_per_layer"), [("Qwen2", 2), ("Phi3", 0)])
+def test_biases_are_stacked_and_fused_projections_skipped(family, groups_per_layer):
+    """Qwen2's q/k/v carry biases, stacked with the weights; Phi-3's qkv_proj and gate_up_proj are one layer each
+    already: nothing to group, and the model is left as it was."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).to(torch.float64).eval()
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert group_lora_for_generation(model) == groups_per_layer * 2
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-12, atol=1e-12)
+    if groups_per_layer:
+        group = model.get_base_model().model.layers[0].self_attn.q_proj.group
+        assert group.applies() and group.base_layer.bias.shape == (64 + 2 * 32,)
