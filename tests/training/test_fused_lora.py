@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import QuantizationPlan, probe_4bit
-from alpaca_qlora.training.fused_lora import fuse_lora_layers
+from alpaca_qlora.training.fused_lora import FusedLoraLinear, fuse_lora_layers
 from alpaca_qlora.training.model import attach_lora
 from support.params import embedded_params
 
@@ -20,14 +20,15 @@ BASES = ["unquantized", pytest.param("nf4", marks=pytest.mark.skipif(
     not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU"))]
 
 
-def lora_model(model_dir, base: str, *, dtype=torch.float32, checkpointing: bool = False, dropout: float = 0.0):
+def lora_model(model_dir, base: str, *, dtype=torch.float32, checkpointing: str = "off", dropout: float = 0.0):
     """The tiny Mistral with LoRA on the seven projections, the same on every call; lora_B random, since PEFT starts it
-    at zero, where the adapter's term and lora_A's gradient vanish and a wrong one would go unseen."""
+    at zero, where the adapter's term and lora_A's gradient vanish and a wrong one would go unseen. `checkpointing`:
+    off, on, or offload (checkpoints in host memory, the layers run under no_grad first: the Mistral profile's)."""
     plan = QuantizationPlan(quantized=base == "nf4", reason="test", compute_dtype=dtype)
     lora = embedded_params(lora={"r": 8, "alpha": 16, "dropout": dropout, "target_modules": PROJECTIONS}).lora
     torch.manual_seed(0)
     model = attach_lora(load_model(str(model_dir), plan, device="cpu"), lora, quantized=plan.quantized,
-                        gradient_checkpointing=checkpointing)
+                        gradient_checkpointing=checkpointing != "off", checkpoint_offload=checkpointing == "offload")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -40,32 +41,34 @@ def batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def training_loss(model, *, fused: bool, autocast_dtype=None) -> torch.Tensor:
-    """The batch's loss, through the fused function in every adapted layer or in none, as `fused` says."""
+def training_loss(model, autocast_dtype=None) -> torch.Tensor:
     with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = model(**batch()).loss
-    assert fused_nodes(loss) == (ADAPTED_LAYERS if fused else 0)
-    return loss
+        return model(**batch()).loss
+
+
+def backward(loss: torch.Tensor, *, fused: bool) -> None:
+    """loss.backward(), through the fused function in every adapted layer or in none, as `fused` says: a fused model
+    that fell back to PEFT's forward would pass every comparison here unseen. Counted in backward, which every
+    checkpointing mode runs once per layer (offloaded checkpoints keep no graph from the forward pass)."""
+    calls = []
+    unpatched = FusedLoraLinear.backward
+
+    def counted(ctx, grad_output):
+        calls.append(ctx)
+        return unpatched(ctx, grad_output)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FusedLoraLinear, "backward", staticmethod(counted))
+        loss.backward()
+    assert len(calls) == (ADAPTED_LAYERS if fused else 0)
 
 
 def loss_and_gradients(model, *, fused: bool, autocast_dtype=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss = training_loss(model, fused=fused, autocast_dtype=autocast_dtype)
-    loss.backward()
+    loss = training_loss(model, autocast_dtype)
+    backward(loss, fused=fused)
     return loss.detach(), {name: parameter.grad for name, parameter in model.named_parameters()
                            if parameter.requires_grad}
-
-
-def fused_nodes(loss: torch.Tensor) -> int:
-    """How many fused LoRA functions the loss's graph went through: a fused model that fell back to PEFT's forward
-    would pass every comparison here unseen."""
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack.extend(following for following, _ in node.next_functions)
-    return sum(type(node).__name__ == "FusedLoraLinearBackward" for node in seen)
 
 
 def peft_then_fused(model, autocast_dtype=None) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -75,7 +78,7 @@ def peft_then_fused(model, autocast_dtype=None) -> list[tuple[torch.Tensor, dict
     return [peft, loss_and_gradients(model, fused=True, autocast_dtype=autocast_dtype)]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_checkpointing", "checkpointing"])
+@pytest.mark.parametrize("checkpointing", ["off", "on", "offload"])
 @pytest.mark.parametrize("base", BASES)
 def test_fused_loss_and_adapter_gradients_are_pefts(tiny_mistral_dir, base, checkpointing):
     (peft_loss, peft_gradients), (fused_loss, fused_gradients) = peft_then_fused(
@@ -111,8 +114,8 @@ def adam_losses(model, *, fused: bool, steps: int = 4) -> list[float]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(steps):
-        loss = training_loss(model, fused=fused)
-        loss.backward()
+        loss = training_loss(model)
+        backward(loss, fused=fused)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -121,8 +124,8 @@ def adam_losses(model, *, fused: bool, steps: int = 4) -> list[float]:
 
 @pytest.mark.parametrize("base", BASES)
 def test_a_few_optimizer_steps_give_pefts_losses(tiny_mistral_dir, base):
-    peft_losses = adam_losses(lora_model(tiny_mistral_dir, base, checkpointing=True), fused=False)
-    fused = lora_model(tiny_mistral_dir, base, checkpointing=True)
+    peft_losses = adam_losses(lora_model(tiny_mistral_dir, base, checkpointing="on"), fused=False)
+    fused = lora_model(tiny_mistral_dir, base, checkpointing="on")
     fuse_lora_layers(fused)
     fused_losses = adam_losses(fused, fused=True)
     assert peft_losses[-1] < peft_losses[0] - 0.1  # the steps train: equal losses are not equal starts only
