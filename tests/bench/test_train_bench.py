@@ -1,11 +1,13 @@
 """The benches' LoRA targets: all-linear reaches PEFT and Unsloth as the train stage resolves it, not as a list."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 from transformers import MistralConfig
 
 from alpaca_qlora.training.model import weightless_model
-from bench.train_bench import reference_lora_config, target_names
+from bench.train_bench import VARIANTS, project_model, reference_lora_config, target_names
 from support.params import embedded_params
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -31,3 +33,11 @@ def test_the_baseline_wraps_what_the_profile_targets(targets):
 def test_unsloth_gets_all_linear_as_the_layer_names_peft_resolves():
     assert target_names(embedded_params(lora={"target_modules": "all-linear"}).lora, CONFIG) == PROJECTIONS
     assert target_names(embedded_params(lora={"target_modules": ["o_proj"]}).lora, CONFIG) == ["o_proj"]
+
+
+def test_every_variant_sets_only_switches_project_model_takes():
+    """A variant's key reaches project_model as an argument (packing excepted: build_variant takes it), so a misspelt
+    one fails here rather than on the GPU."""
+    switches = set(inspect.signature(project_model).parameters) | {"packing"}
+    assert {variant: set(settings) - switches for variant, settings in VARIANTS.items()} == {
+        variant: set() for variant in VARIANTS}

@@ -1,0 +1,174 @@
+"""Each LoRA projection as one autograd function: the frozen base's matmul and the adapter's in a few kernels.
+
+PEFT runs a LoRA Linear as separate modules: the base layer (bitsandbytes dequantizes its 4-bit weight and multiplies),
+a copy of the base output, lora_A, lora_B, a multiply by the scaling and an add; autograd mirrors each in backward and
+sums the base's and the adapter's input gradients. The multiply, add, copy and sum are elementwise kernels over the
+layer's whole output or input, on top of the GEMMs. Here, as in Unsloth's fast_lora, the adapter's term is accumulated
+into the base output by an addmm whose alpha is the scaling, and backward, written by hand, re-dequantizes the frozen
+weight (the dequantized weight is never kept between forward and backward), accumulates the adapter's share of the
+input gradient into the base's by another addmm, and computes no gradient for the frozen weight.
+
+The dtypes are PEFT and bitsandbytes' own, decided before the function runs: under autocast every matmul runs in the
+autocast dtype (fp32 LoRA weights cast to it, their gradients cast back), as autocast does to PEFT's lora_A and lora_B;
+without it, in the base's compute dtype, which must then be the LoRA weights' dtype. A call the fused function does not
+reproduce (adapters disabled or merged, several active, mixed dtypes without autocast) runs PEFT's forward.
+
+`fuse_lora_layers` swaps only each layer's forward: its parameters and their names (what PEFT saves), the optimizer's
+view of them and gradient checkpointing are untouched. LoRA dropout must be 0: its mask sits between the input and
+lora_A, and this backward keeps the input unmasked.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from alpaca_qlora.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def is_4bit(layer: torch.nn.Module) -> bool:
+    """Whether `layer` is a bitsandbytes 4-bit linear layer (bitsandbytes may be missing where the base is not)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        return False
+    return isinstance(layer, bitsandbytes.nn.Linear4bit)
+
+
+def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight, (out_features, in_features), in `dtype`: a 4-bit one dequantized afresh, as
+    bitsandbytes' own backward does, so that no dequantized copy outlives the matmul that needs it."""
+    if not is_4bit(base):
+        return base.weight.to(dtype)
+    import bitsandbytes
+
+    # FSDP can drop the weight's quant_state; Linear4bit.forward restores it so, first
+    bitsandbytes.nn.modules.fix_4bit_weight_quant_state_from_module(base)
+    return bitsandbytes.functional.dequantize_4bit(base.weight.view(-1, 1), base.weight.quant_state).to(dtype)
+
+
+def frozen_bias(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if base.bias is None else base.bias.to(dtype)
+
+
+def scaled_gradient(gradient: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """`gradient * scaling` in the parameter's dtype: the scaling and the cast back from the compute dtype in one
+    elementwise pass over an adapter-sized tensor."""
+    return torch.mul(gradient, scaling, out=torch.empty_like(gradient, dtype=dtype))
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """y = x W^T + b + scaling * (x A^T) B^T for a frozen W (4-bit or not) and trainable A (r x in), B (out x r).
+
+    Every tensor the matmuls see is already in `dtype` (autocast then casts nothing), so backward needs no autocast
+    state (no custom_fwd/custom_bwd): it computes in the dtype forward saved its tensors in. Saves x, the compute-dtype
+    A and B, and x A^T (r columns: what PEFT's lora_B keeps for its weight gradient too).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: torch.nn.Module,
+                scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        inputs = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        output = F.linear(inputs, frozen_weight(base, dtype), frozen_bias(base, dtype))
+        down = inputs @ a.t()
+        output.addmm_(down, b.t(), alpha=scaling)
+        ctx.save_for_backward(inputs, a, b, down)
+        ctx.base, ctx.scaling, ctx.lora_dtypes = base, scaling, (lora_a.dtype, lora_b.dtype)
+        return output.view(*x.shape[:-1], output.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        inputs, a, b, down = ctx.saved_tensors
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_down = grad @ b  # dL/d(x A^T) before the scaling: (tokens x r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ frozen_weight(ctx.base, grad.dtype)
+            grad_x.addmm_(grad_down, a, alpha=ctx.scaling)
+            grad_x = grad_x.view(*grad_output.shape[:-1], grad_x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_a = scaled_gradient(grad_down.t() @ inputs, ctx.scaling, ctx.lora_dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = scaled_gradient(grad.t() @ down, ctx.scaling, ctx.lora_dtypes[1])
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def compute_dtype(layer: Any, x: torch.Tensor) -> torch.dtype | None:
+    """The one dtype PEFT's forward of `layer` computes in for this input, or None where the fused function would not
+    reproduce it: adapters disabled or merged, several (or no) active adapters, or, without autocast, LoRA weights in
+    another dtype than the base computes in (PEFT then computes the two terms in different dtypes)."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    adapter = layer.active_adapters[0]
+    if adapter not in layer.lora_A:
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    base = layer.get_base_layer()
+    if is_4bit(base):
+        if not base.compute_type_is_set:  # what Linear4bit.forward does on its first call
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        dtype = base.compute_dtype or x.dtype
+    else:
+        dtype = base.weight.dtype
+    return dtype if layer.lora_A[adapter].weight.dtype == dtype == layer.lora_B[adapter].weight.dtype else None
+
+
+def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The forward `fuse_lora_layers` gives a PEFT LoRA Linear; PEFT's own where the fused one does not apply.
+
+    The output's dtype is PEFT's: a 4-bit base hands back the input's dtype, a plain Linear its compute dtype."""
+    dtype = None if args or kwargs else compute_dtype(layer, x)
+    if dtype is None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    adapter = layer.active_adapters[0]
+    base = layer.get_base_layer()
+    output = FusedLoraLinear.apply(x.to(dtype), layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, base,
+                                   layer.scaling[adapter], dtype)
+    return output.to(x.dtype) if is_4bit(base) else output
+
+
+def is_lora_linear(module: torch.nn.Module) -> bool:
+    """A PEFT LoRA layer over a plain Linear or a bitsandbytes 4-bit one (not 8-bit, embeddings, convolutions)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer):
+        return False
+    base = module.get_base_layer()
+    return type(base) is torch.nn.Linear or is_4bit(base)
+
+
+def fusion_obstacles(layer: Any) -> list[str]:
+    """Why the fused function would compute something else than PEFT for this layer (empty when it would not)."""
+    base = layer.get_base_layer()
+    obstacles = [f"lora.dropout={dropout.p} (adapter {name})" for name, dropout in layer.lora_dropout.items()
+                 if not isinstance(dropout, torch.nn.Identity)]
+    obstacles += [f"a LoRA variant ({type(variant).__name__})" for variant in layer.lora_variant.values()]
+    obstacles += ["a bias on lora_B" for lora_b in layer.lora_B.values() if lora_b.bias is not None]
+    if any(parameter.requires_grad for parameter in base.parameters()):
+        obstacles.append("a trainable base weight or bias (lora.bias)")
+    return obstacles
+
+
+def fuse_lora_layers(model: torch.nn.Module) -> int:
+    """Give every PEFT LoRA Linear of `model` the fused forward; returns how many.
+
+    Refuses (PipelineError) when any of them could not be fused, rather than fusing some: a run is either wholly on
+    the fused path or not, so a measurement says which one it measured."""
+    layers = [(name, module) for name, module in model.named_modules() if is_lora_linear(module)]
+    refused = {name: obstacles for name, module in layers if (obstacles := fusion_obstacles(module))}
+    if refused:
+        name, obstacles = next(iter(refused.items()))
+        raise PipelineError(f"fused LoRA computes a plain LoRA over a frozen base; {len(refused)} layers have more "
+                            f"(e.g. {name}: {', '.join(obstacles)}). Set lora.dropout=0 and lora.bias=none for it.")
+    for _, layer in layers:
+        layer.forward = types.MethodType(fused_lora_forward, layer)
+    log.info("fused LoRA: %d layers run base and adapter as one autograd function each", len(layers))
+    return len(layers)

@@ -1,0 +1,171 @@
+"""The fused LoRA projection against PEFT's: the same loss and adapter gradients (fp32 and NF4 bases, with and without
+gradient checkpointing, under bf16 autocast), the same training losses, the same saved adapter, and a refusal where
+it would compute something else (LoRA dropout)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.models.loading import load_model
+from alpaca_qlora.models.quantization import QuantizationPlan, probe_4bit
+from alpaca_qlora.training.fused_lora import FusedLoraLinear, fuse_lora_layers
+from alpaca_qlora.training.model import attach_lora
+from support.params import embedded_params
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTED_LAYERS = 14  # 7 projections x the tiny Mistral's 2 decoder layers
+BASES = ["unquantized", pytest.param("nf4", marks=pytest.mark.skipif(
+    not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU"))]
+
+
+def lora_model(model_dir, base: str, *, dtype=torch.float32, checkpointing: str = "off", dropout: float = 0.0):
+    """The tiny Mistral with LoRA on the seven projections, the same on every call; lora_B random, since PEFT starts it
+    at zero, where the adapter's term and lora_A's gradient vanish and a wrong one would go unseen. `checkpointing`:
+    off, on, or offload (checkpoints in host memory, the layers run under no_grad first: the Mistral profile's)."""
+    plan = QuantizationPlan(quantized=base == "nf4", reason="test", compute_dtype=dtype)
+    lora = embedded_params(lora={"r": 8, "alpha": 16, "dropout": dropout, "target_modules": PROJECTIONS}).lora
+    torch.manual_seed(0)
+    model = attach_lora(load_model(str(model_dir), plan, device="cpu"), lora, quantized=plan.quantized,
+                        gradient_checkpointing=checkpointing != "off", checkpoint_offload=checkpointing == "offload")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    return model.train()
+
+
+def batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "labels": ids}
+
+
+def training_loss(model, autocast_dtype=None) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        return model(**batch()).loss
+
+
+def backward(loss: torch.Tensor, *, fused: bool) -> None:
+    """loss.backward(), through the fused function in every adapted layer or in none, as `fused` says: a fused model
+    that fell back to PEFT's forward would pass every comparison here unseen. Counted in backward, which every
+    checkpointing mode runs once per layer (offloaded checkpoints keep no graph from the forward pass)."""
+    calls = []
+    unpatched = FusedLoraLinear.backward
+
+    def counted(ctx, grad_output):
+        calls.append(ctx)
+        return unpatched(ctx, grad_output)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FusedLoraLinear, "backward", staticmethod(counted))
+        loss.backward()
+    assert len(calls) == (ADAPTED_LAYERS if fused else 0)
+
+
+def loss_and_gradients(model, *, fused: bool, autocast_dtype=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = training_loss(model, autocast_dtype)
+    backward(loss, fused=fused)
+    return loss.detach(), {name: parameter.grad for name, parameter in model.named_parameters()
+                           if parameter.requires_grad}
+
+
+def peft_then_fused(model, autocast_dtype=None) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Loss and adapter gradients of the same model, through PEFT's forward and then fused."""
+    peft = loss_and_gradients(model, fused=False, autocast_dtype=autocast_dtype)
+    assert fuse_lora_layers(model) == ADAPTED_LAYERS
+    return [peft, loss_and_gradients(model, fused=True, autocast_dtype=autocast_dtype)]
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "on", "offload"])
+@pytest.mark.parametrize("base", BASES)
+def test_fused_loss_and_adapter_gradients_are_pefts(tiny_mistral_dir, base, checkpointing):
+    (peft_loss, peft_gradients), (fused_loss, fused_gradients) = peft_then_fused(
+        lora_model(tiny_mistral_dir, base, checkpointing=checkpointing))
+    assert len(fused_gradients) == 2 * ADAPTED_LAYERS and fused_gradients.keys() == peft_gradients.keys()
+    # Not bitwise: the adapter's term is summed into the base output inside one addmm, and the two input gradients
+    # inside another, where PEFT adds them after rounding each; fp32 reassociation moves the last bits only.
+    torch.testing.assert_close(fused_loss, peft_loss, rtol=1e-6, atol=0)
+    for name, gradient in peft_gradients.items():
+        assert gradient.abs().max() > 0, name
+        torch.testing.assert_close(fused_gradients[name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_under_bf16_autocast_the_fused_path_keeps_pefts_dtypes_and_accuracy(tiny_mistral_dir, base):
+    """The GPU's setting on CPU: a bf16 base (or NF4 computing in bf16), fp32 LoRA weights, bf16 autocast. The
+    gradients come back in fp32, and no further from the fp32 model's than PEFT's are: the two paths round at other
+    points, so they differ from each other by bf16 rounding (about 2% here), not by less."""
+    _, exact = loss_and_gradients(lora_model(tiny_mistral_dir, base), fused=False)
+    model = lora_model(tiny_mistral_dir, base, dtype=torch.bfloat16)
+    (peft_loss, peft_gradients), (fused_loss, fused_gradients) = peft_then_fused(model, torch.bfloat16)
+    torch.testing.assert_close(fused_loss, peft_loss, rtol=1e-3, atol=0)
+    assert {gradient.dtype for gradient in [*peft_gradients.values(), *fused_gradients.values()]} == {torch.float32}
+
+    def mean_error(gradients: dict[str, torch.Tensor]) -> float:
+        return sum(((gradients[name] - gradient).norm() / gradient.norm()).item()
+                   for name, gradient in exact.items()) / len(exact)
+
+    assert mean_error(fused_gradients) < 1.2 * mean_error(peft_gradients)
+
+
+def adam_losses(model, *, fused: bool, steps: int = 4) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = training_loss(model)
+        backward(loss, fused=fused)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_a_few_optimizer_steps_give_pefts_losses(tiny_mistral_dir, base):
+    peft_losses = adam_losses(lora_model(tiny_mistral_dir, base, checkpointing="on"), fused=False)
+    fused = lora_model(tiny_mistral_dir, base, checkpointing="on")
+    fuse_lora_layers(fused)
+    fused_losses = adam_losses(fused, fused=True)
+    assert peft_losses[-1] < peft_losses[0] - 0.1  # the steps train: equal losses are not equal starts only
+    assert fused_losses == pytest.approx(peft_losses, rel=1e-5)
+
+
+def test_the_saved_adapter_is_pefts(tiny_mistral_dir, tmp_path):
+    """Fusing changes no parameter and no name: PEFT saves the same file, tensor for tensor."""
+    from peft import get_peft_model_state_dict
+
+    model = lora_model(tiny_mistral_dir, "unquantized")
+    names_before = {name: tensor.shape for name, tensor in get_peft_model_state_dict(model).items()}
+    model.save_pretrained(str(tmp_path / "peft"))
+    fuse_lora_layers(model)
+    assert {name: tensor.shape for name, tensor in get_peft_model_state_dict(model).items()} == names_before
+    model.save_pretrained(str(tmp_path / "fused"))
+    peft_adapter, fused_adapter = (load_file(str(tmp_path / name / "adapter_model.safetensors"))
+                                   for name in ("peft", "fused"))
+    assert len(fused_adapter) == 2 * ADAPTED_LAYERS and fused_adapter.keys() == peft_adapter.keys()
+    for name, tensor in peft_adapter.items():
+        assert torch.equal(fused_adapter[name], tensor), name
+
+
+def test_lora_dropout_is_refused(tiny_mistral_dir):
+    model = lora_model(tiny_mistral_dir, "unquantized", dropout=0.05)
+    with pytest.raises(PipelineError, match=r"14 layers .*lora\.dropout=0\.05"):
+        fuse_lora_layers(model)
+
+
+def test_disabled_adapters_run_pefts_forward(tiny_mistral_dir):
+    """A call the fused function does not reproduce goes to PEFT's forward: the base model's loss, adapter off."""
+    model = lora_model(tiny_mistral_dir, "unquantized")
+    fuse_lora_layers(model)
+    with torch.no_grad():
+        fused_off_loss = _loss_without_adapter(model)
+        reference = load_model(str(tiny_mistral_dir), QuantizationPlan(False, "test", torch.float32), device="cpu")
+        base_loss = reference(**batch()).loss
+    torch.testing.assert_close(fused_off_loss, base_loss)
+
+
+def _loss_without_adapter(model) -> torch.Tensor:
+    with model.disable_adapter():
+        return model(**batch()).loss
