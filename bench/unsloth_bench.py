@@ -67,7 +67,8 @@ def padding_free(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return flat
 
 
-def run(model_dir: str, steps: int, warmup: int, dropouts: list[float]) -> list[Measurement]:
+def run(model_dir: str, steps: int, warmup: int, dropouts: list[float],
+        checkpointing: list[str]) -> list[Measurement]:
     dense_rows, alpaca_length_rows = workloads(steps, warmup)
     dense, dense_useful = collate(dense_rows, packing=False)
     alpaca, alpaca_useful = collate(alpaca_micro_batches(alpaca_length_rows, False, steps + warmup),
@@ -75,10 +76,10 @@ def run(model_dir: str, steps: int, warmup: int, dropouts: list[float]) -> list[
     packed, packed_useful = collate(alpaca_micro_batches(alpaca_length_rows, True, steps + warmup), packing=True)
     packed = [padding_free(batch) for batch in packed]
     results = []
-    for dropout in dropouts:
-        variant = f"unsloth_dropout{dropout:g}"
+    for setting, dropout in [(setting, dropout) for setting in checkpointing for dropout in dropouts]:
+        variant = f"unsloth{'' if setting == 'unsloth' else '_nockpt'}_dropout{dropout:g}"
         log.info("variant %s: loading", variant)
-        model = unsloth_model(model_dir, dropout)
+        model = unsloth_model(model_dir, dropout, setting if setting == "unsloth" else False)
         results.append(measure(model, dense, variant=variant, workload="dense_4x2048", warmup=warmup,
                                useful_tokens=dense_useful))
         log.info("%s", results[-1])
@@ -156,6 +157,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dropouts", default=f"{REFERENCE_LORA_DROPOUT:g},0")
+    parser.add_argument("--checkpointing", default="unsloth",
+                        help="with --baseline, comma-separated: unsloth (its offloaded checkpointing), none")
     add_profile_argument(parser)
     arguments = parser.parse_args()
     configure_logging()
@@ -170,7 +173,7 @@ def main() -> None:
         parser.error("--baseline is needed without --caps")
     baseline = json.loads(arguments.baseline.read_text())
     results = run(arguments.model_dir, arguments.steps, arguments.warmup,
-                  [float(value) for value in arguments.dropouts.split(",")])
+                  [float(value) for value in arguments.dropouts.split(",")], arguments.checkpointing.split(","))
     summary = ratios(results, baseline)
     payload = {"command": command_line(), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "unsloth": getattr(unsloth, "__version__", "?"), "baseline_command": baseline["command"],
