@@ -140,6 +140,9 @@ class TrainParams:
     """Padding-free micro-batches: rows packed into bins, attention kept within each row."""
     liger_kernels: Switch
     """Liger's Triton kernels incl. fused linear cross-entropy; auto: on for CUDA when installed."""
+    fused_lora: Switch
+    """Each LoRA projection as one autograd function (training.fused_lora); auto: on for CUDA, without fsdp, for
+    plain LoRA with lora.dropout 0."""
     seed: int
     """The Trainer's seed (LoRA init, dropout, bin order)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"]

@@ -61,7 +61,7 @@ def fsdp_plugin(offload: bool = False) -> Any:
 def build_model(model_dir: str, mode: str, liger: bool) -> Any:
     """The train stage's model with the Mistral profile's settings as the stage resolves them under `mode`
     (bench.train_bench's "project" variant), shardable for FSDP; `liger` False turns Liger's kernels off."""
-    settings = {**project_settings(), **({} if liger else {"liger": False})}
+    settings = {**project_settings(mode), **({} if liger else {"liger": False})}
     settings.pop("packing")  # the bench's rows are always packed bins
     model = project_model(model_dir, shardable=mode == "fsdp", **settings)
     packed_attention(model, "cuda")  # packed bins, as the train stage trains them

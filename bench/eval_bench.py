@@ -24,7 +24,6 @@ same model object:
                        a large card graphed on the dequantized base); `eval_speedup` is this variant's when
                        measured, else graphed_dequantized's, else graphed's;
 - auto_folded:         auto with eval.fold_lora true: LoRA folded beside the weights in bf16 (explicit option);
-- auto_grouped:        auto with LoRA grouped by input (prepare_for_generation(group=True); not a stage option yet);
 - merged_bf16:         LoRA merged into the dequantized weights, method="graphed" (explicit option: changes
                        precision).
 Each reports new tokens/s, wall time, peak GPU memory, how many rows differ from plain (for merged_bf16 that
@@ -71,13 +70,14 @@ from bench.train_bench import add_profile_argument, profile_lora, use_profile
 
 log = logging.getLogger("eval_bench")
 # variant: (generation method, base weights, LoRA); the weights change in place, only forward: 4-bit -> dequantized,
-# PEFT LoRA -> folded, grouped or merged. auto, auto_folded and auto_grouped are the evaluate stage's own preparation
-# (generation.prepare_for_generation), with eval.fold_lora false and true, and with grouping.
+# PEFT LoRA -> folded, grouped or merged. auto and auto_folded are the evaluate stage's own preparation
+# (generation.prepare_for_generation: on CUDA LoRA grouped by input where the base is dequantized), with eval.fold_lora
+# false and true.
 VARIANTS = {"plain": ("plain", "nf4", "peft"), "graphed": ("graphed", "nf4", "peft"),
             "graphed_folded": ("graphed", "nf4", "folded"), "fast": ("fast", "dequantized", "peft"),
             "graphed_dequantized": ("graphed", "dequantized", "peft"),
             "graphed_grouped": ("graphed", "dequantized", "grouped"), "auto": ("auto", None, None),
-            "auto_folded": ("auto", None, "folded"), "auto_grouped": ("auto", None, "grouped"),
+            "auto_folded": ("auto", None, "folded"),
             "merged_bf16": ("graphed", "dequantized", "merged")}
 SMALL_CARD_GIB = 11.0  # what a 12 GB card leaves for one process
 
@@ -199,7 +199,7 @@ def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, bat
 def prepare(model: Any, variant: str, state: dict[str, str], device: str, *,
             dequantized_on_load: bool = False) -> str | None:
     """Bring the weights to what `variant` runs on, or refuse where an earlier variant's in-place change is past it;
-    for auto, auto_folded and auto_grouped, the weights as the evaluate stage names them. `dequantized_on_load`: the CPU
+    for auto and auto_folded, the weights as the evaluate stage names them. `dequantized_on_load`: the CPU
     loader's float64 path (load_for_inference), which left no 4-bit layers."""
     method, weights, lora = VARIANTS[variant]
     if method == "auto":
@@ -208,7 +208,7 @@ def prepare(model: Any, variant: str, state: dict[str, str], device: str, *,
             raise RuntimeError(f"{variant} must run before LoRA is {state['lora']} (in place)")
         described = prepare_for_generation(model, requested="auto", method=resolved, device=device, quantized=True,
                                            dequantized_on_load=dequantized_on_load, merge=False,
-                                           fold=lora == "folded", group=lora == "grouped")
+                                           fold=lora == "folded")
         state["weights"] = "dequantized" if "dequantized" in described else state["weights"]
         state["lora"] = "folded" if "+lora" in described else state["lora"]  # or folded by graphed_folded before
         if any(isinstance(module, GroupedLoraMember) for module in model.modules()):  # the name does not say

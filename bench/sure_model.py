@@ -48,11 +48,9 @@ from bench.train_bench import bench_profile, profile_lora
 
 log = logging.getLogger("sure_model")
 # (variant, generation method, base weights, LoRA) from the eval bench, each run on a freshly loaded model and
-# prepared by the eval bench's own step; auto, auto_folded and auto_grouped are the evaluate stage's preparation and
-# method
+# prepared by the eval bench's own step; auto and auto_folded are the evaluate stage's preparation and method
 PATHS = tuple((name, *VARIANTS[name]) for name in ("plain", "graphed", "graphed_folded", "fast", "graphed_dequantized",
-                                                    "graphed_grouped", "auto", "auto_folded", "auto_grouped",
-                                                    "merged_bf16"))
+                                                    "graphed_grouped", "auto", "auto_folded", "merged_bf16"))
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ Variants:
 - offload / gpu_checkpoints: project with checkpoints offloaded to pinned host memory / kept on the GPU;
 - dropout:  project with the reference LoRA dropout instead of the profile's;
 - nockpt:   project without gradient checkpointing (more memory, no recomputation);
-- fused / nockpt_fused: project / nockpt with each LoRA projection as one autograd function
-            (training.fused_lora.fuse_lora_layers: the adapter's term by addmm, a hand-written backward).
+- unfused / nockpt_unfused: project / nockpt with PEFT's own LoRA forward instead of the fused one
+            (train.fused_lora, training/fused_lora.py: the adapter's term by addmm, a hand-written backward).
 Then a memory table with the project's defaults: peak memory per micro-batch of k x 2048 tokens, and the largest k
 under 11 GiB (a 12 GB card such as the RTX 3060).
 Prints a table last and writes JSON with `train_speedup`, `train_peak_memory_ratio`, `useful_tokens_speedup`.
@@ -46,7 +46,6 @@ import torch
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training.fused_lora import fuse_lora_layers
 from alpaca_qlora.training.model import (
     SpeedSwitches,
     all_linear_targets,
@@ -129,44 +128,42 @@ def target_names(lora: Any, model_config: Any) -> list[str]:
 
 
 def project_model(model_dir: str, *, liger: bool, gradient_checkpointing: bool, frozen_dtype: str,
-                  checkpoint_offload: bool, lora_dropout: float, shardable: bool = False,
-                  fuse_lora: bool = False) -> Any:
+                  checkpoint_offload: bool, lora_dropout: float, fused_lora: bool, shardable: bool = False) -> Any:
     """The train stage's model (training.model.build_trainable_model) with the variant's switches; `shardable`
-    stores the 4-bit weights so FSDP can shard them, as the stage does under fsdp; `fuse_lora` swaps in the fused
-    LoRA projections (not the stage's path yet: measured against it first)."""
+    stores the 4-bit weights so FSDP can shard them, as the stage does under fsdp."""
     lora = dataclasses.replace(profile_lora(), dropout=lora_dropout)
-    model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), lora,
-                                  SpeedSwitches(liger_kernels=liger, gradient_checkpointing=gradient_checkpointing),
-                                  device="cuda", frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload,
+    switches = SpeedSwitches(liger_kernels=liger, gradient_checkpointing=gradient_checkpointing, fused_lora=fused_lora)
+    model = build_trainable_model(model_dir, plan_quantization("nf4", "cuda"), lora, switches, device="cuda",
+                                  frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload,
                                   shardable=shardable)
     model.config.use_cache = False  # as training.trainer.run_training sets it
-    if fuse_lora:
-        fuse_lora_layers(model)
     return model
 
 
-def project_settings() -> dict[str, Any]:
-    """The bench profile's speed settings on CUDA, as the train stage resolves them (the same under ddp and fsdp),
-    plus whether it packs."""
+def project_settings(distributed: str = "none") -> dict[str, Any]:
+    """The bench profile's speed settings on CUDA, as the train stage resolves them under `distributed`, plus
+    whether it packs."""
     params = bench_profile()
-    switches = resolve_speed_switches(params.train, "cuda", liger_installed=True)
+    train = dataclasses.replace(params.train, distributed=distributed)
+    switches = resolve_speed_switches(train, "cuda", params.lora, liger_installed=True)
     return {"liger": switches.liger_kernels, "gradient_checkpointing": switches.gradient_checkpointing,
-            "frozen_dtype": params.train.frozen_dtype, "checkpoint_offload": params.train.checkpoint_offload,
-            "lora_dropout": params.lora.dropout, "packing": params.train.packing}
+            "fused_lora": switches.fused_lora, "frozen_dtype": params.train.frozen_dtype,
+            "checkpoint_offload": params.train.checkpoint_offload, "lora_dropout": params.lora.dropout,
+            "packing": params.train.packing}
 
 
 # name: what the variant changes in the profile's settings (`project`: nothing)
 VARIANTS: dict[str, dict[str, Any]] = {
     "project": {},
     "liger": {"gradient_checkpointing": True, "frozen_dtype": "fp32", "packing": False, "checkpoint_offload": False,
-              "lora_dropout": REFERENCE_LORA_DROPOUT},
+              "lora_dropout": REFERENCE_LORA_DROPOUT, "fused_lora": False},
     "unpacked": {"packing": False},
     "offload": {"checkpoint_offload": True},
     "gpu_checkpoints": {"checkpoint_offload": False},
-    "dropout": {"lora_dropout": REFERENCE_LORA_DROPOUT},
+    "dropout": {"lora_dropout": REFERENCE_LORA_DROPOUT, "fused_lora": False},  # as auto resolves it there
     "nockpt": {"gradient_checkpointing": False, "checkpoint_offload": False},
-    "fused": {"fuse_lora": True},
-    "nockpt_fused": {"gradient_checkpointing": False, "checkpoint_offload": False, "fuse_lora": True},
+    "unfused": {"fused_lora": False},
+    "nockpt_unfused": {"gradient_checkpointing": False, "checkpoint_offload": False, "fused_lora": False},
 }
 
 

@@ -76,9 +76,9 @@ def main() -> None:
     source = resolve_model_source(params.model.name)
     tokenizer = load_tokenizer(source)
     set_seed(params.train.seed)  # LoRA initialisation and data order
-    switches = resolve_speed_switches(params.train, device)
-    log.info("liger kernels %s, gradient checkpointing %s", "on" if switches.liger_kernels else "off",
-             "on" if switches.gradient_checkpointing else "off")
+    switches = resolve_speed_switches(params.train, device, params.lora)
+    log.info("liger kernels %s, gradient checkpointing %s, fused LoRA %s", *("on" if switch else "off" for switch in (
+        switches.liger_kernels, switches.gradient_checkpointing, switches.fused_lora)))
     model = build_trainable_model(source, plan, params.lora, switches, device=device,
                                   frozen_dtype=params.train.frozen_dtype,
                                   checkpoint_offload=params.train.checkpoint_offload,

@@ -210,15 +210,15 @@ def describe_weights(model: Any, *, quantized: bool, dequantized: bool, merged: 
 
 
 def prepare_for_generation(model: Any, *, requested: str, method: str, device: str, quantized: bool,
-                           dequantized_on_load: bool, merge: bool, fold: bool, group: bool = False) -> str:
+                           dequantized_on_load: bool, merge: bool, fold: bool) -> str:
     """Put the weights in the form `method` runs fastest on with the agreement shown, and name them.
 
     On CPU the loader already dequantized the 4-bit base to float64 (`dequantized_on_load`). On CUDA the base is
     dequantized once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for the fast loop, for auto
     where the bf16 weights fit, and always before merging LoRA. Merging and folding change LoRA's precision, so
     both are explicit (`merge`, `fold`). An explicit graphed keeps bnb's own
-    4-bit layers. `group` runs PEFT's LoRA arithmetic once per group of projections reading one input
-    (lora_groups.py), on dequantized bases only: an option until measured on the GPU."""
+    4-bit layers. On CUDA a dequantized base's unmerged, unfolded LoRA runs PEFT's arithmetic once per group of
+    projections reading one input (lora_groups.py: fewer kernels, the agreement shown in the README)."""
     on_cuda = torch.device(device).type == "cuda"
     auto_graphed = on_cuda and requested == "auto" and method == "graphed"
     fast_weights = on_cuda and (method == "fast" or (auto_graphed and dequantized_fits(model)))
@@ -227,7 +227,7 @@ def prepare_for_generation(model: Any, *, requested: str, method: str, device: s
         dequantize_for_generation(model)
     merged = merge and merge_lora_for_generation(model) > 0  # the base model has no adapter to merge
     folded = fold and not merged and fold_lora_for_generation(model) > 0
-    if group and not merged and not folded:
+    if on_cuda and dequantized and not merged and not folded:
         from alpaca_qlora.generation.lora_groups import group_lora_for_generation  # it imports this module
 
         group_lora_for_generation(model)

@@ -17,6 +17,7 @@ from alpaca_qlora.config import ALL_LINEAR, LoraParams
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import QuantizationPlan
+from alpaca_qlora.training.fused_lora import fuse_lora_layers
 from alpaca_qlora.training.offload import enable_checkpoint_offload
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,20 @@ LORA_CONFIG_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 class SpeedSwitches:
     liger_kernels: bool
     gradient_checkpointing: bool
+    fused_lora: bool = False
 
 
-def resolve_speed_switches(train: Any, device: str, *, liger_installed: bool | None = None) -> SpeedSwitches:
-    """`auto` turns Liger kernels and gradient checkpointing on for CUDA, where they were measured
+def resolve_speed_switches(train: Any, device: str, lora: Any = None, *,
+                           liger_installed: bool | None = None) -> SpeedSwitches:
+    """`auto` turns Liger kernels, gradient checkpointing and fused LoRA on for CUDA, where they were measured
     paying (README, "GPU numbers"), and off on CPU, where a small model needs no checkpointing and Triton does
-    not run. Liger on auto also needs liger-kernel installed; without it training goes on unfused, with a warning."""
+    not run. Liger on auto also needs liger-kernel installed; without it training goes on unfused, with a warning.
+    Fused LoRA on auto also needs a `lora` it computes (plain, dropout 0) and no fsdp, under which it is untested."""
     on_cuda = device == "cuda"
+    fused = bool(train.fused_lora)
+    if train.fused_lora == "auto":
+        fused = (on_cuda and train.distributed != "fsdp" and lora is not None and lora.dropout == 0
+                 and lora.bias == "none" and not lora.use_dora)
     checkpointing = on_cuda if train.gradient_checkpointing == "auto" else bool(train.gradient_checkpointing)
     liger = bool(train.liger_kernels)
     if train.liger_kernels == "auto":
@@ -53,7 +61,7 @@ def resolve_speed_switches(train: Any, device: str, *, liger_installed: bool | N
         raise PipelineError("train.checkpoint_offload=true moves gradient checkpoints to host memory, but gradient "
                             f"checkpointing is off on {device} (train.gradient_checkpointing="
                             f"{train.gradient_checkpointing}); set train.gradient_checkpointing=true.")
-    return SpeedSwitches(liger_kernels=liger, gradient_checkpointing=checkpointing)
+    return SpeedSwitches(liger_kernels=liger, gradient_checkpointing=checkpointing, fused_lora=fused)
 
 
 def apply_liger_kernels(model: torch.nn.Module, device: str) -> None:
@@ -238,6 +246,8 @@ def build_trainable_model(source: str, plan: QuantizationPlan, lora: Any, switch
         apply_liger_kernels(model, device)
     model = attach_lora(model, lora, quantized=plan.quantized, gradient_checkpointing=switches.gradient_checkpointing,
                         frozen_dtype=frozen_dtype, checkpoint_offload=checkpoint_offload)
+    if switches.fused_lora:
+        fuse_lora_layers(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable params: %d of %d (%.3f%%); LoRA on %s", trainable, total, 100 * trainable / total,
              ", ".join(targeted_modules(model)))

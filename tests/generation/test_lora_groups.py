@@ -91,8 +91,8 @@ def test_groups_that_do_not_qualify_stay_as_peft_has_them(tiny_mistral_dir):
     common = {"requested": "fast", "method": "fast", "device": "cpu", "quantized": False,
               "dequantized_on_load": False, "merge": False, "fold": False}
     prepare_for_generation(model, **common)
-    assert not any(isinstance(module, GroupedLoraMember) for module in model.modules())  # only when asked
-    prepare_for_generation(model, group=True, **common)  # q and v without k: no group; gate and up: one per layer
+    assert not any(isinstance(module, GroupedLoraMember) for module in model.modules())  # CUDA only
+    group_lora_for_generation(model)  # q and v without k: no group; gate and up: one per layer
     attention = model.get_base_model().model.layers[0].self_attn
     assert isinstance(attention.q_proj, LoraLayer) and isinstance(attention.v_proj, LoraLayer)
     assert sum(isinstance(module, GroupedLoraMember) for module in model.modules()) == 2 * 2

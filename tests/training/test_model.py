@@ -118,6 +118,21 @@ def test_speed_switches_resolve_by_device():
     assert resolve_speed_switches(offload, "cuda", liger_installed=True).gradient_checkpointing
 
 
+def test_fused_lora_on_auto_only_where_it_computes_the_adapter():
+    """auto: on CUDA for plain LoRA without dropout, not under fsdp (untested there) nor on CPU; true forces it."""
+    params = embedded_params(lora={"dropout": 0.0})
+    fused = resolve_speed_switches(params.train, "cuda", params.lora, liger_installed=True)
+    assert fused == SpeedSwitches(True, True, fused_lora=True)
+    assert not resolve_speed_switches(params.train, "cpu", params.lora).fused_lora
+    for lora in ({"dropout": 0.05}, {"dropout": 0.0, "use_dora": True}, {"dropout": 0.0, "bias": "all"}):
+        other = embedded_params(lora=lora)
+        assert not resolve_speed_switches(other.train, "cuda", other.lora, liger_installed=True).fused_lora, lora
+    fsdp = dataclasses.replace(params.train, distributed="fsdp", num_processes=2)
+    assert not resolve_speed_switches(fsdp, "cuda", params.lora, liger_installed=True).fused_lora
+    forced = dataclasses.replace(params.train, fused_lora=True)
+    assert resolve_speed_switches(forced, "cpu", params.lora).fused_lora
+
+
 TARGETS = ["q_proj", "k_proj", "v_proj"]
 
 
