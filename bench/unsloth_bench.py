@@ -26,6 +26,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -94,9 +95,11 @@ def run(model_dir: str, steps: int, warmup: int, dropouts: list[float],
     return results
 
 
-def run_caps(model_dir: str, caps: list[float], steps: int, warmup: int) -> dict[str, Any]:
+def run_caps(model_dir: str, caps: list[float], steps: int, warmup: int,
+             written: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Unsloth's candidates under each cap (budget_bench's grid): its offloaded checkpointing and no checkpointing,
-    dropout 0, micro-batches of 1, 2 and 4 x 2048 tokens; Alpaca-length rows through its own padding-free packing."""
+    dropout 0, micro-batches of 1, 2 and 4 x 2048 tokens; Alpaca-length rows through its own padding-free packing.
+    `written` gets the results after each candidate, so a run cut short keeps what it measured."""
     results = []
     for checkpointing, setting in (("unsloth", "offloaded_checkpointing"), (False, "no_checkpointing")):
         model = unsloth_model(model_dir, 0.0, checkpointing)
@@ -105,6 +108,7 @@ def run_caps(model_dir: str, caps: list[float], steps: int, warmup: int) -> dict
                             adapt=lambda workload, batch: padding_free(batch) if workload == "alpaca_packed" else batch)
         del model
         release_memory()
+        written({"results": results})
     return {"results": results}
 
 
@@ -164,10 +168,13 @@ def main() -> None:
     configure_logging()
     use_profile(arguments.profile)
     if arguments.caps:
-        payload = run_caps(arguments.model_dir, [float(cap) for cap in arguments.caps.split(",")], arguments.steps,
-                           arguments.warmup)
-        arguments.out.write_text(json.dumps({"command": command_line(), "device": torch.cuda.get_device_name(0),
-                                             "unsloth": getattr(unsloth, "__version__", "?"), **payload}, indent=2))
+        def written(payload: dict[str, Any]) -> None:
+            arguments.out.write_text(json.dumps({"command": command_line(), "device": torch.cuda.get_device_name(0),
+                                                 "unsloth": getattr(unsloth, "__version__", "?"), **payload},
+                                                indent=2))
+
+        run_caps(arguments.model_dir, [float(cap) for cap in arguments.caps.split(",")], arguments.steps,
+                 arguments.warmup, written)
         return
     if arguments.baseline is None:
         parser.error("--baseline is needed without --caps")
