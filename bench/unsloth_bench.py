@@ -25,8 +25,8 @@ from unsloth import FastLanguageModel
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
