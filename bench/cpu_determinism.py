@@ -158,7 +158,8 @@ def predict(work: Path, out: Path) -> None:
                     for row, g in zip(prompts_rows, generations, strict=True)]
             text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
             summary["predictions"][name] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": rows,
-                                            **{key: value for key, value in stats.items() if key.startswith("near_tie")}}
+                                            **{key: value for key, value in stats.items()
+                                               if key.startswith("near_tie")}}
             log.info("%s: %s", name, summary["predictions"][name]["sha256"][:16])
     io.write_json(out / "summary.json", summary)
 

@@ -111,7 +111,8 @@ def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attenti
 
 
 def _run_own_loop(own_loop: Any, model: Any, float32_copy: Any, tie_check: NearTieCheck | None,
-                  input_ids: torch.Tensor, attention_mask: torch.Tensor, **settings: Any) -> tuple[list[list[int]], Any]:
+                  input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  **settings: Any) -> tuple[list[list[int]], Any]:
     """Our loop on the float32 copy, float64 deciding the near ties, where there is a copy; else on `model`. A
     copy found too coarse is dropped (None comes back) and the batch is answered again in float64."""
     if float32_copy is not None:

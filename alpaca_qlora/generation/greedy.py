@@ -115,7 +115,7 @@ def greedy_generate(
         next_tokens = greedy_tokens(logits)
         if tie_check is not None:
             next_tokens = tie_check.decide(
-                logits, next_tokens, lambda position: prompts[rows[position]] + generated[rows[position]],
+                logits, next_tokens, lambda position, rows=rows: prompts[rows[position]] + generated[rows[position]],
                 [position for position, row in enumerate(rows) if not finished[row]], sampled=[0] if step == 0 else [])
         tokens = next_tokens.tolist()
         if step == 0:
