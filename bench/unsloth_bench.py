@@ -99,7 +99,8 @@ def run_caps(model_dir: str, caps: list[float], steps: int, warmup: int,
              written: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Unsloth's candidates under each cap (budget_bench's grid): its offloaded checkpointing and no checkpointing,
     dropout 0, micro-batches of 1, 2 and 4 x 2048 tokens; Alpaca-length rows through its own padding-free packing.
-    `written` gets the results after each candidate, so a run cut short keeps what it measured."""
+    `written` gets the results after each checkpointing setting, so a run cut short keeps the settings it
+    finished."""
     results = []
     for checkpointing, setting in (("unsloth", "offloaded_checkpointing"), (False, "no_checkpointing")):
         model = unsloth_model(model_dir, 0.0, checkpointing)
@@ -178,6 +179,8 @@ def main() -> None:
         return
     if arguments.baseline is None:
         parser.error("--baseline is needed without --caps")
+    if not set(arguments.checkpointing.split(",")) <= {"unsloth", "none"}:
+        parser.error(f"--checkpointing {arguments.checkpointing}: a comma-separated list of unsloth and none")
     baseline = json.loads(arguments.baseline.read_text())
     results = run(arguments.model_dir, arguments.steps, arguments.warmup,
                   [float(value) for value in arguments.dropouts.split(",")], arguments.checkpointing.split(","))

@@ -7,9 +7,11 @@ Three ways to run the same greedy decoding (`generate(..., method=...)`), one mo
 - `plain`: `model.generate()` as transformers ships it; finished rows stay in the batch, fed padding.
 - `fast` (greedy.py): our own loop that drops finished rows from the batch and the KV cache, calling the
   model as `generate()` does, so the tokens are the same (tested on CPU). On CUDA the evaluate stage pairs it with
-  the 4-bit base dequantized once (weights.py).
+  the 4-bit base dequantized once (weights.py); on CPU it decodes with a float32 copy of the float64 model, which
+  hands the near ties to float64 (near_ties.py), so the tokens stay float64's.
 - `graphed` (graphed.py): a static KV cache and a decoding step captured in a CUDA graph, 4-bit layers kept,
-  attention through sdpa with `enable_gqa` (attention.py).
+  attention through sdpa with `enable_gqa` (attention.py); under `auto`, on the base dequantized once with LoRA
+  grouped by input (lora_groups.py).
 Only `plain` is bitwise `generate()` on GPU: the other two run other kernels, under which near-tie logits can flip.
 Where the model is sure of its answers `graphed` agrees with `plain` (measured in the README), so `auto`, the params'
 default, picks `graphed` on CUDA. On CPU, where generation runs in float64 (models/numerics.py), `fast` gives plain's
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,8 +112,8 @@ def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attenti
     return output[:, input_ids.shape[1] :].tolist()
 
 
-def _run_own_loop(own_loop: Any, model: Any, float32_copy: Any, tie_check: NearTieCheck | None,
-                  input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def _run_own_loop(own_loop: Callable[..., list[list[int]]], model: Any, float32_copy: Any,
+                  tie_check: NearTieCheck | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   **settings: Any) -> tuple[list[list[int]], Any]:
     """Our loop on the float32 copy, float64 deciding the near ties, where there is a copy; else on `model`. A
     copy found too coarse is dropped (None comes back) and the batch is answered again in float64."""
@@ -120,6 +122,7 @@ def _run_own_loop(own_loop: Any, model: Any, float32_copy: Any, tie_check: NearT
             return own_loop(float32_copy, input_ids, attention_mask, tie_check=tie_check, **settings), float32_copy
         except Float32TooCoarse as error:
             log.warning("%s: answering in float64 alone from here", error)
+            tie_check.dropped = True
     return own_loop(model, input_ids, attention_mask, **settings), None
 
 

@@ -101,7 +101,8 @@ def greedy_generate(
     recorder.begin()
     network = forward_model(model)
     device = input_ids.device
-    prompts = [input_ids[row][attention_mask[row].bool()].tolist() for row in range(input_ids.shape[0])]
+    prompts = ([input_ids[row][attention_mask[row].bool()].tolist() for row in range(input_ids.shape[0])]
+               if tie_check is not None else [])
     logits, cache, attention_mask = prefill(network, input_ids, attention_mask,
                                             capacity=input_ids.shape[1] + max_new_tokens)
     position_ids, mask = prefill_inputs(attention_mask)

@@ -13,7 +13,7 @@ the float32 copy: the batch is answered in float64 alone (generation/__init__.py
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ class NearTieCheck:
         self.margin = margin
         self.decisions = 0
         self.error_max = 0.0
+        self.dropped = False  # set where the copy was found too coarse and float64 answered alone
 
     def near_ties(self, logits: torch.Tensor) -> torch.Tensor:
         """Whether each row's two best float32 logits (last position) are under the margin apart."""
@@ -51,7 +52,7 @@ class NearTieCheck:
         return (best[:, 0] - best[:, 1]) < self.margin
 
     def decide(self, logits: torch.Tensor, tokens: torch.Tensor, sequence_of: Callable[[int], list[int]],
-               candidates: list[int], *, sampled: list[int] = ()) -> torch.Tensor:
+               candidates: list[int], *, sampled: Sequence[int] = ()) -> torch.Tensor:
         """`tokens` with float64's pick for the `candidates` (batch positions still running) whose gap is under the
         margin, and for the `sampled` ones whatever their gap; `sequence_of(position)` is that row's ids so far."""
         near = self.near_ties(logits).tolist()
@@ -79,4 +80,5 @@ class NearTieCheck:
     def stats(self) -> dict[str, Any]:
         """For metrics/timing: what float64 decided here (it depends on the CPU's float32 rounding)."""
         return {"near_tie_float64_decisions": self.decisions,
-                "near_tie_float32_error_max": float(f"{self.error_max:.3g}")}
+                "near_tie_float32_error_max": float(f"{self.error_max:.3g}"),
+                "near_tie_float32_dropped": self.dropped}

@@ -217,8 +217,9 @@ def prepare_for_generation(model: Any, *, requested: str, method: str, device: s
     dequantized once (bnb's batched 4-bit matmul is dequantize + F.linear: same weights) for the fast loop, for auto
     where the bf16 weights fit, and always before merging LoRA. Merging and folding change LoRA's precision, so
     both are explicit (`merge`, `fold`). An explicit graphed keeps bnb's own
-    4-bit layers. On CUDA a dequantized base's unmerged, unfolded LoRA runs PEFT's arithmetic once per group of
-    projections reading one input (lora_groups.py: fewer kernels, the agreement shown in the README)."""
+    4-bit layers. For graphed on a dequantized base, unmerged and unfolded LoRA runs PEFT's arithmetic once per
+    group of projections reading one input (lora_groups.py: fewer kernels, the agreement measured in the README
+    for graphed, not yet for fast)."""
     on_cuda = torch.device(device).type == "cuda"
     auto_graphed = on_cuda and requested == "auto" and method == "graphed"
     fast_weights = on_cuda and (method == "fast" or (auto_graphed and dequantized_fits(model)))
@@ -227,7 +228,7 @@ def prepare_for_generation(model: Any, *, requested: str, method: str, device: s
         dequantize_for_generation(model)
     merged = merge and merge_lora_for_generation(model) > 0  # the base model has no adapter to merge
     folded = fold and not merged and fold_lora_for_generation(model) > 0
-    if on_cuda and dequantized and not merged and not folded:
+    if on_cuda and method == "graphed" and dequantized and not merged and not folded:
         from alpaca_qlora.generation.lora_groups import group_lora_for_generation  # it imports this module
 
         group_lora_for_generation(model)

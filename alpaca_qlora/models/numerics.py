@@ -161,8 +161,8 @@ def float32_copy(model: torch.nn.Module) -> torch.nn.Module | None:
     if not precisions <= {"highest", "none", "ieee"}:
         log.warning("float32 matmul precision %s: decoding in float64 alone", sorted(precisions))
         return None
-    copied = copy.deepcopy(model)
-    torch.nn.Module.to(copied, torch.float32)
+    copied = copy.deepcopy(model)  # holds the float64 model's size again, in float32: half as much memory more
+    torch.nn.Module.to(copied, torch.float32)  # nn.Module's own .to, as in to_cpu_float64
     return copied.eval()
 
 

@@ -48,6 +48,9 @@ def resolve_speed_switches(train: Any, device: str, lora: Any = None, *,
     if train.fused_lora == "auto":
         fused = (on_cuda and train.distributed != "fsdp" and lora is not None and lora.dropout == 0
                  and lora.bias == "none" and not lora.use_dora)
+    elif fused and train.distributed == "fsdp":
+        log.warning("train.fused_lora=true under fsdp: the fused backward re-dequantizes each sharded 4-bit weight "
+                    "where FSDP has gathered it, which no test covers yet (auto keeps it off under fsdp)")
     checkpointing = on_cuda if train.gradient_checkpointing == "auto" else bool(train.gradient_checkpointing)
     liger = bool(train.liger_kernels)
     if train.liger_kernels == "auto":
