@@ -173,12 +173,14 @@ def test_auto_generation_equals_plain_and_stops_at_the_family_eos(repro, monkeyp
         answers[method], _ = evaluate.answer(rows, loaded, params, method=method, max_new_tokens=8, progress=False)
         eos = loaded.tokenizer.convert_tokens_to_ids(TOKEN_RULES[family].eos)
         assert loaded.tokenizer.eos_token_id == eos
-        handle = says_eos_on_third_token(loaded.model, eos)
+        # the model that decodes: on CPU auto's float32 copy (float64 only decides near ties, in whole sequences)
+        handles = [says_eos_on_third_token(model, eos) for model in (loaded.model, loaded.float32_copy) if model]
         try:
             stopped[method], _ = evaluate.answer(rows, loaded, params, method=method, max_new_tokens=8,
                                                  progress=False)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
     assert answers["auto"] == answers["plain"]  # prompts longer than the tiny Gemmas' window: it is applied alike
     assert any(answer.raw for answer in answers["auto"])  # real text compared, not empty answers
     assert stopped["auto"] == stopped["plain"]

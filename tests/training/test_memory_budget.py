@@ -9,6 +9,7 @@ from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.training.memory_budget import (
+    ACTIVATION_HEADROOM,
     GIB,
     StepPeaks,
     apply_plan,
@@ -67,7 +68,7 @@ def test_applying_a_plan_checkpoints_exactly_its_layers(tiny_model):
     layers = decoder_layers(tiny_model)
     peaks = StepPeaks(layers=len(layers), checkpointed_base=0, checkpointed_per_token=1.0, kept_base=0,
                       kept_per_token=1.0 + len(layers))  # a kept layer: 1 byte a token
-    room_for_one = 1000 * (1 + 1.0) * 1.1 / GIB  # the all-checkpointed step plus one kept layer, with headroom
+    room_for_one = 1000 * (1 + 1.0) * ACTIVATION_HEADROOM / GIB  # all checkpointed, plus one kept layer
     plan = plan_layers(peaks, budget_gib=room_for_one + 1e-9, fixed_bytes=0, tokens=1000)
     try:
         apply_plan(tiny_model, plan)
