@@ -114,16 +114,16 @@ def _plain_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, attenti
 
 def _run_own_loop(own_loop: Callable[..., list[list[int]]], model: Any, float32_copy: Any,
                   tie_check: NearTieCheck | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  **settings: Any) -> tuple[list[list[int]], Any]:
-    """Our loop on the float32 copy, float64 deciding the near ties, where there is a copy; else on `model`. A
-    copy found too coarse is dropped (None comes back) and the batch is answered again in float64."""
-    if float32_copy is not None:
+                  **settings: Any) -> list[list[int]]:
+    """Our loop on the float32 copy, float64 deciding the near ties, while the check has not dropped the copy; else
+    on `model`. A copy found too coarse is dropped and the batch is answered again in float64."""
+    if tie_check is not None and not tie_check.dropped:
         try:
-            return own_loop(float32_copy, input_ids, attention_mask, tie_check=tie_check, **settings), float32_copy
+            return own_loop(float32_copy, input_ids, attention_mask, tie_check=tie_check, **settings)
         except Float32TooCoarse as error:
             log.warning("%s: answering in float64 alone from here", error)
             tie_check.dropped = True
-    return own_loop(model, input_ids, attention_mask, **settings), None
+    return own_loop(model, input_ids, attention_mask, **settings)
 
 
 @torch.inference_mode()
@@ -155,8 +155,7 @@ def generate(
     batches = length_sorted_batches([len(ids) for ids in encoded], batch_size)
     marker_check = MarkerCheck(tokenizer, stop_markers) if method != "plain" else None
     own_loop = {"fast": greedy_generate, "graphed": graphed_generate}.get(method)
-    float32_copy = float32_copy if method == "fast" else None
-    tie_check = NearTieCheck(forward_model(model)) if float32_copy is not None else None
+    tie_check = NearTieCheck(forward_model(model)) if method == "fast" and float32_copy is not None else None
     model.eval()
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         input_ids, attention_mask = left_pad([encoded[index] for index in batch], tokenizer.pad_token_id)
@@ -165,7 +164,7 @@ def generate(
             rows_new_ids = _plain_generate(model, tokenizer, input_ids, attention_mask,
                                            max_new_tokens=max_new_tokens, stop_markers=stop_markers)
         else:
-            rows_new_ids, float32_copy = _run_own_loop(
+            rows_new_ids = _run_own_loop(
                 own_loop, model, float32_copy, tie_check, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                 eos_token_id=tokenizer.eos_token_id, marker_check=marker_check, recorder=recorder)
         for row, index in enumerate(batch):

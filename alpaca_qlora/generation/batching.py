@@ -26,6 +26,12 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     return input_ids, attention_mask
 
 
+def unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row of a left-padded batch without its padding: the inverse of left_pad."""
+    width = input_ids.shape[1]
+    return [input_ids[row, width - length :] for row, length in enumerate(attention_mask.sum(dim=1).tolist())]
+
+
 def split_generated(new_ids: Sequence[int], eos_token_id: int, pad_token_id: int) -> tuple[list[int], bool]:
     """The tokens a row really generated (up to EOS) and whether EOS ended it."""
     ids = list(new_ids)

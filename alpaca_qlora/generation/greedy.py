@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from alpaca_qlora.generation.batching import left_pad
+from alpaca_qlora.generation.batching import left_pad, unpadded
 from alpaca_qlora.generation.kv_cache import is_preallocated, preallocated_cache, stacked_cache
 from alpaca_qlora.generation.recording import NO_RECORDING, Recorder
 from alpaca_qlora.generation.stop_checks import MarkerCheck
@@ -78,6 +78,14 @@ def forward_model(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
+def forward_last(network: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any = None) -> Any:
+    """The model's outputs (last position's logits only) for a left-padded batch, as `generate()` calls it first,
+    filling `cache` where one is given."""
+    position_ids, mask = prefill_inputs(attention_mask)
+    return network(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                   use_cache=cache is not None, logits_to_keep=1, return_dict=True)
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: Any,
@@ -101,8 +109,7 @@ def greedy_generate(
     recorder.begin()
     network = forward_model(model)
     device = input_ids.device
-    prompts = ([input_ids[row][attention_mask[row].bool()].tolist() for row in range(input_ids.shape[0])]
-               if tie_check is not None else [])
+    prompts = unpadded(input_ids, attention_mask) if tie_check is not None else []
     logits, cache, attention_mask = prefill(network, input_ids, attention_mask,
                                             capacity=input_ids.shape[1] + max_new_tokens)
     position_ids, mask = prefill_inputs(attention_mask)
@@ -115,9 +122,12 @@ def greedy_generate(
     for step in range(max_new_tokens):
         next_tokens = greedy_tokens(logits)
         if tie_check is not None:
+            def sequence_of(position: int, rows: list[int] = rows) -> list[int]:
+                return prompts[rows[position]].tolist() + generated[rows[position]]
+
             next_tokens = tie_check.decide(
-                logits, next_tokens, lambda position, rows=rows: prompts[rows[position]] + generated[rows[position]],
-                [position for position, row in enumerate(rows) if not finished[row]], sampled=[0] if step == 0 else [])
+                logits, next_tokens, sequence_of, [position for position, row in enumerate(rows) if not finished[row]],
+                sampled=[0] if step == 0 else [])
         tokens = next_tokens.tolist()
         if step == 0:
             recorder.mark("prefill")
@@ -155,13 +165,10 @@ def prefill(network: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     only the row's tokens, as they do in the whole batch. Caches whose layers are not all preallocated run whole."""
     cache = preallocated_cache(network.config, capacity)
     if input_ids.shape[0] <= PREFILL_ROWS or not is_preallocated(cache):
-        position_ids, mask = prefill_inputs(attention_mask)
-        outputs = network(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        outputs = forward_last(network, input_ids, attention_mask, cache)
         return outputs.logits, outputs.past_key_values, attention_mask
     width = input_ids.shape[1]
-    lengths = attention_mask.sum(dim=1).tolist()
-    prompts = [input_ids[row, width - length :] for row, length in enumerate(lengths)]
+    prompts = unpadded(input_ids, attention_mask)
     logits, parts, held = [], [], torch.zeros_like(attention_mask)
     for start in range(0, len(prompts), PREFILL_ROWS):
         chunk_logits, part, chunk_mask = _prefill_chunk(network, prompts[start : start + PREFILL_ROWS])

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from alpaca_qlora.generation.batching import left_pad
-from alpaca_qlora.generation.greedy import greedy_tokens, prefill_inputs
+from alpaca_qlora.generation.greedy import forward_last, greedy_tokens
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,7 @@ class NearTieCheck:
         if not decided:
             return tokens
         ids, mask = left_pad([sequence_of(position) for position in decided], pad_token_id=0)  # 0: masked
-        ids, mask = ids.to(tokens.device), mask.to(tokens.device)
-        position_ids, step_mask = prefill_inputs(mask)
-        reference_logits = self.reference(input_ids=ids, attention_mask=step_mask, position_ids=position_ids,
-                                          use_cache=False, logits_to_keep=1, return_dict=True).logits
+        reference_logits = forward_last(self.reference, ids.to(tokens.device), mask.to(tokens.device)).logits
         self._check_error(reference_logits[:, -1], logits[decided, -1])
         tokens = tokens.clone()
         tokens[decided] = greedy_tokens(reference_logits)

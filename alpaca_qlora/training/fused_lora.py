@@ -145,6 +145,11 @@ def is_lora_linear(module: torch.nn.Module) -> bool:
     return type(base) is torch.nn.Linear or is_4bit(base)
 
 
+def fuses(lora: Any) -> bool:
+    """Whether a `lora:` config gives layers fusion_obstacles finds none in: plain LoRA, no dropout, frozen biases."""
+    return lora.dropout == 0 and lora.bias == "none" and not lora.use_dora
+
+
 def fusion_obstacles(layer: Any) -> list[str]:
     """Why the fused function would compute something else than PEFT for this layer (empty when it would not)."""
     base = layer.get_base_layer()

@@ -17,7 +17,7 @@ from alpaca_qlora.config import ALL_LINEAR, LoraParams
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import QuantizationPlan
-from alpaca_qlora.training.fused_lora import fuse_lora_layers
+from alpaca_qlora.training.fused_lora import fuse_lora_layers, fuses
 from alpaca_qlora.training.offload import enable_checkpoint_offload
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,7 @@ def resolve_speed_switches(train: Any, device: str, lora: Any = None, *,
     on_cuda = device == "cuda"
     fused = bool(train.fused_lora)
     if train.fused_lora == "auto":
-        fused = (on_cuda and train.distributed != "fsdp" and lora is not None and lora.dropout == 0
-                 and lora.bias == "none" and not lora.use_dora)
+        fused = on_cuda and train.distributed != "fsdp" and lora is not None and fuses(lora)
     elif fused and train.distributed == "fsdp":
         log.warning("train.fused_lora=true under fsdp: the fused backward re-dequantizes each sharded 4-bit weight "
                     "where FSDP has gathered it, which no test covers yet (auto keeps it off under fsdp)")
