@@ -46,6 +46,7 @@ import torch
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.profiles import profile_params
 from alpaca_qlora.stage import configure_logging
+from alpaca_qlora.training.fused_lora import fused_4bit_bases, keep_dequantized
 from alpaca_qlora.training.model import (
     SpeedSwitches,
     all_linear_targets,
@@ -164,6 +165,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nockpt": {"gradient_checkpointing": False, "checkpoint_offload": False},
     "unfused": {"fused_lora": False},
     "nockpt_unfused": {"gradient_checkpointing": False, "checkpoint_offload": False, "fused_lora": False},
+    # every frozen weight kept dequantized, as the memory plan does where the budget has room (80 GiB)
+    "nockpt_dequantized": {"gradient_checkpointing": False, "checkpoint_offload": False, "dequantized": True},
+    "dequantized": {"dequantized": True},
 }
 
 
@@ -179,8 +183,10 @@ def build_variant(model_dir: str, variant: str) -> tuple[Any, bool]:
     if variant == "baseline":
         return baseline_model(model_dir), False
     settings = {**project_settings(), **VARIANTS[variant]}
-    packing = settings.pop("packing")
+    packing, dequantized = settings.pop("packing"), settings.pop("dequantized", False)
     model = project_model(model_dir, **settings)
+    if dequantized:
+        keep_dequantized(fused_4bit_bases(model), torch.bfloat16)
     if packing:
         packed_attention(model, "cuda")
     return model, packing

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.models.quantization import is_4bit
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,6 @@ class DequantizedLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-
-
-def _linear4bit_class() -> type | None:
-    try:
-        import bitsandbytes
-    except ImportError:
-        return None
-    return bitsandbytes.nn.Linear4bit
 
 
 def dequantize_linear4bit(layer: Any) -> DequantizedLinear:
@@ -59,13 +52,10 @@ def dequantize_for_generation(model: Any) -> int:
     """Replace every bitsandbytes Linear4bit (also the base layer inside PEFT LoRA layers, whose adapters stay
     unmerged) by a DequantizedLinear; returns how many were replaced. Costs the weights in the compute dtype
     and saves a dequantization of every weight at every decoding step."""
-    linear4bit = _linear4bit_class()
-    if linear4bit is None:
-        return 0
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, linear4bit):
+            if is_4bit(child):
                 setattr(module, name, dequantize_linear4bit(child))
                 replaced += 1
     if replaced:
@@ -79,10 +69,9 @@ def dequantized_fits(model: Any, *, reserve_share: float = 0.25) -> bool:
     """Whether the 4-bit layers, dequantized to their compute dtype, fit on the GPU beside what the process holds,
     with `reserve_share` of the card left for activations and the KV cache. False on a card too small for them (a
     7B model on 12 GB), where generation keeps the 4-bit layers."""
-    linear4bit = _linear4bit_class()
-    if linear4bit is None or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return False
-    layers = [module for module in model.modules() if isinstance(module, linear4bit)]
+    layers = [module for module in model.modules() if is_4bit(module)]
     if not layers:
         return False
     device = layers[0].weight.device
@@ -100,11 +89,10 @@ def merge_lora_for_generation(model: Any) -> int:
 
     Changes precision: base + scaling * B @ A is rounded to bf16 (on CUDA) once, where the 4-bit path adds the
     adapter's output at every call. Run dequantize_for_generation first on a 4-bit model. Returns the count."""
-    linear4bit = _linear4bit_class()
     merged = 0
     for module, name, child, adapters in _lora_layers(model):
         base = child.get_base_layer()
-        if linear4bit is not None and isinstance(base, linear4bit):
+        if is_4bit(base):
             raise PipelineError("merge_lora_for_generation needs dequantized base weights: "
                                 "call dequantize_for_generation first.")
         weight = base.weight.data.float()

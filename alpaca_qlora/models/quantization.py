@@ -22,6 +22,15 @@ class QuantizationPlan:
 
 
 @functools.cache
+def is_4bit(layer: torch.nn.Module) -> bool:
+    """Whether `layer` is a bitsandbytes 4-bit linear layer (bitsandbytes may be missing where the base is not)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        return False
+    return isinstance(layer, bitsandbytes.nn.Linear4bit)
+
+
 def probe_4bit(device: str) -> tuple[bool, str]:
     """Try bitsandbytes' NF4 once per device: a quantize/dequantize round trip of a small tensor (milliseconds)."""
     try:

@@ -5,7 +5,7 @@ a copy of the base output, lora_A, lora_B, a multiply by the scaling and an add;
 sums the base's and the adapter's input gradients. The multiply, add, copy and sum are elementwise kernels over the
 layer's whole output or input, on top of the GEMMs. Here, as in Unsloth's fast_lora, the adapter's term is accumulated
 into the base output by an addmm whose alpha is the scaling, and backward, written by hand, re-dequantizes the frozen
-weight (the dequantized weight is never kept between forward and backward), accumulates the adapter's share of the
+weight (unless the memory plan keeps it dequantized: keep_dequantized), accumulates the adapter's share of the
 input gradient into the base's by another addmm, and computes no gradient for the frozen weight.
 
 The dtypes are PEFT and bitsandbytes' own, decided before the function runs: under autocast every matmul runs in the
@@ -27,22 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.models.quantization import is_4bit
 
 log = logging.getLogger(__name__)
-
-
-def is_4bit(layer: torch.nn.Module) -> bool:
-    """Whether `layer` is a bitsandbytes 4-bit linear layer (bitsandbytes may be missing where the base is not)."""
-    try:
-        import bitsandbytes
-    except ImportError:
-        return False
-    return isinstance(layer, bitsandbytes.nn.Linear4bit)
+KEPT_WEIGHT = "kept_dequantized_weight"  # the attribute keep_dequantized sets on a base layer
+COMPUTE_COPIES = "lora_compute_copies"  # the attribute fuse_lora_layers sets on each layer: the model's ComputeCopies
 
 
 def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's weight, (out_features, in_features), in `dtype`: a 4-bit one dequantized afresh, as
-    bitsandbytes' own backward does, so that no dequantized copy outlives the matmul that needs it."""
+    """The base layer's weight, (out_features, in_features), in `dtype`: the copy the memory plan keeps where it has
+    room (keep_dequantized), else a 4-bit one dequantized afresh, as bitsandbytes' own backward does, so that no
+    dequantized copy outlives the matmul that needs it."""
+    kept = base.__dict__.get(KEPT_WEIGHT)
+    if kept is not None and kept.dtype == dtype:
+        return kept
     if not is_4bit(base):
         return base.weight.to(dtype)
     import bitsandbytes
@@ -50,6 +48,29 @@ def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     # FSDP can drop the weight's quant_state; Linear4bit.forward restores it so, first
     bitsandbytes.nn.modules.fix_4bit_weight_quant_state_from_module(base)
     return bitsandbytes.functional.dequantize_4bit(base.weight.view(-1, 1), base.weight.quant_state).to(dtype)
+
+
+def fused_4bit_bases(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The 4-bit base layers under `module` (a decoder layer, say) whose LoRA runs the fused function: the weights a
+    kept dequantized copy would serve."""
+    return [layer.get_base_layer() for layer in module.modules()
+            if getattr(layer.forward, "__func__", None) is fused_lora_forward and is_4bit(layer.get_base_layer())]
+
+
+def dequantized_bytes(bases: list[torch.nn.Module], dtype: torch.dtype) -> int:
+    return sum(base.out_features * base.in_features * dtype.itemsize for base in bases)
+
+
+def keep_dequantized(bases: list[torch.nn.Module], dtype: torch.dtype | None) -> None:
+    """Dequantize these frozen 4-bit weights once and keep them in `dtype` for the rest of the run: the same values
+    the fused function would dequantize at every forward, recomputation and backward, without the kernels. The 4-bit
+    weight stays what is stored and saved; the copy is a plain attribute (not a parameter or buffer). `dtype` None
+    drops the copies."""
+    for base in bases:
+        base.__dict__.pop(KEPT_WEIGHT, None)
+        if dtype is not None:
+            with torch.no_grad():
+                base.__dict__[KEPT_WEIGHT] = frozen_weight(base, dtype)
 
 
 def frozen_bias(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
@@ -62,6 +83,42 @@ def scaled_gradient(gradient: torch.Tensor, scaling: float, dtype: torch.dtype) 
     return torch.mul(gradient, scaling, out=torch.empty_like(gradient, dtype=dtype))
 
 
+class ComputeCopies:
+    """The model's LoRA weights in the compute dtype, cast all at once at the first fused call of each model forward:
+    one concatenation and one cast for every adapted layer, instead of two casts a layer, each a kernel launch whose
+    host cost sets the pace at small micro-batches. A recomputed (checkpointed) forward, inside backward, gets the
+    very copies its first forward used. Stale from the model's forward pre-hook on (fuse_lora_layers), not from
+    version counters alone: a fused AdamW step updates the weights without moving them."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter]):
+        self.parameters = parameters
+        self.index = {id(parameter): position for position, parameter in enumerate(parameters)}
+        self.copies: list[torch.Tensor] = []
+        self.versions: list[int] = []
+        self.dtype: torch.dtype | None = None
+        self.stale = True
+
+    def invalidate(self, *_: Any) -> None:
+        self.stale = True
+
+    def get(self, parameter: torch.nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+        position = self.index.get(id(parameter))
+        if position is None or type(parameter.data) is not torch.Tensor:  # not registered, or sharded (DTensor)
+            return parameter.to(dtype)
+        if self.stale or dtype != self.dtype or self.versions[position] != parameter._version:
+            self.refresh(dtype)
+        return self.copies[position]
+
+    @torch.no_grad()
+    def refresh(self, dtype: torch.dtype) -> None:
+        flat = torch.cat([parameter.detach().reshape(-1) for parameter in self.parameters]).to(dtype)
+        sizes = [parameter.numel() for parameter in self.parameters]
+        self.copies = [part.view(parameter.shape)
+                       for part, parameter in zip(flat.split(sizes), self.parameters, strict=True)]
+        self.versions = [parameter._version for parameter in self.parameters]
+        self.dtype, self.stale = dtype, False
+
+
 class FusedLoraLinear(torch.autograd.Function):
     """y = x W^T + b + scaling * (x A^T) B^T for a frozen W (4-bit or not) and trainable A (r x in), B (out x r).
 
@@ -72,9 +129,10 @@ class FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: torch.nn.Module,
-                scaling: float, dtype: torch.dtype) -> torch.Tensor:
+                scaling: float, dtype: torch.dtype, copies: ComputeCopies | None = None) -> torch.Tensor:
         inputs = x.reshape(-1, x.shape[-1])
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        a, b = (lora_a.to(dtype), lora_b.to(dtype)) if copies is None else (copies.get(lora_a, dtype),
+                                                                             copies.get(lora_b, dtype))
         output = F.linear(inputs, frozen_weight(base, dtype), frozen_bias(base, dtype))
         down = inputs @ a.t()
         output.addmm_(down, b.t(), alpha=scaling)
@@ -96,7 +154,7 @@ class FusedLoraLinear(torch.autograd.Function):
             grad_a = scaled_gradient(grad_down.t() @ inputs, ctx.scaling, ctx.lora_dtypes[0])
         if ctx.needs_input_grad[2]:
             grad_b = scaled_gradient(grad.t() @ down, ctx.scaling, ctx.lora_dtypes[1])
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 def compute_dtype(layer: Any, x: torch.Tensor) -> torch.dtype | None:
@@ -131,7 +189,7 @@ def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     adapter = layer.active_adapters[0]
     base = layer.get_base_layer()
     output = FusedLoraLinear.apply(x.to(dtype), layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, base,
-                                   layer.scaling[adapter], dtype)
+                                   layer.scaling[adapter], dtype, layer.__dict__.get(COMPUTE_COPIES))
     return output.to(x.dtype) if is_4bit(base) else output
 
 
@@ -173,7 +231,11 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
         name, obstacles = next(iter(refused.items()))
         raise PipelineError(f"fused LoRA computes a plain LoRA over a frozen base; {len(refused)} layers have more "
                             f"(e.g. {name}: {', '.join(obstacles)}). Set lora.dropout=0 and lora.bias=none for it.")
+    copies = ComputeCopies([parameter for _, layer in layers for adapters in (layer.lora_A, layer.lora_B)
+                            for module in adapters.values() for parameter in module.parameters()])
+    model.register_forward_pre_hook(copies.invalidate)
     for _, layer in layers:
         layer.forward = types.MethodType(fused_lora_forward, layer)
+        layer.__dict__[COMPUTE_COPIES] = copies
     log.info("fused LoRA: %d layers run base and adapter as one autograd function each", len(layers))
     return len(layers)

@@ -10,6 +10,10 @@ linearly with the tokens of a micro-batch (varlen and flash attention keep no to
 counts give each mode's line, and the run's micro-batch is read off it; the peak with k layers kept lies between
 the two modes, a k-th of the difference a layer. The process is then capped at the budget
 (`set_per_process_memory_fraction`), so the allocator frees its cache and retries before it would pass it.
+
+Memory the plan leaves over after the activations goes to dequantized copies of the frozen 4-bit weights, a layer at a
+time (fused LoRA only: fused_lora.keep_dequantized): the same values, without the dequantization kernels and their
+launches in every forward, recomputation and backward. The base stays NF4 in what is stored and saved.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from alpaca_qlora.errors import PipelineError
+from alpaca_qlora.training.fused_lora import dequantized_bytes, fused_4bit_bases, keep_dequantized
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ class MemoryPlan:
     kept_layers: int
     expected_peak_gib: float
     fixed_gib: float
+    dequantized_layers: int = 0
 
     def record(self) -> dict[str, Any]:
         """The plan's figures; the budget itself the stage records, plan or none."""
@@ -198,11 +204,23 @@ def plan_layers(peaks: StepPeaks, *, budget_gib: float, fixed_bytes: float, toke
                       expected_peak_gib=round(peak(kept) / GIB, 2), fixed_gib=round(fixed_bytes / GIB, 2))
 
 
-def apply_plan(model: torch.nn.Module, plan: MemoryPlan) -> None:
-    """Checkpointing on for the planned layers only (the model's checkpointing must already be enabled)."""
+def plan_dequantized(plan: MemoryPlan, *, layers: int, bytes_per_layer: int) -> MemoryPlan:
+    """What the budget holds beyond the kept activations goes to dequantized copies of the frozen 4-bit weights, a
+    decoder layer at a time, first layers first: those recompute (three dequantizations a step, against two), and a
+    kept activation saves a whole recomputation for about as much memory, so activations come first."""
+    room = (plan.budget_gib - plan.expected_peak_gib) * GIB
+    count = 0 if bytes_per_layer <= 0 else max(0, min(layers, int(room // bytes_per_layer)))
+    return dataclasses.replace(plan, dequantized_layers=count,
+                               expected_peak_gib=round(plan.expected_peak_gib + count * bytes_per_layer / GIB, 2))
+
+
+def apply_plan(model: torch.nn.Module, plan: MemoryPlan, compute_dtype: torch.dtype) -> None:
+    """Checkpointing on for the planned layers only (the model's checkpointing must already be enabled), and the
+    planned layers' frozen weights kept dequantized (the others' copies, from an earlier plan, dropped)."""
     checkpointed = set(plan.checkpointed_layers)
     for index, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = index in checkpointed
+        keep_dequantized(fused_4bit_bases(layer), compute_dtype if index < plan.dequantized_layers else None)
 
 
 def fixed_bytes(model: torch.nn.Module, device: torch.device) -> float:
@@ -222,15 +240,21 @@ def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget, compute_dtype: 
     """Where checkpointing is left to it, measure and keep the layers that fit; then cap the process at the budget
     (after the probe, which runs with every layer kept)."""
     device = next(model.parameters()).device
+    keep_dequantized(fused_4bit_bases(model), None)  # an earlier plan's copies are not part of what this one measures
     plan = None
     if budget.plans_layers:
         tokens = budget.tokens_per_micro_batch
         peaks = measure_step_peaks(model, compute_dtype, tokens=max(2, min(PROBE_TOKENS, tokens)))
         plan = plan_layers(peaks, budget_gib=budget.gib, fixed_bytes=fixed_bytes(model, device), tokens=tokens)
-        apply_plan(model, plan)
+        layers = decoder_layers(model)
+        plan = plan_dequantized(plan, layers=len(layers),
+                                bytes_per_layer=max(dequantized_bytes(fused_4bit_bases(layer), compute_dtype)
+                                                    for layer in layers))
+        apply_plan(model, plan, compute_dtype)
         log.info("memory budget %.2f GiB, %d tokens a micro-batch: %d of %d layers keep their activations, %d "
-                 "recompute (expected peak %.2f GiB)", budget.gib, tokens, plan.kept_layers, peaks.layers,
-                 len(plan.checkpointed_layers), plan.expected_peak_gib)
+                 "recompute, %d keep their frozen weights dequantized (expected peak %.2f GiB)", budget.gib, tokens,
+                 plan.kept_layers, peaks.layers, len(plan.checkpointed_layers), plan.dequantized_layers,
+                 plan.expected_peak_gib)
     else:
         log.info("memory budget %.2f GiB: the process is capped; gradient checkpointing as train params set it",
                  budget.gib)
@@ -240,4 +264,5 @@ def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget, compute_dtype: 
 
 
 __all__ = ["MemoryBudget", "MemoryPlan", "StepPeaks", "apply_plan", "measure_step_peaks", "memory_budget",
-           "plan_layers", "plan_to_budget", "prefer_expandable_segments", "resolve_budget_gib", "usable_bytes"]
+           "plan_dequantized", "plan_layers", "plan_to_budget", "prefer_expandable_segments", "resolve_budget_gib",
+           "usable_bytes"]

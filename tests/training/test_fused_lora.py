@@ -10,7 +10,14 @@ from safetensors.torch import load_file
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import QuantizationPlan, probe_4bit
-from alpaca_qlora.training.fused_lora import FusedLoraLinear, fuse_lora_layers
+from alpaca_qlora.training.fused_lora import (
+    FusedLoraLinear,
+    dequantized_bytes,
+    fuse_lora_layers,
+    fused_4bit_bases,
+    is_lora_linear,
+    keep_dequantized,
+)
 from alpaca_qlora.training.model import attach_lora
 from support.params import embedded_params
 
@@ -110,8 +117,8 @@ def test_under_bf16_autocast_the_fused_path_keeps_pefts_dtypes_and_accuracy(tiny
     assert mean_error(fused_gradients) < 1.2 * mean_error(peft_gradients)
 
 
-def adam_losses(model, *, fused: bool, steps: int = 4) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+def adam_losses(model, *, fused: bool, steps: int = 4, optimizer: dict | None = None) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, **(optimizer or {}))
     losses = []
     for _ in range(steps):
         loss = training_loss(model)
@@ -130,6 +137,39 @@ def test_a_few_optimizer_steps_give_pefts_losses(tiny_mistral_dir, base):
     fused_losses = adam_losses(fused, fused=True)
     assert peft_losses[-1] < peft_losses[0] - 0.1  # the steps train: equal losses are not equal starts only
     assert fused_losses == pytest.approx(peft_losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", [{"foreach": True}, {"fused": True}])
+def test_every_step_computes_with_the_weights_the_optimizer_left(tiny_mistral_dir, optimizer):
+    """The compute-dtype copies of the LoRA weights are cast again at every model forward: a fused AdamW updates
+    the weights without moving their version counters, and copies kept from the first step would train on it
+    unseen (each step's loss would still fall, through lora_B's gradients, but not as PEFT's does)."""
+    peft_losses = adam_losses(lora_model(tiny_mistral_dir, "unquantized"), fused=False, optimizer=optimizer)
+    fused = lora_model(tiny_mistral_dir, "unquantized")
+    fuse_lora_layers(fused)
+    assert adam_losses(fused, fused=True, optimizer=optimizer) == pytest.approx(peft_losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_kept_dequantized_weights_give_the_same_step_without_dequantizing(tiny_mistral_dir, base):
+    """What the memory plan keeps where the budget has room: the frozen weights dequantized once. The step is the
+    one the fused function computes when it dequantizes each time, bit for bit, and it dequantizes nothing."""
+    model = lora_model(tiny_mistral_dir, base, checkpointing="on")
+    fuse_lora_layers(model)
+    each_time = loss_and_gradients(model, fused=True)
+    bases = fused_4bit_bases(model)
+    assert len(bases) == (ADAPTED_LAYERS if base == "nf4" else 0)
+    keep_dequantized([layer.get_base_layer() for layer in model.modules() if is_lora_linear(layer)], torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        import bitsandbytes.functional
+
+        patch.setattr(bitsandbytes.functional, "dequantize_4bit", lambda *args, **kwargs: pytest.fail("dequantized"))
+        kept = loss_and_gradients(model, fused=True)
+    assert torch.equal(kept[0], each_time[0])
+    for name, gradient in each_time[1].items():
+        assert torch.equal(kept[1][name], gradient), name
+    assert dequantized_bytes(bases, torch.bfloat16) == sum(2 * layer.in_features * layer.out_features
+                                                           for layer in bases)
 
 
 def test_the_saved_adapter_is_pefts(tiny_mistral_dir, tmp_path):

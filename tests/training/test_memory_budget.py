@@ -15,6 +15,7 @@ from alpaca_qlora.training.memory_budget import (
     apply_plan,
     decoder_layers,
     memory_budget,
+    plan_dequantized,
     plan_layers,
     resolve_budget_gib,
 )
@@ -59,6 +60,17 @@ def test_more_tokens_a_micro_batch_keep_fewer_layers_under_the_same_budget():
     assert four.kept_layers < one.kept_layers
 
 
+def test_the_room_left_after_the_activations_keeps_dequantized_weights_first_layers_first():
+    plan = plan_layers(PEAKS, budget_gib=100, fixed_bytes=GIB, tokens=MIB)  # every layer kept, most of 100 GiB free
+    room = plan.budget_gib - plan.expected_peak_gib
+    roomy = plan_dequantized(plan, layers=8, bytes_per_layer=GIB)
+    assert roomy.dequantized_layers == 8 and roomy.expected_peak_gib == pytest.approx(plan.expected_peak_gib + 8)
+    some = plan_dequantized(plan, layers=8, bytes_per_layer=int(room / 3.5 * GIB))
+    assert some.dequantized_layers == 3 and some.expected_peak_gib <= some.budget_gib
+    assert plan_dequantized(plan, layers=8, bytes_per_layer=int((room + 0.1) * GIB)).dequantized_layers == 0
+    assert plan_dequantized(plan, layers=8, bytes_per_layer=0).dequantized_layers == 0  # nothing fused to keep
+
+
 def test_a_budget_nothing_fits_in_is_refused_with_what_to_change():
     with pytest.raises(PipelineError, match="micro_batch_size.*max_seq_length"):
         plan_layers(PEAKS, budget_gib=2.0, fixed_bytes=GIB, tokens=MIB)
@@ -71,7 +83,7 @@ def test_applying_a_plan_checkpoints_exactly_its_layers(tiny_model):
     room_for_one = 1000 * (1 + 1.0) * ACTIVATION_HEADROOM / GIB  # all checkpointed, plus one kept layer
     plan = plan_layers(peaks, budget_gib=room_for_one + 1e-9, fixed_bytes=0, tokens=1000)
     try:
-        apply_plan(tiny_model, plan)
+        apply_plan(tiny_model, plan, torch.float32)
         assert plan.kept_layers == 1 and not layers[-1].gradient_checkpointing
         assert [layer.gradient_checkpointing for layer in layers] == [
             index in plan.checkpointed_layers for index in range(len(layers))]
