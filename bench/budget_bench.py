@@ -11,8 +11,8 @@ own `plan_to_budget` caps the process and chooses which layers keep their activa
 of 1, 2 and 4 x 2048 tokens (dense rows, and Alpaca-length rows packed into 2048-token bins); the best useful
 tokens/s that fits under a cap is that tool's figure for it. One model per tool serves every cap and micro-batch,
 so the caps cost no reload. The loss check trains 50 steps on the same batches under each cap's plan and against
-every layer checkpointed. Model FLOPs utilisation counts 4N FLOPs a token (frozen base: forward and input
-gradients), N the seven projections' parameters, against the dense bf16 peak below.
+PEFT's LoRA forward with every layer checkpointed. Model FLOPs utilisation counts 4N FLOPs a token (frozen base:
+forward and input gradients), N the seven projections' parameters, against the dense bf16 peak below.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.stage import configure_logging
+from alpaca_qlora.training.fused_lora import is_lora_linear
 from alpaca_qlora.training.memory_budget import GIB, MemoryBudget, cap_process_memory, decoder_layers, plan_to_budget
 from bench import command_line
 from bench.train_bench import build_variant, measure, release_memory
@@ -102,13 +103,26 @@ def project_prepare(model: Any) -> Callable[[float, int], dict[str, Any]]:
     return prepare
 
 
+@contextlib.contextmanager
+def peft_forward(model: Any) -> Iterator[None]:
+    """PEFT's own LoRA forward on every layer fuse_lora_layers gave the fused one (an instance attribute)."""
+    fused = {module: module.__dict__.pop("forward") for module in model.modules()
+             if is_lora_linear(module) and "forward" in module.__dict__}
+    try:
+        yield
+    finally:
+        for module, forward in fused.items():
+            module.forward = forward
+
+
 def loss_check(model: Any, caps: list[float], steps: int) -> dict[str, Any]:
-    """50 steps of 2 x 2048 dense tokens from the same LoRA init under each cap's plan and with every layer
-    checkpointed: the largest loss difference per cap."""
+    """50 steps of 2 x 2048 dense tokens from the same LoRA init: the reference is PEFT's own LoRA forward with
+    every layer checkpointed, against the stage's model (fused LoRA where auto fuses) under each cap's plan; the
+    largest loss difference per cap."""
     initial = {name: value.detach().clone() for name, value in model.named_parameters() if value.requires_grad}
     batches, useful = collate(dense_batches(steps, rows=2, length=2048, seed=50), packing=True)
     curves: dict[str, list[float]] = {}
-    for label, cap in [("all_checkpointed", None), *[(f"cap_{c:g}", c) for c in caps]]:
+    for label, cap in [("peft_all_checkpointed", None), *[(f"cap_{c:g}", c) for c in caps]]:
         with torch.no_grad():
             for name, value in model.named_parameters():
                 if name in initial:
@@ -118,15 +132,16 @@ def loss_check(model: Any, caps: list[float], steps: int) -> dict[str, Any]:
                 layer.gradient_checkpointing = True
         else:
             project_prepare(model)(cap, 2 * 2048)
-        with capped(cap or 1e6):
+        with capped(cap or 1e6), (peft_forward(model) if cap is None else contextlib.nullcontext()):
             try:
                 curves[label] = measure(model, batches, variant=label, workload="loss_check", warmup=0,
                                         useful_tokens=useful).losses
             except torch.OutOfMemoryError:
                 log.warning("loss check %s: out of memory under the plan", label)
                 curves[label] = None
-    reference = curves.pop("all_checkpointed")
-    return {"steps": steps, "reference_final_loss": reference[-1],
+    reference = curves.pop("peft_all_checkpointed")
+    return {"steps": steps, "reference": "PEFT's LoRA forward, every layer checkpointed",
+            "reference_final_loss": reference[-1],
             "max_abs_loss_diff": {label: round(max(abs(a - b) for a, b in zip(reference, curve)), 5)
                                   if curve else "out_of_memory" for label, curve in curves.items()}}
 
@@ -136,9 +151,10 @@ def run_project(model_dir: str, caps: list[float], steps: int, warmup: int, loss
     model, packing = build_variant(model_dir, "project")
     payload: dict[str, Any] = {"device": torch.cuda.get_device_name(0),
                                "frozen_linear_params": frozen_linear_params(model.config)}
-    payload["results"] = run_grid(model, "project", "memory_budget", caps=caps, steps=steps, warmup=warmup,
-                                  packing=packing, prepare=project_prepare(model))
-    write(out, payload)  # kept if the loss check runs out of time
+    if steps:
+        payload["results"] = run_grid(model, "project", "memory_budget", caps=caps, steps=steps, warmup=warmup,
+                                      packing=packing, prepare=project_prepare(model))
+        write(out, payload)  # kept if the loss check runs out of time
     payload["loss_check"] = loss_check(model, caps, loss_steps) if loss_steps else None
     write(out, payload)
     return payload
@@ -197,7 +213,7 @@ def main() -> None:
     parser.add_argument("model_dir", nargs="?")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--caps", default=",".join(f"{cap:g}" for cap in CAPS_GIB))
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per grid cell; 0: the loss check only")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--loss-steps", type=int, default=50)
     parser.add_argument("--summarize", nargs=2, type=Path, metavar=("PROJECT_JSON", "UNSLOTH_JSON"))

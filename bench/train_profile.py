@@ -16,8 +16,10 @@ overlap on several streams). Prints a table last and writes JSON.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import logging
+import pstats
 import re
 import time
 from collections.abc import Iterable
@@ -114,14 +116,33 @@ def train_steps(model: Any, optimizer: torch.optim.Optimizer, batches: list[dict
     return (time.perf_counter() - started) / len(batches)
 
 
-def profile_variant(model_dir: str, variant: str, *, warmup: int, steps: int, rows: int, length: int) -> dict[str, Any]:
+def host_hotspots(model: Any, optimizer: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]],
+                  top: int = 25) -> dict[str, Any]:
+    """The host's side of the same steps under cProfile: the Python functions (and the C calls they make) that hold
+    the host longest per step, by their own time; where the host, not the GPU, sets a step's pace (small micro-batches)
+    these are what it spends it on."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    wall = train_steps(model, optimizer, batches)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    steps = len(batches)
+    return {"wall_s_per_step_under_cprofile": round(wall, 5), "top_by_own_time": [
+        {"function": f"{Path(file).name}:{line}({name})", "calls_per_step": round(calls / steps, 1),
+         "own_ms_per_step": round(1e3 * own / steps, 2), "cumulative_ms_per_step": round(1e3 * cumulative / steps, 2)}
+        for (file, line, name), (_, calls, own, cumulative, _) in ranked]}
+
+
+def profile_variant(model_dir: str, variant: str, *, warmup: int, steps: int, rows: int, length: int,
+                    host: bool = False) -> dict[str, Any]:
     model, packing = build_variant(model_dir, variant)
-    batches, _ = collate(dense_batches(warmup + 2 * steps, rows=rows, length=length, seed=0), packing)
+    batches, _ = collate(dense_batches(warmup + (3 if host else 2) * steps, rows=rows, length=length, seed=0), packing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     train_steps(model, optimizer, batches[:warmup])
     unprofiled = train_steps(model, optimizer, batches[warmup : warmup + steps])
-    profiled_batches = batches[warmup + steps :]
+    profiled_batches = batches[warmup + steps : warmup + 2 * steps]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall = train_steps(model, optimizer, profiled_batches)
     result = aggregate(kernel_events(prof), steps, wall)
@@ -134,6 +155,8 @@ def profile_variant(model_dir: str, variant: str, *, warmup: int, steps: int, ro
                   gradient_checkpointing=checkpointing, frozen_linear_params=params,
                   gemm_flops_per_step_estimate=flops,
                   gemm_tflops_per_s=round(flops / gemm_s / 1e12, 1) if gemm_s else None)
+    if host:
+        result["host"] = host_hotspots(model, optimizer, batches[warmup + 2 * steps :])
     del model, optimizer, batches, prof
     release_memory()
     return result
@@ -167,6 +190,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--host", action="store_true",
+                        help="then --steps more steps under cProfile: the host's hotspots per step")
     arguments = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("train_profile.py profiles CUDA kernels and needs a CUDA GPU; none is visible here.")
@@ -176,13 +201,17 @@ def main() -> None:
         log.info("variant %s: profiling %d steps after %d warmup", variant, arguments.steps, arguments.warmup)
         try:
             results[variant] = profile_variant(arguments.model_dir, variant, warmup=arguments.warmup,
-                                               steps=arguments.steps, rows=arguments.rows, length=arguments.length)
+                                               steps=arguments.steps, rows=arguments.rows, length=arguments.length,
+                                               host=arguments.host)
         except torch.OutOfMemoryError as error:
             log.warning("variant %s: out of memory (%s)", variant, str(error).splitlines()[0])
             results[variant] = {"error": "out of memory"}
             release_memory()
             continue
-        log.info("variant %s: %s", variant, {k: v for k, v in results[variant].items() if k != "top_kernels"})
+        log.info("variant %s: %s", variant, {k: v for k, v in results[variant].items()
+                                             if k not in ("top_kernels", "host")})
+        for entry in results[variant].get("host", {}).get("top_by_own_time", []):
+            log.info("host %s", entry)
     payload = {
         "command": command_line(),
         "device": torch.cuda.get_device_name(0),
