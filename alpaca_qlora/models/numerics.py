@@ -155,15 +155,49 @@ def float32_copy(model: torch.nn.Module) -> torch.nn.Module | None:
     (generation/near_ties.py). Exact: every float64 weight here was widened from float32 (NF4 dequantized once, fp32
     adapters), so narrowing it back loses nothing. None where float32 matmuls may run in a narrower type (a
     `torch.set_float32_matmul_precision` other than highest lets oneDNN use bf16 or TF32), which would break the
-    error bound the margin rests on."""
+    error bound the margin rests on, and None where the host has not the memory for it: float64 alone gives the same
+    answers, more slowly, where a copy that does not fit would end the evaluation."""
     precisions = {torch.get_float32_matmul_precision(),
                   getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")}
     if not precisions <= {"highest", "none", "ieee"}:
         log.warning("float32 matmul precision %s: decoding in float64 alone", sorted(precisions))
         return None
-    copied = copy.deepcopy(model)  # holds the float64 model's size again, in float32: half as much memory more
-    torch.nn.Module.to(copied, torch.float32)  # nn.Module's own .to, as in to_cpu_float64
+    tensors = [tensor for tensor in [*model.parameters(), *model.buffers()] if tensor.is_floating_point()]
+    needed = sum(tensor.numel() * 4 for tensor in tensors)
+    available = available_host_bytes()
+    if available is not None and needed + FLOAT32_COPY_RESERVE_BYTES > available:
+        log.warning("a float32 copy of the model needs %.2f GiB, and the host has %.2f GiB available: decoding in "
+                    "float64 alone (the same answers, more slowly)", needed / 2**30, available / 2**30)
+        return None
+    # Each weight narrowed as the copy is made (deepcopy takes the memo's tensors): the float64 weights are never
+    # copied whole, so the copy costs half the float64 model's memory, not all of it first.
+    memo: dict[int, Any] = {id(tensor): _narrowed(tensor) for tensor in tensors}
+    copied = copy.deepcopy(model, memo)
+    torch.nn.Module.to(copied, torch.float32)  # nn.Module's own .to, as in to_cpu_float64: anything left
     return copied.eval()
+
+
+# What the host keeps free beside a float32 copy: the decoding's activations and KV cache, and the rest of the system.
+FLOAT32_COPY_RESERVE_BYTES = 2**30
+
+
+def _narrowed(tensor: torch.Tensor) -> torch.Tensor:
+    narrowed = tensor.detach().to(torch.float32)
+    if isinstance(tensor, torch.nn.Parameter):
+        return torch.nn.Parameter(narrowed, requires_grad=tensor.requires_grad)
+    return narrowed
+
+
+def available_host_bytes() -> int | None:
+    """The host memory available for new allocations (Linux's MemAvailable: free memory plus what the page cache
+    can give back); None where /proc/meminfo does not say, and the copy is made unguarded."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 FLOAT32_DECODING = (f"a float32 copy of the weights decodes; where its two best logits are under {NEAR_TIE_MARGIN} "

@@ -11,6 +11,7 @@ from alpaca_qlora.data.formatting import encode_prompt
 from alpaca_qlora.generation import generate, greedy
 from alpaca_qlora.generation.batching import left_pad
 from alpaca_qlora.generation.near_ties import NearTieCheck
+from alpaca_qlora.models import numerics
 from alpaca_qlora.models.inference import load_for_inference, with_float32_copy
 from alpaca_qlora.models.numerics import float32_copy
 from support.generation import PROMPTS, QUESTIONS, TEMPLATE
@@ -108,6 +109,23 @@ def test_float32_found_too_coarse_leaves_the_batch_to_float64(float64_lora, capl
     assert answers == expected
     assert "answering in float64 alone" in caplog.text
     assert stats["near_tie_float32_error_max"] > 0.01 / 4 and stats["near_tie_float32_dropped"]
+
+
+def test_the_float32_copy_is_the_float64_model_narrowed_and_none_where_the_host_lacks_the_memory(float64_lora,
+                                                                                                 monkeypatch):
+    model, _ = float64_lora
+    copied = float32_copy(model)
+    originals, narrowed = dict(model.named_parameters()), dict(copied.named_parameters())
+    assert narrowed.keys() == originals.keys() and all(p.dtype == torch.float32 for p in narrowed.values())
+    for name, parameter in originals.items():
+        assert torch.equal(narrowed[name].double(), parameter), name  # exact: every float64 weight came from float32
+        assert narrowed[name].data_ptr() != parameter.data_ptr()
+    assert all(buffer.dtype == torch.float32 for buffer in copied.buffers() if buffer.is_floating_point())
+    needed = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    monkeypatch.setattr(numerics, "available_host_bytes", lambda: needed)  # no room for the reserve beside it
+    assert float32_copy(model) is None
+    monkeypatch.setattr(numerics, "available_host_bytes", lambda: needed + numerics.FLOAT32_COPY_RESERVE_BYTES)
+    assert float32_copy(model) is not None
 
 
 def test_no_float32_copy_where_float32_matmuls_may_run_narrower(float64_lora):
