@@ -169,8 +169,8 @@ def float32_copy(model: torch.nn.Module) -> torch.nn.Module | None:
         log.warning("a float32 copy of the model needs %.2f GiB, and the host has %.2f GiB available: decoding in "
                     "float64 alone (the same answers, more slowly)", needed / 2**30, available / 2**30)
         return None
-    # Each weight narrowed as the copy is made (deepcopy takes the memo's tensors): the float64 weights are never
-    # copied whole, so the copy costs half the float64 model's memory, not all of it first.
+    # The weights narrowed first and handed to deepcopy in its memo: the float64 weights are never duplicated, so the
+    # copy costs the float32 weights alone (half the float64 model), where a plain deepcopy first held all of it.
     memo: dict[int, Any] = {id(tensor): _narrowed(tensor) for tensor in tensors}
     copied = copy.deepcopy(model, memo)
     torch.nn.Module.to(copied, torch.float32)  # nn.Module's own .to, as in to_cpu_float64: anything left

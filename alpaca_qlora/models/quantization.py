@@ -21,7 +21,6 @@ class QuantizationPlan:
     compute_dtype: torch.dtype
 
 
-@functools.cache
 def is_4bit(layer: torch.nn.Module) -> bool:
     """Whether `layer` is a bitsandbytes 4-bit linear layer (bitsandbytes may be missing where the base is not)."""
     try:
@@ -31,6 +30,7 @@ def is_4bit(layer: torch.nn.Module) -> bool:
     return isinstance(layer, bitsandbytes.nn.Linear4bit)
 
 
+@functools.cache
 def probe_4bit(device: str) -> tuple[bool, str]:
     """Try bitsandbytes' NF4 once per device: a quantize/dequantize round trip of a small tensor (milliseconds)."""
     try:

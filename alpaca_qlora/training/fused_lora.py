@@ -13,18 +13,20 @@ autocast dtype (fp32 LoRA weights cast to it, their gradients cast back), as aut
 without it, in the base's compute dtype, which must then be the LoRA weights' dtype. A call the fused function does not
 reproduce (adapters disabled or merged, several active, mixed dtypes without autocast) runs PEFT's forward.
 
-`fuse_lora_layers` swaps only each layer's forward: its parameters and their names (what PEFT saves), the optimizer's
-view of them and gradient checkpointing are untouched. LoRA dropout must be 0: its mask sits between the input and
-lora_A, and this backward keeps the input unmasked.
+`fuse_lora_layers` swaps each layer's forward and gives the layers one ComputeCopies (renewed by hooks): their
+parameters and names (what PEFT saves), the optimizer's view of them and gradient checkpointing are untouched. LoRA
+dropout must be 0: its mask sits between the input and lora_A, and this backward keeps the input unmasked.
 """
 from __future__ import annotations
 
 import logging
 import types
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.quantization import is_4bit
@@ -32,6 +34,7 @@ from alpaca_qlora.models.quantization import is_4bit
 log = logging.getLogger(__name__)
 KEPT_WEIGHT = "kept_dequantized_weight"  # the attribute keep_dequantized sets on a base layer
 COMPUTE_COPIES = "lora_compute_copies"  # the attribute fuse_lora_layers sets on each layer: the model's ComputeCopies
+COPIES_HOOKS = "lora_compute_copies_hooks"  # on the fused model: the hook handles that make its copies stale
 
 
 def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -58,7 +61,14 @@ def fused_4bit_bases(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def dequantized_bytes(bases: list[torch.nn.Module], dtype: torch.dtype) -> int:
+    """What keep_dequantized would hold for these bases in `dtype`."""
     return sum(base.out_features * base.in_features * dtype.itemsize for base in bases)
+
+
+def drop_dequantized(model: torch.nn.Module) -> None:
+    """Every kept dequantized copy under `model`, fused now or not, dropped."""
+    for module in model.modules():
+        module.__dict__.pop(KEPT_WEIGHT, None)
 
 
 def keep_dequantized(bases: list[torch.nn.Module], dtype: torch.dtype | None) -> None:
@@ -85,14 +95,18 @@ def scaled_gradient(gradient: torch.Tensor, scaling: float, dtype: torch.dtype) 
 
 class ComputeCopies:
     """The model's LoRA weights in the compute dtype, cast all at once at the first fused call of each model forward:
-    one concatenation and one cast for every adapted layer, instead of two casts a layer, each a kernel launch whose
-    host cost sets the pace at small micro-batches. A recomputed (checkpointed) forward, inside backward, gets the
-    very copies its first forward used. Stale from the model's forward pre-hook on (fuse_lora_layers), not from
-    version counters alone: a fused AdamW step updates the weights without moving them."""
+    one concatenation into the compute dtype for every adapted layer, instead of two casts a layer, each a kernel
+    launch whose host cost sets the pace at small micro-batches. A recomputed (checkpointed) forward, inside backward,
+    gets the very copies its first forward used. Stale after every forward pre-hook of the transformer and every
+    optimizer step (fuse_lora_layers registers both), and when a weight's version counter moves: a fused AdamW step
+    updates weights without moving it, and `param.data` writes never do. Weights it cannot concatenate (sharded
+    DTensors, several devices) are cast one by one, as before."""
 
-    def __init__(self, parameters: list[torch.nn.Parameter]):
-        self.parameters = parameters
-        self.index = {id(parameter): position for position, parameter in enumerate(parameters)}
+    def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
+        plain = all(type(parameter.data) is torch.Tensor for parameter in parameters)
+        one_device = len({parameter.device for parameter in parameters}) == 1
+        self.parameters = parameters if plain and one_device else []
+        self.index = {id(parameter): position for position, parameter in enumerate(self.parameters)}
         self.copies: list[torch.Tensor] = []
         self.versions: list[int] = []
         self.dtype: torch.dtype | None = None
@@ -102,8 +116,9 @@ class ComputeCopies:
         self.stale = True
 
     def get(self, parameter: torch.nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+        """`parameter` in `dtype`, from the current copies (renewed first if stale)."""
         position = self.index.get(id(parameter))
-        if position is None or type(parameter.data) is not torch.Tensor:  # not registered, or sharded (DTensor)
+        if position is None:
             return parameter.to(dtype)
         if self.stale or dtype != self.dtype or self.versions[position] != parameter._version:
             self.refresh(dtype)
@@ -111,8 +126,10 @@ class ComputeCopies:
 
     @torch.no_grad()
     def refresh(self, dtype: torch.dtype) -> None:
-        flat = torch.cat([parameter.detach().reshape(-1) for parameter in self.parameters]).to(dtype)
+        """Every registered weight cast into one new buffer (new, so copies saved for an earlier backward stay)."""
         sizes = [parameter.numel() for parameter in self.parameters]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=self.parameters[0].device)
+        torch.cat([parameter.detach().reshape(-1) for parameter in self.parameters], out=flat)
         self.copies = [part.view(parameter.shape)
                        for part, parameter in zip(flat.split(sizes), self.parameters, strict=True)]
         self.versions = [parameter._version for parameter in self.parameters]
@@ -220,6 +237,22 @@ def fusion_obstacles(layer: Any) -> list[str]:
     return obstacles
 
 
+def _invalidation_hooks(model: torch.nn.Module, copies: ComputeCopies) -> list[Any]:
+    """Stale copies at every forward of the transformer itself (reached by PeftModel's forward and generate alike)
+    and after every optimizer step (a global hook, holding the copies weakly and removed with them)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = inner.register_forward_pre_hook(copies.invalidate)
+    held = weakref.ref(copies)
+
+    def after_step(*_: Any) -> None:
+        if (alive := held()) is not None:
+            alive.invalidate()
+
+    step = register_optimizer_step_post_hook(after_step)
+    weakref.finalize(copies, step.remove)
+    return [forward, step]
+
+
 def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Give every PEFT LoRA Linear of `model` the fused forward; returns how many.
 
@@ -233,7 +266,9 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
                             f"(e.g. {name}: {', '.join(obstacles)}). Set lora.dropout=0 and lora.bias=none for it.")
     copies = ComputeCopies([parameter for _, layer in layers for adapters in (layer.lora_A, layer.lora_B)
                             for module in adapters.values() for parameter in module.parameters()])
-    model.register_forward_pre_hook(copies.invalidate)
+    for handle in model.__dict__.pop(COPIES_HOOKS, ()):  # fused before: the earlier copies' hooks go
+        handle.remove()
+    model.__dict__[COPIES_HOOKS] = _invalidation_hooks(model, copies)
     for _, layer in layers:
         layer.forward = types.MethodType(fused_lora_forward, layer)
         layer.__dict__[COMPUTE_COPIES] = copies

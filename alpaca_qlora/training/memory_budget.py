@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.training.fused_lora import dequantized_bytes, fused_4bit_bases, keep_dequantized
+from alpaca_qlora.training.fused_lora import dequantized_bytes, drop_dequantized, fused_4bit_bases, keep_dequantized
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +237,11 @@ def cap_process_memory(budget_gib: float, device: torch.device) -> None:
 
 
 def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget, compute_dtype: torch.dtype) -> MemoryPlan | None:
-    """Where checkpointing is left to it, measure and keep the layers that fit; then cap the process at the budget
-    (after the probe, which runs with every layer kept)."""
+    """Where checkpointing is left to it, measure and keep the layers that fit, and give what is left to dequantized
+    copies of the frozen weights; then cap the process at the budget (after the probe, which runs with every layer
+    kept)."""
     device = next(model.parameters()).device
-    keep_dequantized(fused_4bit_bases(model), None)  # an earlier plan's copies are not part of what this one measures
+    drop_dequantized(model)  # an earlier plan's copies are not part of what this one measures
     plan = None
     if budget.plans_layers:
         tokens = budget.tokens_per_micro_batch

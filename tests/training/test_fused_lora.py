@@ -11,11 +11,12 @@ from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import QuantizationPlan, probe_4bit
 from alpaca_qlora.training.fused_lora import (
+    KEPT_WEIGHT,
     FusedLoraLinear,
     dequantized_bytes,
+    drop_dequantized,
     fuse_lora_layers,
     fused_4bit_bases,
-    is_lora_linear,
     keep_dequantized,
 )
 from alpaca_qlora.training.model import attach_lora
@@ -147,29 +148,52 @@ def test_every_step_computes_with_the_weights_the_optimizer_left(tiny_mistral_di
     peft_losses = adam_losses(lora_model(tiny_mistral_dir, "unquantized"), fused=False, optimizer=optimizer)
     fused = lora_model(tiny_mistral_dir, "unquantized")
     fuse_lora_layers(fused)
+    weight = next(p for p in fused.parameters() if p.requires_grad)
+    version = weight._version
     assert adam_losses(fused, fused=True, optimizer=optimizer) == pytest.approx(peft_losses, rel=1e-5)
+    if optimizer.get("fused"):
+        assert weight._version == version  # the premise: a fused step updates the weights, not their versions
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_kept_dequantized_weights_give_the_same_step_without_dequantizing(tiny_mistral_dir, base):
-    """What the memory plan keeps where the budget has room: the frozen weights dequantized once. The step is the
+def test_weights_written_through_data_reach_the_next_forward_by_any_entry(tiny_mistral_dir):
+    """`param.data` writes move no version counter; the next forward, through the PeftModel or straight through the
+    transformer inside it, still computes with the new weights."""
+    peft = lora_model(tiny_mistral_dir, "unquantized")
+    fused = lora_model(tiny_mistral_dir, "unquantized")
+    fuse_lora_layers(fused)
+    for model in (peft, fused):
+        with torch.no_grad():
+            model(**batch())
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.data.mul_(3)
+    with torch.no_grad():
+        expected = peft(**batch()).loss
+        torch.testing.assert_close(fused.get_base_model()(**batch()).loss, expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(fused(**batch()).loss, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU")
+def test_kept_dequantized_weights_give_the_same_step_without_dequantizing(tiny_mistral_dir):
+    """What the memory plan keeps where the budget has room: the frozen NF4 weights dequantized once. The step is the
     one the fused function computes when it dequantizes each time, bit for bit, and it dequantizes nothing."""
-    model = lora_model(tiny_mistral_dir, base, checkpointing="on")
+    import bitsandbytes.functional
+
+    model = lora_model(tiny_mistral_dir, "nf4", checkpointing="on")
     fuse_lora_layers(model)
     each_time = loss_and_gradients(model, fused=True)
     bases = fused_4bit_bases(model)
-    assert len(bases) == (ADAPTED_LAYERS if base == "nf4" else 0)
-    keep_dequantized([layer.get_base_layer() for layer in model.modules() if is_lora_linear(layer)], torch.float32)
+    assert len(bases) == ADAPTED_LAYERS
+    keep_dequantized(bases, torch.float32)
     with pytest.MonkeyPatch.context() as patch:
-        import bitsandbytes.functional
-
         patch.setattr(bitsandbytes.functional, "dequantize_4bit", lambda *args, **kwargs: pytest.fail("dequantized"))
         kept = loss_and_gradients(model, fused=True)
     assert torch.equal(kept[0], each_time[0])
     for name, gradient in each_time[1].items():
         assert torch.equal(kept[1][name], gradient), name
-    assert dequantized_bytes(bases, torch.bfloat16) == sum(2 * layer.in_features * layer.out_features
-                                                           for layer in bases)
+    assert dequantized_bytes(bases, torch.float32) == sum(base.__dict__[KEPT_WEIGHT].nbytes for base in bases)
+    drop_dequantized(model)
+    assert not any(KEPT_WEIGHT in base.__dict__ for base in bases)
 
 
 def test_the_saved_adapter_is_pefts(tiny_mistral_dir, tmp_path):

@@ -2,12 +2,15 @@
 in, and the stage only plans where there is device memory to plan (the measured peaks: bench/budget_bench.py)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.models.quantization import plan_quantization
+from alpaca_qlora.models.quantization import QuantizationPlan, plan_quantization, probe_4bit
+from alpaca_qlora.training.fused_lora import KEPT_WEIGHT, dequantized_bytes, fused_4bit_bases
 from alpaca_qlora.training.memory_budget import (
     ACTIVATION_HEADROOM,
     GIB,
@@ -60,7 +63,7 @@ def test_more_tokens_a_micro_batch_keep_fewer_layers_under_the_same_budget():
     assert four.kept_layers < one.kept_layers
 
 
-def test_the_room_left_after_the_activations_keeps_dequantized_weights_first_layers_first():
+def test_the_room_left_after_the_activations_goes_to_dequantized_layers_that_fit():
     plan = plan_layers(PEAKS, budget_gib=100, fixed_bytes=GIB, tokens=MIB)  # every layer kept, most of 100 GiB free
     room = plan.budget_gib - plan.expected_peak_gib
     roomy = plan_dequantized(plan, layers=8, bytes_per_layer=GIB)
@@ -90,6 +93,25 @@ def test_applying_a_plan_checkpoints_exactly_its_layers(tiny_model):
     finally:
         for layer in layers:
             layer.gradient_checkpointing = True
+
+
+@pytest.mark.skipif(not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU")
+def test_applying_a_plan_keeps_its_first_layers_weights_dequantized_and_drops_the_rest(tiny_mistral_dir):
+    lora = embedded_params(lora={"dropout": 0.0}).lora
+    model = build_trainable_model(str(tiny_mistral_dir), QuantizationPlan(True, "test", torch.float32), lora,
+                                  SpeedSwitches(liger_kernels=False, gradient_checkpointing=True, fused_lora=True),
+                                  device="cpu")
+    layers = decoder_layers(model)
+    peaks = StepPeaks(layers=len(layers), checkpointed_base=0, checkpointed_per_token=1.0, kept_base=0,
+                      kept_per_token=1.0)
+    plan = plan_layers(peaks, budget_gib=1.0, fixed_bytes=0, tokens=1000)
+    bytes_per_layer = dequantized_bytes(fused_4bit_bases(layers[0]), torch.float32)
+    assert bytes_per_layer > 0
+    for count in (1, len(layers), 0):  # each plan replaces the last one's copies
+        apply_plan(model, dataclasses.replace(plan, dequantized_layers=count), torch.float32)
+        kept = [all(KEPT_WEIGHT in base.__dict__ for base in fused_4bit_bases(layer)) for layer in layers]
+        assert kept == [index < count for index in range(len(layers))]
+    assert not any(KEPT_WEIGHT in module.__dict__ for module in model.modules())
 
 
 def test_auto_leaves_a_margin_and_an_explicit_budget_above_the_card_is_refused():
