@@ -31,8 +31,9 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.fused_lora import is_lora_linear
 from alpaca_qlora.training.memory_budget import GIB, MemoryBudget, cap_process_memory, decoder_layers, plan_to_budget
 from bench import command_line
-from bench.train_bench import build_variant, measure, release_memory
+from bench.train_bench import measure
 from bench.train_profile import frozen_linear_params
+from bench.train_variants import build_variant, release_memory
 from bench.workloads import alpaca_micro_batches, alpaca_rows, collate, dense_batches
 
 log = logging.getLogger("budget_bench")

@@ -1,7 +1,7 @@
 """DDP and FSDP on the 7B shape, through the project's training code path: tokens/s and memory per GPU.
 
 Each process builds the train stage's model with the Mistral profile's settings as the stage resolves them
-(bench.train_bench.project_settings: 4-bit NF4 base, bf16 frozen weights, gradient checkpointing offloaded, Liger,
+(bench.train_variants.project_settings: 4-bit NF4 base, bf16 frozen weights, gradient checkpointing offloaded, Liger,
 LoRA; `--no-liger` measures what Liger is worth) and trains on its own micro-batches of ROWS x 2048 tokens.
 `--mode ddp`: accelerate wraps the model in DDP, every process holds the whole base, and the LoRA gradients are
 all-reduced. `--mode fsdp`: the train stage's FSDP2 settings (training.sharding, through the
@@ -41,7 +41,7 @@ from alpaca_qlora.training.packing import packed_attention
 from alpaca_qlora.training.peak_memory import gpu_peak_gib, host_peak_gib, per_process
 from alpaca_qlora.training.sharding import fsdp_training_arguments, keep_output_projection_whole, reduce_in_fp32
 from bench import command_line
-from bench.train_bench import project_model, project_settings
+from bench.train_variants import project_model, project_settings
 from bench.workloads import collate, dense_batches
 
 log = logging.getLogger("ddp_bench")

@@ -66,7 +66,7 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
 from bench.decode_profile import decode_profile, profile_table
-from bench.train_bench import add_profile_argument, profile_lora, use_profile
+from bench.train_variants import add_profile_argument, profile_lora, use_profile
 
 log = logging.getLogger("eval_bench")
 # variant: (generation method, base weights, LoRA); the weights change in place, only forward: 4-bit -> dequantized,

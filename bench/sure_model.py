@@ -44,7 +44,7 @@ from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
 from bench.eval_bench import VARIANTS, prepare
-from bench.train_bench import bench_profile, profile_lora
+from bench.train_variants import bench_profile, profile_lora
 
 log = logging.getLogger("sure_model")
 # (variant, generation method, base weights, LoRA) from the eval bench, each run on a freshly loaded model and

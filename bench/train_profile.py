@@ -32,7 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from alpaca_qlora.stage import configure_logging
 from bench import command_line
-from bench.train_bench import VARIANTS, build_variant, project_settings, release_memory, train_step
+from bench.train_bench import train_step
+from bench.train_variants import VARIANTS, build_variant, project_settings, release_memory
 from bench.workloads import collate, dense_batches
 
 log = logging.getLogger("train_profile")

@@ -34,16 +34,16 @@ import torch  # noqa: E402
 from alpaca_qlora.stage import configure_logging  # noqa: E402
 from bench import command_line  # noqa: E402
 from bench.budget_bench import run_grid  # noqa: E402
-from bench.train_bench import (  # noqa: E402
+from bench.train_bench import measure  # noqa: E402
+from bench.train_results import Measurement  # noqa: E402
+from bench.train_variants import (  # noqa: E402
     REFERENCE_LORA_DROPOUT,
     add_profile_argument,
-    measure,
     profile_lora,
     release_memory,
     target_names,
     use_profile,
 )
-from bench.train_results import Measurement  # noqa: E402
 from bench.workloads import alpaca_micro_batches, collate, workloads  # noqa: E402
 
 log = logging.getLogger("unsloth_bench")

@@ -7,7 +7,7 @@ import pytest
 from transformers import MistralConfig
 
 from alpaca_qlora.training.model import weightless_model
-from bench.train_bench import VARIANTS, project_model, reference_lora_config, target_names
+from bench.train_variants import VARIANTS, project_model, reference_lora_config, target_names
 from support.params import embedded_params
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
