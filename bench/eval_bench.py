@@ -8,24 +8,9 @@
 The model loads in NF4 (alpaca_qlora.models.loading.load_model, plan_quantization("nf4", device)) with a freshly
 initialised, non-zero LoRA adapter on the seven projections (the Mistral profile's LoRA; `--profile PATH`: another
 profile's, such as a family's), as the fine-tuned evaluation runs; prompts are Alpaca-formatted instructions of Alpaca
-length, tokenized by the model's tokenizer, greedy with the evaluation's stop rules. Variants, in this order on the
-same model object:
-- plain:               generation.generate(method="plain"): model.generate(), 4-bit bnb layers (the baseline);
-- graphed:             method="graphed": the same 4-bit layers, static KV cache, decoding step in a CUDA graph,
-                       attention through sdpa with enable_gqa (alpaca_qlora/generation/attention.py);
-- graphed_folded:      graphed with LoRA folded (fold_lora_for_generation): auto's path on a card too small for
-                       the dequantized weights;
-- fast:                the base dequantized once (dequantize_for_generation) + own greedy loop dropping finished
-                       rows (method="fast");
-- graphed_dequantized: the dequantized base with method="graphed", PEFT's LoRA;
-- graphed_grouped:     graphed_dequantized with LoRA grouped by input (group_lora_for_generation): PEFT's arithmetic
-                       once for q/k/v and once for gate/up;
-- auto:                what the evaluate stage runs by default (prepare_for_generation with eval.generation auto: on
-                       a large card graphed on the dequantized base); `eval_speedup` is this variant's when
-                       measured, else graphed_dequantized's, else graphed's;
-- auto_folded:         auto with eval.fold_lora true: LoRA folded beside the weights in bf16 (explicit option);
-- merged_bf16:         LoRA merged into the dequantized weights, method="graphed" (explicit option: changes
-                       precision).
+length, tokenized by the model's tokenizer, greedy with the evaluation's stop rules (bench/eval_variants.py). The
+variants, in this order on the same model object: plain, graphed, graphed_folded, fast, graphed_dequantized,
+graphed_grouped, auto, auto_folded, merged_bf16 (what each runs: bench/eval_variants.py).
 Each reports new tokens/s, wall time, peak GPU memory, how many rows differ from plain (for merged_bf16 that
 is the precision change's effect, not a bug), and for graphed variants the decoding phases' seconds (prefill,
 capture, decode, host checks). `--profile-steps N` adds, for each graphed variant, torch.profiler's top kernels
@@ -51,86 +36,18 @@ import torch
 from alpaca_qlora.data.prompts import get_template
 from alpaca_qlora.generation import (
     Recorder,
-    dequantize_for_generation,
-    fold_lora_for_generation,
     generate,
-    group_lora_for_generation,
-    merge_lora_for_generation,
-    prepare_for_generation,
     resolve_generation_method,
 )
-from alpaca_qlora.generation.lora_groups import GroupedLoraMember
-from alpaca_qlora.models.loading import load_model, load_tokenizer
-from alpaca_qlora.models.quantization import plan_quantization
+from alpaca_qlora.models.loading import load_tokenizer
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training.model import attach_lora
 from bench import command_line
 from bench.decode_profile import decode_profile, profile_table
-from bench.train_variants import add_profile_argument, profile_lora, use_profile
+from bench.eval_variants import VARIANTS, build_model, build_prompts, prepare
+from bench.train_variants import add_profile_argument, use_profile
 
 log = logging.getLogger("eval_bench")
-# variant: (generation method, base weights, LoRA); the weights change in place, only forward: 4-bit -> dequantized,
-# PEFT LoRA -> folded, grouped or merged. auto and auto_folded are the evaluate stage's own preparation
-# (generation.prepare_for_generation: on CUDA LoRA grouped by input where the base is dequantized), with eval.fold_lora
-# false and true.
-VARIANTS = {"plain": ("plain", "nf4", "peft"), "graphed": ("graphed", "nf4", "peft"),
-            "graphed_folded": ("graphed", "nf4", "folded"), "fast": ("fast", "dequantized", "peft"),
-            "graphed_dequantized": ("graphed", "dequantized", "peft"),
-            "graphed_grouped": ("graphed", "dequantized", "grouped"), "auto": ("auto", None, None),
-            "auto_folded": ("auto", None, "folded"),
-            "merged_bf16": ("graphed", "dequantized", "merged")}
 SMALL_CARD_GIB = 11.0  # what a 12 GB card leaves for one process
-
-INSTRUCTIONS = [
-    ("What is the capital of France?", ""),
-    ("Give three tips for staying healthy.", ""),
-    ("Classify the sentiment of the following review as positive or negative.",
-     "The battery lasts all day and the screen is gorgeous, but the speakers are a little quiet."),
-    ("Summarize the paragraph in one sentence.",
-     "The Industrial Revolution began in Great Britain in the late 18th century and spread to Europe and North "
-     "America. It marked a shift from hand production to machines, new chemical manufacturing and iron "
-     "production processes, the increasing use of steam power and the rise of the factory system."),
-    ("Translate the following sentence into Spanish.", "The weather is beautiful today, let's go for a walk."),
-    ("Write a short poem about the ocean at night.", ""),
-    ("Explain the difference between a virus and a bacterium.", ""),
-    ("Name the chemical symbol of sodium.", ""),
-    ("Rewrite the sentence in the passive voice.", "The committee approved the new budget on Monday."),
-    ("Generate a list of five creative names for a coffee shop.", ""),
-    ("Which country has the larger population?", "Canada or Australia"),
-    ("Describe how a refrigerator keeps food cold.", ""),
-    ("Find the error in the following code and fix it.", "def add(a, b):\n    return a - b"),
-    ("What is the boiling point of water at sea level in Celsius?", ""),
-    ("Write a polite email declining a meeting invitation.", ""),
-    ("Identify the main character in the story.",
-     "Maria woke before dawn, laced her boots and climbed the ridge to watch the sun rise over the valley."),
-]
-
-
-def build_prompts(count: int) -> list[str]:
-    template = get_template("alpaca")
-    return [template.render(*INSTRUCTIONS[index % len(INSTRUCTIONS)]) for index in range(count)]
-
-
-def build_model(model_dir: str, device: str) -> Any:
-    plan = plan_quantization("nf4", device)
-    model = load_model(model_dir, plan, device=device)
-    if device == "cpu":  # keep bnb on the dequantize + F.linear path CUDA takes for batches (see tests)
-        import bitsandbytes
-
-        for module in model.modules():
-            if isinstance(module, bitsandbytes.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
-    torch.manual_seed(0)
-    model = attach_lora(model, profile_lora(), quantized=True, gradient_checkpointing=False)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a trained adapter is non-zero: perturb B (zero at init) the same way every run
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                noise = torch.randn(parameter.shape, generator=generator) * 0.01
-                parameter.copy_(noise.to(parameter.device, parameter.dtype))
-    model.eval()
-    return model, plan
-
 
 def peak_gib(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None
@@ -194,43 +111,6 @@ def measure(model: Any, tokenizer: Any, prompts: list[str], *, variant: str, bat
                                                   steps=profile_steps)
         log.info("%s", profile_table(variant, result["decode_profile"]))
     return result
-
-
-def prepare(model: Any, variant: str, state: dict[str, str], device: str, *,
-            dequantized_on_load: bool = False) -> str | None:
-    """Bring the weights to what `variant` runs on, or refuse where an earlier variant's in-place change is past it;
-    for auto and auto_folded, the weights as the evaluate stage names them. `dequantized_on_load`: the CPU
-    loader's float64 path (load_for_inference), which left no 4-bit layers."""
-    method, weights, lora = VARIANTS[variant]
-    if method == "auto":
-        resolved = resolve_generation_method("auto", device, model)
-        if state["lora"] not in ("peft", lora):
-            raise RuntimeError(f"{variant} must run before LoRA is {state['lora']} (in place)")
-        described = prepare_for_generation(model, requested="auto", method=resolved, device=device, quantized=True,
-                                           dequantized_on_load=dequantized_on_load, merge=False,
-                                           fold=lora == "folded")
-        state["weights"] = "dequantized" if "dequantized" in described else state["weights"]
-        state["lora"] = "folded" if "+lora" in described else state["lora"]  # or folded by graphed_folded before
-        if any(isinstance(module, GroupedLoraMember) for module in model.modules()):  # the name does not say
-            state["lora"] = "grouped"
-        return described
-    if state["weights"] == "dequantized" and weights == "nf4":
-        raise RuntimeError(f"{variant} must run before the dequantized variants (dequantization is in place)")
-    if state["lora"] != "peft" and lora != state["lora"]:
-        raise RuntimeError(f"{variant} must run before LoRA is {state['lora']} (in place)")
-    if weights == "dequantized" and state["weights"] == "nf4":
-        started = time.perf_counter()
-        dequantize_for_generation(model)
-        log.info("dequantized in %.1f s", time.perf_counter() - started)
-        state["weights"] = "dequantized"
-    if lora == "folded" and state["lora"] == "peft":
-        fold_lora_for_generation(model)
-    if lora == "grouped" and state["lora"] == "peft":
-        group_lora_for_generation(model)
-    if lora == "merged" and state["lora"] == "peft":
-        merge_lora_for_generation(model)
-    state["lora"] = lora
-    return None
 
 
 def run(model_dir: str, variants: list[str], *, prompts: int, batch_size: int, max_new_tokens: int, device: str,

@@ -43,7 +43,7 @@ from alpaca_qlora.models.inference import load_for_inference
 from alpaca_qlora.stage import configure_logging
 from alpaca_qlora.training.model import attach_lora
 from bench import command_line
-from bench.eval_bench import VARIANTS, prepare
+from bench.eval_variants import VARIANTS, prepare
 from bench.train_variants import bench_profile, profile_lora
 
 log = logging.getLogger("sure_model")
