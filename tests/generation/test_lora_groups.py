@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alpaca_qlora.generation import group_lora_for_generation, prepare_for_generation
+from alpaca_qlora.generation import dequantize_for_generation, group_lora_for_generation, prepare_for_generation
 from alpaca_qlora.generation.lora_groups import GroupedLoraMember
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.numerics import to_cpu_float64
-from alpaca_qlora.models.quantization import plan_quantization
+from alpaca_qlora.models.quantization import QuantizationPlan, plan_quantization, probe_4bit
 from support.generation import bnb_default_path, run
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -56,6 +56,47 @@ def test_grouped_lora_gives_peft_logits_and_greedy_tokens(tiny_mistral_dir, quan
         assert (logits(model) - before).abs().max() > 1e-3  # the adapter matters
     for method in ("plain", "fast", "graphed"):
         assert run(model, tokenizer, method, markers=(), max_new_tokens=12) == plain
+
+
+def projection_dtypes(model) -> dict[str, torch.dtype]:
+    """The dtype each of the first layer's seven projections hands on, over one forward."""
+    layer = model.get_base_model().model.layers[0]
+    seen, hooks = {}, []
+    for name in SEVEN:
+        block = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+        hooks.append(getattr(block, name).register_forward_hook(
+            lambda module, args, output, name=name: seen.__setitem__(name, output.dtype)))
+    logits(model)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("quantization", [pytest.param("nf4", marks=pytest.mark.skipif(
+    not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU")), "none"])
+def test_in_the_gpus_dtypes_grouping_keeps_each_projections_output_dtype_and_the_logits(tiny_mistral_dir,
+                                                                                       quantization):
+    """CUDA's setting on CPU: bf16 weights (NF4 dequantized, PEFT's 4-bit LoRA class kept, which casts the adapter's
+    output before adding it; or lora.Linear, which adds in fp32 and casts the sum) with fp32 adapters. Each grouped
+    projection hands on PEFT's dtype, and the logits stay PEFT's within bf16 rounding (on this CPU they are equal)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(tiny_mistral_dir), QuantizationPlan(quantization == "nf4", "test", torch.bfloat16),
+                       device="cpu")
+    if quantization == "nf4":
+        bnb_default_path(model)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False,
+                                             task_type="CAUSAL_LM")).eval()
+    if quantization == "nf4":
+        dequantize_for_generation(model)
+    assert {p.dtype for name, p in model.named_parameters() if "lora_" in name} == {torch.float32}
+    dtypes, before = projection_dtypes(model), logits(model)
+    assert group_lora_for_generation(model) == 2 * model.config.num_hidden_layers
+    assert projection_dtypes(model) == dtypes and set(dtypes.values()) == {torch.bfloat16}
+    after = logits(model)
+    assert after.dtype == before.dtype
+    torch.testing.assert_close(after, before)  # bf16's tolerances
 
 
 def test_member_called_with_another_input_computes_its_own(tiny_mistral_dir):
