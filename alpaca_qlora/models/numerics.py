@@ -172,9 +172,7 @@ def float32_copy(model: torch.nn.Module) -> torch.nn.Module | None:
     # The weights narrowed first and handed to deepcopy in its memo: the float64 weights are never duplicated, so the
     # copy costs the float32 weights alone (half the float64 model), where a plain deepcopy first held all of it.
     memo: dict[int, Any] = {id(tensor): _narrowed(tensor) for tensor in tensors}
-    copied = copy.deepcopy(model, memo)
-    torch.nn.Module.to(copied, torch.float32)  # nn.Module's own .to, as in to_cpu_float64: anything left
-    return copied.eval()
+    return copy.deepcopy(model, memo).eval()
 
 
 # What the host keeps free beside a float32 copy: the decoding's activations and KV cache, and the rest of the system.

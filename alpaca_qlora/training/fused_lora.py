@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import logging
 import types
-import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.quantization import is_4bit
@@ -34,7 +32,7 @@ from alpaca_qlora.models.quantization import is_4bit
 log = logging.getLogger(__name__)
 KEPT_WEIGHT = "kept_dequantized_weight"  # the attribute keep_dequantized sets on a base layer
 COMPUTE_COPIES = "lora_compute_copies"  # the attribute fuse_lora_layers sets on each layer: the model's ComputeCopies
-COPIES_HOOKS = "lora_compute_copies_hooks"  # on the fused model: the hook handles that make its copies stale
+COPIES_HOOK = "lora_compute_copies_hook"  # on the fused model: the handle of the hook that makes its copies stale
 
 
 def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -71,16 +69,13 @@ def drop_dequantized(model: torch.nn.Module) -> None:
         module.__dict__.pop(KEPT_WEIGHT, None)
 
 
-def keep_dequantized(bases: list[torch.nn.Module], dtype: torch.dtype | None) -> None:
+@torch.no_grad()
+def keep_dequantized(bases: list[torch.nn.Module], dtype: torch.dtype) -> None:
     """Dequantize these frozen 4-bit weights once and keep them in `dtype` for the rest of the run: the same values
     the fused function would dequantize at every forward, recomputation and backward, without the kernels. The 4-bit
-    weight stays what is stored and saved; the copy is a plain attribute (not a parameter or buffer). `dtype` None
-    drops the copies."""
+    weight stays what is stored and saved; the copy is a plain attribute (not a parameter or buffer)."""
     for base in bases:
-        base.__dict__.pop(KEPT_WEIGHT, None)
-        if dtype is not None:
-            with torch.no_grad():
-                base.__dict__[KEPT_WEIGHT] = frozen_weight(base, dtype)
+        base.__dict__[KEPT_WEIGHT] = frozen_weight(base, dtype)
 
 
 def frozen_bias(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
@@ -97,10 +92,10 @@ class ComputeCopies:
     """The model's LoRA weights in the compute dtype, cast all at once at the first fused call of each model forward:
     one concatenation into the compute dtype for every adapted layer, instead of two casts a layer, each a kernel
     launch whose host cost sets the pace at small micro-batches. A recomputed (checkpointed) forward, inside backward,
-    gets the very copies its first forward used. Stale after every forward pre-hook of the transformer and every
-    optimizer step (fuse_lora_layers registers both), and when a weight's version counter moves: a fused AdamW step
-    updates weights without moving it, and `param.data` writes never do. Weights it cannot concatenate (sharded
-    DTensors, several devices) are cast one by one, as before."""
+    gets the very copies its first forward used. Stale at every forward of the transformer itself (the pre-hook
+    fuse_lora_layers registers), whatever changed the weights since: not version counters, which a fused AdamW step
+    and `param.data` writes leave unmoved. Weights it cannot concatenate (sharded DTensors, several devices) are cast
+    one by one, as before."""
 
     def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
         plain = all(type(parameter.data) is torch.Tensor for parameter in parameters)
@@ -108,7 +103,6 @@ class ComputeCopies:
         self.parameters = parameters if plain and one_device else []
         self.index = {id(parameter): position for position, parameter in enumerate(self.parameters)}
         self.copies: list[torch.Tensor] = []
-        self.versions: list[int] = []
         self.dtype: torch.dtype | None = None
         self.stale = True
 
@@ -120,7 +114,7 @@ class ComputeCopies:
         position = self.index.get(id(parameter))
         if position is None:
             return parameter.to(dtype)
-        if self.stale or dtype != self.dtype or self.versions[position] != parameter._version:
+        if self.stale or dtype != self.dtype:
             self.refresh(dtype)
         return self.copies[position]
 
@@ -132,7 +126,6 @@ class ComputeCopies:
         torch.cat([parameter.detach().reshape(-1) for parameter in self.parameters], out=flat)
         self.copies = [part.view(parameter.shape)
                        for part, parameter in zip(flat.split(sizes), self.parameters, strict=True)]
-        self.versions = [parameter._version for parameter in self.parameters]
         self.dtype, self.stale = dtype, False
 
 
@@ -237,22 +230,6 @@ def fusion_obstacles(layer: Any) -> list[str]:
     return obstacles
 
 
-def _invalidation_hooks(model: torch.nn.Module, copies: ComputeCopies) -> list[Any]:
-    """Stale copies at every forward of the transformer itself (reached by PeftModel's forward and generate alike)
-    and after every optimizer step (a global hook, holding the copies weakly and removed with them)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = inner.register_forward_pre_hook(copies.invalidate)
-    held = weakref.ref(copies)
-
-    def after_step(*_: Any) -> None:
-        if (alive := held()) is not None:
-            alive.invalidate()
-
-    step = register_optimizer_step_post_hook(after_step)
-    weakref.finalize(copies, step.remove)
-    return [forward, step]
-
-
 def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Give every PEFT LoRA Linear of `model` the fused forward; returns how many.
 
@@ -266,9 +243,11 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
                             f"(e.g. {name}: {', '.join(obstacles)}). Set lora.dropout=0 and lora.bias=none for it.")
     copies = ComputeCopies([parameter for _, layer in layers for adapters in (layer.lora_A, layer.lora_B)
                             for module in adapters.values() for parameter in module.parameters()])
-    for handle in model.__dict__.pop(COPIES_HOOKS, ()):  # fused before: the earlier copies' hooks go
-        handle.remove()
-    model.__dict__[COPIES_HOOKS] = _invalidation_hooks(model, copies)
+    if COPIES_HOOK in model.__dict__:  # fused before: the earlier copies' hook goes
+        model.__dict__[COPIES_HOOK].remove()
+    # at every forward of the transformer itself, which PeftModel's forward and generate both reach
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model.__dict__[COPIES_HOOK] = inner.register_forward_pre_hook(copies.invalidate)
     for _, layer in layers:
         layer.forward = types.MethodType(fused_lora_forward, layer)
         layer.__dict__[COMPUTE_COPIES] = copies

@@ -218,9 +218,11 @@ def apply_plan(model: torch.nn.Module, plan: MemoryPlan, compute_dtype: torch.dt
     """Checkpointing on for the planned layers only (the model's checkpointing must already be enabled), and the
     planned layers' frozen weights kept dequantized (the others' copies, from an earlier plan, dropped)."""
     checkpointed = set(plan.checkpointed_layers)
+    drop_dequantized(model)
     for index, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = index in checkpointed
-        keep_dequantized(fused_4bit_bases(layer), compute_dtype if index < plan.dequantized_layers else None)
+        if index < plan.dequantized_layers:
+            keep_dequantized(fused_4bit_bases(layer), compute_dtype)
 
 
 def fixed_bytes(model: torch.nn.Module, device: torch.device) -> float:
