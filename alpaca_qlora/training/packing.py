@@ -167,12 +167,11 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if boundaries.numel() - 1 == batch:  # one row per bin: sdpa's causal flash kernel, without varlen's copies
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, position_ids=position_ids, **kwargs)
-    groups = heads // key.shape[1]
+    # Key and value heads go in unrepeated: the flash kernel serves grouped-query attention itself. torch 2.13 asks
+    # for the switch; 2.11's varlen_attn has none and hands any head counts straight to that kernel.
     extra: dict[str, Any] = {}
-    if groups > 1 and "enable_gqa" in inspect.signature(varlen_attn).parameters:
+    if key.shape[1] != heads and "enable_gqa" in inspect.signature(varlen_attn).parameters:
         extra["enable_gqa"] = True
-    elif groups > 1:  # torch 2.11's varlen_attn has no GQA switch: repeat key/value heads as repeat_kv does
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     window = (-1, 0) if sliding_window is None or longest <= sliding_window else (sliding_window - 1, 0)
 
     def flat(states: torch.Tensor) -> torch.Tensor:
@@ -194,10 +193,10 @@ def varlen_attention_available(device: str) -> bool:
     if device != "cuda":
         return False  # torch's varlen kernel is CUDA-only; CPU keeps sdpa under the block-diagonal mask
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False
-    return True
+    return "window_size" in inspect.signature(varlen_attn).parameters  # torch >= 2.11 (2.10's takes no scale)
 
 
 def use_varlen_attention(model: torch.nn.Module) -> None:

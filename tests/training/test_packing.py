@@ -106,3 +106,52 @@ def test_segment_boundaries_follow_position_resets_and_bin_starts():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
     boundaries, longest = sequence_boundaries(positions, batch=2, length=6)
     assert boundaries.tolist() == [0, 3, 5, 6, 10, 12] and longest == 4
+
+
+def _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch's varlen_attn as its flash kernel computes it (grouped-query heads included), on CPU: causal attention
+    per segment of the flattened (tokens, heads, dim) inputs."""
+    outputs = []
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), strict=True):
+        q, k, v = (states[start:end].transpose(0, 1).float() for states in (query, key, value))
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1).to(query.dtype))
+    return torch.cat(outputs)
+
+
+def _varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1)):
+    _varlen_2_11.heads = (query.shape[1], key.shape[1], value.shape[1])
+    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale)
+
+
+def _varlen_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=None, enable_gqa=False):
+    assert enable_gqa == (key.shape[1] != query.shape[1]), "2.13 refuses fewer key/value heads without enable_gqa"
+    _varlen_2_13.heads = (query.shape[1], key.shape[1], value.shape[1])
+    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale)
+
+
+@pytest.mark.parametrize("varlen", [_varlen_2_11, _varlen_2_13], ids=["torch-2.11", "torch-2.13"])
+def test_varlen_attention_hands_key_value_heads_over_unrepeated(monkeypatch, varlen):
+    """Grouped-query heads reach the kernel as the model made them (no copies repeated to the query's head count),
+    and packed segments attend as sdpa does to each sequence on its own."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from alpaca_qlora.training.packing import varlen_attention_forward
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", varlen)
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 6, 8
+    query = torch.randn(batch, heads, length, dim, generator=generator).bfloat16()
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator).bfloat16() for _ in range(2))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1]])
+    output, _ = varlen_attention_forward(torch.nn.Module(), query, key, value, None, scaling=dim ** -0.5,
+                                         position_ids=positions)
+    assert varlen.heads == (heads, kv_heads, kv_heads)
+    for row, segments in enumerate([[(0, 3), (3, 6)], [(0, 4), (4, 6)]]):
+        for start, end in segments:
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                *(states[row:row + 1, :, start:end].float() for states in (query, key, value)), is_causal=True,
+                scale=dim ** -0.5, enable_gqa=True).transpose(1, 2)
+            torch.testing.assert_close(output[row:row + 1, start:end].float(), expected, atol=1e-2, rtol=1e-2)
