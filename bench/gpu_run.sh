@@ -238,6 +238,8 @@ indent=2)" \
         | grep -v "Warning\|Loading weights\|Measurement(" | tail -30
       python -m bench.budget_bench --summarize "$out/budget_project.json" "$out/budget_unsloth.json" \
         --out "$out/budget.json" ;;
+    varlen)  # packed rows through the variable-length kernel (grouped-query heads unrepeated) against sdpa
+      CUDA_VISIBLE_DEVICES=0 python -m bench.varlen_check --out "$out/varlen_check.json" 2>&1 | tail -12 ;;
     profile)
       CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_TIMEOUT:-300}" python -m bench.train_profile "$model" \
         --out "$out/train_profile.json" ${PROFILE_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;

@@ -29,7 +29,8 @@ import torch
 
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.profiles import profile_params
-from alpaca_qlora.training.fused_lora import fused_4bit_bases, keep_dequantized
+from alpaca_qlora.training.frozen_weights import keep_dequantized
+from alpaca_qlora.training.fused_lora import fused_4bit_bases
 from alpaca_qlora.training.model import (
     SpeedSwitches,
     all_linear_targets,

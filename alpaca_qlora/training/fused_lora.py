@@ -4,9 +4,9 @@ PEFT runs a LoRA Linear as separate modules: the base layer (bitsandbytes dequan
 a copy of the base output, lora_A, lora_B, a multiply by the scaling and an add; autograd mirrors each in backward and
 sums the base's and the adapter's input gradients. The multiply, add, copy and sum are elementwise kernels over the
 layer's whole output or input, on top of the GEMMs. Here, as in Unsloth's fast_lora, the adapter's term is accumulated
-into the base output by an addmm whose alpha is the scaling, and backward, written by hand, re-dequantizes the frozen
-weight (unless the memory plan keeps it dequantized: keep_dequantized), accumulates the adapter's share of the
-input gradient into the base's by another addmm, and computes no gradient for the frozen weight.
+into the base output by an addmm whose alpha is the scaling, and backward, written by hand, reads the frozen weight
+again (in the form the memory plan keeps: frozen_weights), accumulates the adapter's share of the input gradient into
+the base's by another addmm, and computes no gradient for the frozen weight.
 
 The dtypes are PEFT and bitsandbytes' own, decided before the function runs: under autocast every matmul runs in the
 autocast dtype (fp32 LoRA weights cast to it, their gradients cast back), as autocast does to PEFT's lora_A and lora_B;
@@ -28,58 +28,18 @@ import torch.nn.functional as F
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.quantization import is_4bit
+from alpaca_qlora.training.frozen_weights import frozen_bias, frozen_weight
 
 log = logging.getLogger(__name__)
-KEPT_WEIGHT = "kept_dequantized_weight"  # the attribute keep_dequantized sets on a base layer
 COMPUTE_COPIES = "lora_compute_copies"  # the attribute fuse_lora_layers sets on each layer: the model's ComputeCopies
 COPIES_HOOK = "lora_compute_copies_hook"  # on the fused model: the handle of the hook that makes its copies stale
 
 
-def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's weight, (out_features, in_features), in `dtype`: the copy the memory plan keeps where it has
-    room (keep_dequantized), else a 4-bit one dequantized afresh, as bitsandbytes' own backward does, so that no
-    dequantized copy outlives the matmul that needs it."""
-    kept = base.__dict__.get(KEPT_WEIGHT)
-    if kept is not None and kept.dtype == dtype:
-        return kept
-    if not is_4bit(base):
-        return base.weight.to(dtype)
-    import bitsandbytes
-
-    # FSDP can drop the weight's quant_state; Linear4bit.forward restores it so, first
-    bitsandbytes.nn.modules.fix_4bit_weight_quant_state_from_module(base)
-    return bitsandbytes.functional.dequantize_4bit(base.weight.view(-1, 1), base.weight.quant_state).to(dtype)
-
-
 def fused_4bit_bases(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The 4-bit base layers under `module` (a decoder layer, say) whose LoRA runs the fused function: the weights a
-    kept dequantized copy would serve."""
+    """The 4-bit base layers under `module` (a decoder layer, say) whose LoRA runs the fused function: the weights
+    whose kept forms (frozen_weights) it would read."""
     return [layer.get_base_layer() for layer in module.modules()
             if getattr(layer.forward, "__func__", None) is fused_lora_forward and is_4bit(layer.get_base_layer())]
-
-
-def dequantized_bytes(bases: list[torch.nn.Module], dtype: torch.dtype) -> int:
-    """What keep_dequantized would hold for these bases in `dtype`."""
-    return sum(base.out_features * base.in_features * dtype.itemsize for base in bases)
-
-
-def drop_dequantized(model: torch.nn.Module) -> None:
-    """Every kept dequantized copy under `model`, fused now or not, dropped."""
-    for module in model.modules():
-        module.__dict__.pop(KEPT_WEIGHT, None)
-
-
-@torch.no_grad()
-def keep_dequantized(bases: list[torch.nn.Module], dtype: torch.dtype) -> None:
-    """Dequantize these frozen 4-bit weights once and keep them in `dtype` for the rest of the run: the same values
-    the fused function would dequantize at every forward, recomputation and backward, without the kernels. The 4-bit
-    weight stays what is stored and saved; the copy is a plain attribute (not a parameter or buffer)."""
-    for base in bases:
-        base.__dict__[KEPT_WEIGHT] = frozen_weight(base, dtype)
-
-
-def frozen_bias(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if base.bias is None else base.bias.to(dtype)
 
 
 def scaled_gradient(gradient: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:

@@ -11,9 +11,11 @@ counts give each mode's line, and the run's micro-batch is read off it; the peak
 the two modes, a k-th of the difference a layer. The process is then capped at the budget
 (`set_per_process_memory_fraction`), so the allocator frees its cache and retries before it would pass it.
 
-Memory the plan leaves over after the activations goes to dequantized copies of the frozen 4-bit weights, a layer at a
-time (fused LoRA only: fused_lora.keep_dequantized): the same values, without the dequantization kernels and their
-launches in every forward, recomputation and backward. The base stays NF4 in what is stored and saved.
+Under fused LoRA the plan also chooses the form the frozen 4-bit weights are read in (frozen_weights), the same values
+in each. Their fp32 block scales come first, before the activations, while the budget holds them: an eighth of the
+4-bit weights' memory for two of the three dequantization kernels of every call, and most of bitsandbytes' Python,
+which sets the pace where a step is bound by the host. Memory left over after the activations goes to dequantized
+copies, a layer at a time. The base stays NF4 in what is stored and saved.
 """
 from __future__ import annotations
 
@@ -27,7 +29,14 @@ from typing import Any
 import torch
 
 from alpaca_qlora.errors import PipelineError
-from alpaca_qlora.training.fused_lora import dequantized_bytes, drop_dequantized, fused_4bit_bases, keep_dequantized
+from alpaca_qlora.training.frozen_weights import (
+    absmax_bytes,
+    dequantized_bytes,
+    drop_kept,
+    keep_absmax,
+    keep_dequantized,
+)
+from alpaca_qlora.training.fused_lora import fused_4bit_bases
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,7 @@ class MemoryPlan:
     expected_peak_gib: float
     fixed_gib: float
     dequantized_layers: int = 0
+    kept_absmax: bool = False
 
     def record(self) -> dict[str, Any]:
         """The plan's figures; the budget itself the stage records, plan or none."""
@@ -184,9 +194,17 @@ def measure_step_peaks(model: torch.nn.Module, compute_dtype: torch.dtype, *, to
     return StepPeaks(len(layers), *lines)
 
 
-def plan_layers(peaks: StepPeaks, *, budget_gib: float, fixed_bytes: float, tokens: int) -> MemoryPlan:
+def plan_layers(peaks: StepPeaks, *, budget_gib: float, fixed_bytes: float, tokens: int,
+                absmax_bytes: int = 0) -> MemoryPlan:
     """Keep the most layers the budget holds and checkpoint the first ones: backward frees the kept (last) layers'
-    activations before it recomputes the checkpointed ones."""
+    activations before it recomputes the checkpointed ones. Fp32 block scales (`absmax_bytes`) are kept first, unless
+    the budget holds no plan with them."""
+    if absmax_bytes > 0:
+        try:
+            return dataclasses.replace(plan_layers(peaks, budget_gib=budget_gib, fixed_bytes=fixed_bytes + absmax_bytes,
+                                                   tokens=tokens), kept_absmax=True)
+        except PipelineError:
+            pass
     budget = budget_gib * GIB
 
     def peak(kept: int) -> float:
@@ -216,13 +234,16 @@ def plan_dequantized(plan: MemoryPlan, *, layers: int, bytes_per_layer: int) -> 
 
 def apply_plan(model: torch.nn.Module, plan: MemoryPlan, compute_dtype: torch.dtype) -> None:
     """Checkpointing on for the planned layers only (the model's checkpointing must already be enabled), and the
-    planned layers' frozen weights kept dequantized (the others' copies, from an earlier plan, dropped)."""
+    frozen weights kept in the planned forms: the first layers dequantized, the others' block scales in fp32 where
+    planned (what an earlier plan kept, dropped)."""
     checkpointed = set(plan.checkpointed_layers)
-    drop_dequantized(model)
+    drop_kept(model)
     for index, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = index in checkpointed
         if index < plan.dequantized_layers:
             keep_dequantized(fused_4bit_bases(layer), compute_dtype)
+        elif plan.kept_absmax:
+            keep_absmax(fused_4bit_bases(layer))
 
 
 def fixed_bytes(model: torch.nn.Module, device: torch.device) -> float:
@@ -243,20 +264,22 @@ def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget, compute_dtype: 
     copies of the frozen weights; then cap the process at the budget (after the probe, which runs with every layer
     kept)."""
     device = next(model.parameters()).device
-    drop_dequantized(model)  # an earlier plan's copies are not part of what this one measures
+    drop_kept(model)  # what an earlier plan kept is not part of what this one measures
     plan = None
     if budget.plans_layers:
         tokens = budget.tokens_per_micro_batch
         peaks = measure_step_peaks(model, compute_dtype, tokens=max(2, min(PROBE_TOKENS, tokens)))
-        plan = plan_layers(peaks, budget_gib=budget.gib, fixed_bytes=fixed_bytes(model, device), tokens=tokens)
+        plan = plan_layers(peaks, budget_gib=budget.gib, fixed_bytes=fixed_bytes(model, device), tokens=tokens,
+                           absmax_bytes=absmax_bytes(fused_4bit_bases(model)))
         layers = decoder_layers(model)
         plan = plan_dequantized(plan, layers=len(layers),
                                 bytes_per_layer=max(dequantized_bytes(fused_4bit_bases(layer), compute_dtype)
                                                     for layer in layers))
         apply_plan(model, plan, compute_dtype)
         log.info("memory budget %.2f GiB, %d tokens a micro-batch: %d of %d layers keep their activations, %d "
-                 "recompute, %d keep their frozen weights dequantized (expected peak %.2f GiB)", budget.gib, tokens,
-                 plan.kept_layers, peaks.layers, len(plan.checkpointed_layers), plan.dequantized_layers,
+                 "recompute, %d keep their frozen weights dequantized, the others' block scales %s (expected peak "
+                 "%.2f GiB)", budget.gib, tokens, plan.kept_layers, peaks.layers, len(plan.checkpointed_layers),
+                 plan.dequantized_layers, "kept in fp32" if plan.kept_absmax else "dequantized at every call",
                  plan.expected_peak_gib)
     else:
         log.info("memory budget %.2f GiB: the process is capped; gradient checkpointing as train params set it",

@@ -10,15 +10,16 @@ from safetensors.torch import load_file
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.loading import load_model
 from alpaca_qlora.models.quantization import QuantizationPlan, probe_4bit
-from alpaca_qlora.training.fused_lora import (
+from alpaca_qlora.training.frozen_weights import (
+    KEPT_ABSMAX,
     KEPT_WEIGHT,
-    FusedLoraLinear,
+    absmax_bytes,
     dequantized_bytes,
-    drop_dequantized,
-    fuse_lora_layers,
-    fused_4bit_bases,
+    drop_kept,
+    keep_absmax,
     keep_dequantized,
 )
+from alpaca_qlora.training.fused_lora import FusedLoraLinear, fuse_lora_layers, fused_4bit_bases
 from alpaca_qlora.training.model import attach_lora
 from support.params import embedded_params
 
@@ -192,8 +193,39 @@ def test_kept_dequantized_weights_give_the_same_step_without_dequantizing(tiny_m
     for name, gradient in each_time[1].items():
         assert torch.equal(kept[1][name], gradient), name
     assert dequantized_bytes(bases, torch.float32) == sum(base.__dict__[KEPT_WEIGHT].nbytes for base in bases)
-    drop_dequantized(model)
+    drop_kept(model)
     assert not any(KEPT_WEIGHT in base.__dict__ for base in bases)
+
+
+@pytest.mark.skipif(not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU")
+def test_kept_block_scales_give_the_same_step_with_one_kernel_a_weight(tiny_mistral_dir):
+    """What the memory plan keeps first: each double-quantized weight's block scales in fp32. The step is the one
+    computed when bitsandbytes dequantizes the scales at every call, bit for bit; its dequantize_4bit (scales, offset,
+    weight) is no longer called, only the weight's own kernel."""
+    import bitsandbytes.functional
+
+    model = lora_model(tiny_mistral_dir, "nf4", checkpointing="on")
+    fuse_lora_layers(model)
+    each_time = loss_and_gradients(model, fused=True)
+    bases = fused_4bit_bases(model)
+    assert all(base.weight.quant_state.nested for base in bases)  # QLoRA's double quantization
+    keep_absmax(bases)
+    kernel = torch.ops.bitsandbytes.dequantize_4bit.default
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bitsandbytes.functional, "dequantize_4bit", lambda *args, **kwargs: pytest.fail("functional"))
+        patch.setattr(torch.ops.bitsandbytes.dequantize_4bit, "default",
+                      lambda *args: calls.append(args[1]) or kernel(*args))
+        kept = loss_and_gradients(model, fused=True)
+    assert torch.equal(kept[0], each_time[0])
+    for name, gradient in each_time[1].items():
+        assert torch.equal(kept[1][name], gradient), name
+    # forward, recomputation and backward: three reads of each weight, every one from its kept scales
+    assert len(calls) == 3 * len(bases)
+    assert {id(absmax) for absmax in calls} == {id(base.__dict__[KEPT_ABSMAX]) for base in bases}
+    assert absmax_bytes(bases) == sum(base.__dict__[KEPT_ABSMAX].nbytes for base in bases) > 0
+    drop_kept(model)
+    assert not any(KEPT_ABSMAX in base.__dict__ for base in bases)
 
 
 def test_the_saved_adapter_is_pefts(tiny_mistral_dir, tmp_path):

@@ -10,7 +10,8 @@ import torch
 from alpaca_qlora.config import load_params
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.models.quantization import QuantizationPlan, plan_quantization, probe_4bit
-from alpaca_qlora.training.fused_lora import KEPT_WEIGHT, dequantized_bytes, fused_4bit_bases
+from alpaca_qlora.training.frozen_weights import KEPT_ABSMAX, KEPT_WEIGHT, absmax_bytes, dequantized_bytes
+from alpaca_qlora.training.fused_lora import fused_4bit_bases
 from alpaca_qlora.training.memory_budget import (
     ACTIVATION_HEADROOM,
     GIB,
@@ -74,6 +75,21 @@ def test_the_room_left_after_the_activations_goes_to_dequantized_layers_that_fit
     assert plan_dequantized(plan, layers=8, bytes_per_layer=0).dequantized_layers == 0  # nothing fused to keep
 
 
+def test_block_scales_are_kept_first_while_the_budget_holds_a_plan_with_them():
+    roomy = plan_layers(PEAKS, budget_gib=100, fixed_bytes=GIB, tokens=MIB, absmax_bytes=GIB // 2)
+    assert roomy.kept_absmax and roomy.kept_layers == 8
+    assert roomy.expected_peak_gib == pytest.approx(plan_layers(PEAKS, budget_gib=100, fixed_bytes=GIB, tokens=MIB)
+                                                    .expected_peak_gib + 0.5, abs=0.01)
+    without = plan_layers(PEAKS, budget_gib=2.8, fixed_bytes=GIB, tokens=MIB)
+    # the scales cost kept layers where the budget is tight: they come before the activations
+    tight = plan_layers(PEAKS, budget_gib=2.8, fixed_bytes=GIB, tokens=MIB, absmax_bytes=200 * MIB)
+    assert tight.kept_absmax and tight.kept_layers < without.kept_layers and tight.expected_peak_gib <= 2.8
+    # a budget that holds the run only without them plans without them
+    bare = plan_layers(PEAKS, budget_gib=2.5, fixed_bytes=GIB, tokens=MIB)
+    assert plan_layers(PEAKS, budget_gib=2.5, fixed_bytes=GIB, tokens=MIB, absmax_bytes=GIB) == bare
+    assert not bare.kept_absmax
+
+
 def test_a_budget_nothing_fits_in_is_refused_with_what_to_change():
     with pytest.raises(PipelineError, match="micro_batch_size.*max_seq_length"):
         plan_layers(PEAKS, budget_gib=2.0, fixed_bytes=GIB, tokens=MIB)
@@ -107,11 +123,15 @@ def test_applying_a_plan_keeps_its_first_layers_weights_dequantized_and_drops_th
     plan = plan_layers(peaks, budget_gib=1.0, fixed_bytes=0, tokens=1000)
     bytes_per_layer = dequantized_bytes(fused_4bit_bases(layers[0]), torch.float32)
     assert bytes_per_layer > 0
-    for count in (1, len(layers), 0):  # each plan replaces the last one's copies
-        apply_plan(model, dataclasses.replace(plan, dequantized_layers=count), torch.float32)
+    for count, scales in ((1, True), (len(layers), True), (1, False), (0, False)):  # each replaces the last one's
+        apply_plan(model, dataclasses.replace(plan, dequantized_layers=count, kept_absmax=scales), torch.float32)
         kept = [all(KEPT_WEIGHT in base.__dict__ for base in fused_4bit_bases(layer)) for layer in layers]
         assert kept == [index < count for index in range(len(layers))]
-    assert not any(KEPT_WEIGHT in module.__dict__ for module in model.modules())
+        # the scales where the weight is not kept whole
+        assert [all(KEPT_ABSMAX in base.__dict__ for base in fused_4bit_bases(layer)) for layer in layers] == [
+            scales and index >= count for index in range(len(layers))]
+    assert not any(KEPT_WEIGHT in module.__dict__ or KEPT_ABSMAX in module.__dict__ for module in model.modules())
+    assert absmax_bytes(fused_4bit_bases(model)) > 0
 
 
 def test_auto_leaves_a_margin_and_an_explicit_budget_above_the_card_is_refused():
