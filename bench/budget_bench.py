@@ -28,6 +28,7 @@ import torch
 
 from alpaca_qlora.errors import PipelineError
 from alpaca_qlora.stage import configure_logging
+from alpaca_qlora.training import memory_budget
 from alpaca_qlora.training.fused_lora import is_lora_linear
 from alpaca_qlora.training.memory_budget import GIB, MemoryBudget, cap_process_memory, decoder_layers, plan_to_budget
 from bench import command_line
@@ -151,6 +152,7 @@ def run_project(model_dir: str, caps: list[float], steps: int, warmup: int, loss
                 out: Path) -> dict[str, Any]:
     model, packing = build_variant(model_dir, "project")
     payload: dict[str, Any] = {"device": torch.cuda.get_device_name(0),
+                               "activation_headroom": memory_budget.ACTIVATION_HEADROOM,
                                "frozen_linear_params": frozen_linear_params(model.config)}
     if steps:
         payload["results"] = run_grid(model, "project", "memory_budget", caps=caps, steps=steps, warmup=warmup,
@@ -217,6 +219,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per grid cell; 0: the loss check only")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--loss-steps", type=int, default=50)
+    parser.add_argument("--headroom", type=float, default=memory_budget.ACTIVATION_HEADROOM,
+                        help="the plan's activation headroom for this run (the stage's constant by default): to "
+                             "measure another before changing it")
     parser.add_argument("--summarize", nargs=2, type=Path, metavar=("PROJECT_JSON", "UNSLOTH_JSON"))
     arguments = parser.parse_args()
     configure_logging()
@@ -227,6 +232,7 @@ def main() -> None:
         print(table(summary))
         return
     caps = [float(cap) for cap in arguments.caps.split(",")]
+    memory_budget.ACTIVATION_HEADROOM = arguments.headroom
     run_project(arguments.model_dir, caps, arguments.steps, arguments.warmup, arguments.loss_steps, arguments.out)
 
 
