@@ -29,7 +29,7 @@ import torch
 
 from alpaca_qlora.models.quantization import plan_quantization
 from alpaca_qlora.profiles import profile_params
-from alpaca_qlora.training.frozen_weights import keep_dequantized
+from alpaca_qlora.training.frozen_weights import keep_absmax, keep_dequantized
 from alpaca_qlora.training.fused_lora import fused_4bit_bases
 from alpaca_qlora.training.model import (
     SpeedSwitches,
@@ -146,6 +146,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # every frozen weight kept dequantized, as the memory plan does where the budget has room (80 GiB)
     "nockpt_dequantized": {"gradient_checkpointing": False, "checkpoint_offload": False, "dequantized": True},
     "dequantized": {"dequantized": True},
+    # every frozen weight's block scales kept in fp32, as the memory plan does first where the budget holds them
+    "scales": {"scales": True},
+    "nockpt_scales": {"gradient_checkpointing": False, "checkpoint_offload": False, "scales": True},
 }
 
 
@@ -162,9 +165,12 @@ def build_variant(model_dir: str, variant: str) -> tuple[Any, bool]:
         return baseline_model(model_dir), False
     settings = {**project_settings(), **VARIANTS[variant]}
     packing, dequantized = settings.pop("packing"), settings.pop("dequantized", False)
+    scales = settings.pop("scales", False)
     model = project_model(model_dir, **settings)
     if dequantized:
         keep_dequantized(fused_4bit_bases(model), torch.bfloat16)
+    if scales:
+        keep_absmax(fused_4bit_bases(model))
     if packing:
         packed_attention(model, "cuda")
     return model, packing

@@ -36,8 +36,8 @@ def test_unsloth_gets_all_linear_as_the_layer_names_peft_resolves():
 
 
 def test_every_variant_sets_only_switches_project_model_takes():
-    """A variant's key reaches project_model as an argument (packing and dequantized excepted: build_variant takes
-    them), so a misspelt one fails here rather than on the GPU."""
-    switches = set(inspect.signature(project_model).parameters) | {"packing", "dequantized"}
+    """A variant's key reaches project_model as an argument (packing, dequantized and scales excepted: build_variant
+    takes them), so a misspelt one fails here rather than on the GPU."""
+    switches = set(inspect.signature(project_model).parameters) | {"packing", "dequantized", "scales"}
     assert {variant: set(settings) - switches for variant, settings in VARIANTS.items()} == {
         variant: set() for variant in VARIANTS}
