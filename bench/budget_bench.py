@@ -101,7 +101,8 @@ def project_prepare(model: Any) -> Callable[[float, int], dict[str, Any]]:
                 layer.gradient_checkpointing = True
             return {"plan_error": str(error).splitlines()[0]}
         return {"kept_layers": plan.kept_layers, "checkpointed_layers": len(plan.checkpointed_layers),
-                "dequantized_layers": plan.dequantized_layers, "expected_peak_gib": plan.expected_peak_gib}
+                "dequantized_layers": plan.dequantized_layers, "absmax_layers": plan.absmax_layers,
+                "expected_peak_gib": plan.expected_peak_gib, "fixed_gib": plan.fixed_gib}
     return prepare
 
 

@@ -39,6 +39,9 @@
 #            needs .whl/unsloth-site.tar.gz (bash bench/make_unsloth_site.sh)
 #   budget  bench/budget_bench.py then bench/unsloth_bench.py --caps: each tool's best setting under each memory cap
 #           (BUDGET_CAPS, GiB), the project through the train stage's memory budget; the table in budget.json
+#           (BUDGET_ARGS="--headroom 1.1" plans with another activation headroom than the stage's)
+#   varlen  bench/varlen_check.py: packed rows through the variable-length kernel (grouped-query heads unrepeated)
+#           against each row alone and against sdpa's block-diagonal mask: values and input gradients, not memory
 #   profile  bench/train_profile.py: where a training step's GPU time goes, baseline and project
 #   families  after setup, with .family-tokenizers/ carried (made here: python -m bench.make_random_family
 #             --pack-tokenizers .family-tokenizers): for each of FAMILIES (default llama3 qwen2.5 qwen3 gemma2
@@ -239,7 +242,8 @@ indent=2)" \
       python -m bench.budget_bench --summarize "$out/budget_project.json" "$out/budget_unsloth.json" \
         --out "$out/budget.json" ;;
     varlen)  # packed rows through the variable-length kernel (grouped-query heads unrepeated) against sdpa
-      CUDA_VISIBLE_DEVICES=0 python -m bench.varlen_check --out "$out/varlen_check.json" 2>&1 | tail -12 ;;
+      CUDA_VISIBLE_DEVICES=0 timeout "${VARLEN_TIMEOUT:-120}" python -m bench.varlen_check --out "$out/varlen_check.json" \
+        2>&1 | tail -12 ;;
     profile)
       CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_TIMEOUT:-300}" python -m bench.train_profile "$model" \
         --out "$out/train_profile.json" ${PROFILE_ARGS:-} 2>&1 | grep -v "Warning\|Loading weights\|liger_kernel" | tail -40 ;;

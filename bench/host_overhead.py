@@ -38,8 +38,8 @@ from support.mistral import build_tiny_mistral
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "unsqueeze", "squeeze", "slice", "select",
              "permute", "as_strided", "alias", "detach", "split", "split_with_sizes", "unbind", "_reshape_alias",
              "empty", "empty_like", "empty_strided", "lift_fresh", "_local_scalar_dense"}
-# name: (dequantized layers, block scales kept) as the memory plan would keep them
-VARIANTS = {"nf4": (0, False), "nf4_kept_scales": (0, True), "dequantized": (None, False)}
+# name: (every layer's weights kept dequantized, every layer's block scales kept in fp32), as apply_plan keeps them
+VARIANTS = {"nf4": (False, False), "nf4_kept_scales": (False, True), "dequantized": (True, False)}
 
 
 class OperatorCount(TorchDispatchMode):
@@ -88,8 +88,8 @@ def prepare(model: Any, variant: str) -> Run:
     dequantized, scales = VARIANTS[variant]
     layers = len(decoder_layers(model))
     plan = MemoryPlan(budget_gib=0.0, tokens_per_micro_batch=0, checkpointed_layers=(), kept_layers=layers,
-                      expected_peak_gib=0.0, fixed_gib=0.0, kept_absmax=scales,
-                      dequantized_layers=layers if dequantized is None else dequantized)
+                      expected_peak_gib=0.0, fixed_gib=0.0, dequantized_layers=layers if dequantized else 0,
+                      absmax_layers=layers if scales else 0)
     apply_plan(model, plan, torch.float32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     return Run(variant, model, optimizer, plan)
@@ -111,7 +111,7 @@ def measure(runs: list[Run], *, tokens: int, steps: int, warmup: int, repeats: i
             run.steps(ids, 1)
         bitsandbytes = {name: calls for name, calls in count.calls.items() if name.startswith("bitsandbytes::")}
         results.append({"variant": run.variant, "dequantized_layers": run.plan.dequantized_layers,
-                        "kept_absmax": run.plan.kept_absmax, "operators_per_step": sum(count.calls.values()),
+                        "absmax_layers": run.plan.absmax_layers, "operators_per_step": sum(count.calls.values()),
                         "bitsandbytes_ops_per_step": bitsandbytes, "wall_ms_per_step": round(min(run.walls_ms), 2),
                         "wall_ms_per_repeat": [round(wall, 2) for wall in run.walls_ms],
                         "losses": [round(loss, 6) for loss in run.losses]})

@@ -14,6 +14,7 @@ The kept forms are plain attributes of the base layer (not parameters or buffers
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -21,7 +22,6 @@ from alpaca_qlora.models.quantization import is_4bit
 
 KEPT_WEIGHT = "kept_dequantized_weight"  # the attribute keep_dequantized sets on a base layer
 KEPT_ABSMAX = "kept_absmax"  # the attribute keep_absmax sets on a base layer
-FP32_BYTES = 4
 
 
 def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -31,19 +31,27 @@ def frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
         return kept
     if not is_4bit(base):
         return base.weight.to(dtype)
+    state = quant_state(base)
     absmax = base.__dict__.get(KEPT_ABSMAX)
     if absmax is not None:
-        state = base.weight.quant_state
         return torch.ops.bitsandbytes.dequantize_4bit.default(
             base.weight.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, state.dtype).to(dtype)
     import bitsandbytes
 
-    # FSDP can drop the weight's quant_state; Linear4bit.forward restores it so, first
+    return bitsandbytes.functional.dequantize_4bit(base.weight.view(-1, 1), state).to(dtype)
+
+
+def quant_state(base: torch.nn.Module) -> Any:
+    """The 4-bit weight's bitsandbytes QuantState. FSDP can drop it from the weight; Linear4bit.forward restores it so,
+    first, and so does this."""
+    import bitsandbytes
+
     bitsandbytes.nn.modules.fix_4bit_weight_quant_state_from_module(base)
-    return bitsandbytes.functional.dequantize_4bit(base.weight.view(-1, 1), base.weight.quant_state).to(dtype)
+    return base.weight.quant_state
 
 
 def frozen_bias(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    """The base layer's bias in `dtype` (frozen: the fused function computes no gradient for it)."""
     return None if base.bias is None else base.bias.to(dtype)
 
 
@@ -55,8 +63,8 @@ def dequantized_bytes(bases: Iterable[torch.nn.Module], dtype: torch.dtype) -> i
 def absmax_bytes(bases: Iterable[torch.nn.Module]) -> int:
     """What keep_absmax would add for these 4-bit bases: fp32 scales where they are double-quantized (elsewhere
     the weight's own fp32 scales are kept by reference)."""
-    return sum(base.weight.quant_state.absmax.numel() * FP32_BYTES for base in bases
-               if base.weight.quant_state.nested)
+    return sum(quant_state(base).absmax.numel() * torch.float32.itemsize for base in bases
+               if quant_state(base).nested)
 
 
 @torch.no_grad()
@@ -66,7 +74,7 @@ def keep_absmax(bases: Iterable[torch.nn.Module]) -> None:
     import bitsandbytes
 
     for base in bases:
-        state = base.weight.quant_state
+        state = quant_state(base)
         absmax = state.absmax
         if state.nested:
             absmax = bitsandbytes.functional.dequantize_blockwise(state.absmax, state.state2)

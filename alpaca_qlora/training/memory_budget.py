@@ -11,11 +11,10 @@ counts give each mode's line, and the run's micro-batch is read off it; the peak
 the two modes, a k-th of the difference a layer. The process is then capped at the budget
 (`set_per_process_memory_fraction`), so the allocator frees its cache and retries before it would pass it.
 
-Under fused LoRA the plan also chooses the form the frozen 4-bit weights are read in (frozen_weights), the same values
-in each. Their fp32 block scales come first, before the activations, while the budget holds them: an eighth of the
-4-bit weights' memory for two of the three dequantization kernels of every call, and most of bitsandbytes' Python,
-which sets the pace where a step is bound by the host. Memory left over after the activations goes to dequantized
-copies, a layer at a time. The base stays NF4 in what is stored and saved.
+Under fused LoRA, memory the plan leaves over after the activations goes to the forms the frozen 4-bit weights are read
+in (frozen_weights), the same values in each: first their block scales in fp32 (an eighth of the 4-bit weights'
+memory, for two of the three dequantization kernels of every read and most of bitsandbytes' Python around them), then
+dequantized copies, a layer at a time (no kernel at all). The base stays NF4 in what is stored and saved.
 """
 from __future__ import annotations
 
@@ -81,8 +80,8 @@ class MemoryPlan:
     kept_layers: int
     expected_peak_gib: float
     fixed_gib: float
-    dequantized_layers: int = 0
-    kept_absmax: bool = False
+    dequantized_layers: int = 0  # the first layers: their frozen weights kept dequantized
+    absmax_layers: int = 0  # the layers after those: their frozen weights' block scales kept in fp32
 
     def record(self) -> dict[str, Any]:
         """The plan's figures; the budget itself the stage records, plan or none."""
@@ -194,17 +193,9 @@ def measure_step_peaks(model: torch.nn.Module, compute_dtype: torch.dtype, *, to
     return StepPeaks(len(layers), *lines)
 
 
-def plan_layers(peaks: StepPeaks, *, budget_gib: float, fixed_bytes: float, tokens: int,
-                absmax_bytes: int = 0) -> MemoryPlan:
+def plan_layers(peaks: StepPeaks, *, budget_gib: float, fixed_bytes: float, tokens: int) -> MemoryPlan:
     """Keep the most layers the budget holds and checkpoint the first ones: backward frees the kept (last) layers'
-    activations before it recomputes the checkpointed ones. Fp32 block scales (`absmax_bytes`) are kept first, unless
-    the budget holds no plan with them."""
-    if absmax_bytes > 0:
-        try:
-            return dataclasses.replace(plan_layers(peaks, budget_gib=budget_gib, fixed_bytes=fixed_bytes + absmax_bytes,
-                                                   tokens=tokens), kept_absmax=True)
-        except PipelineError:
-            pass
+    activations before it recomputes the checkpointed ones."""
     budget = budget_gib * GIB
 
     def peak(kept: int) -> float:
@@ -222,14 +213,21 @@ def plan_layers(peaks: StepPeaks, *, budget_gib: float, fixed_bytes: float, toke
                       expected_peak_gib=round(peak(kept) / GIB, 2), fixed_gib=round(fixed_bytes / GIB, 2))
 
 
-def plan_dequantized(plan: MemoryPlan, *, layers: int, bytes_per_layer: int) -> MemoryPlan:
-    """What the budget holds beyond the kept activations goes to dequantized copies of the frozen 4-bit weights, a
-    decoder layer at a time, first layers first: those recompute (three dequantizations a step, against two), and a
-    kept activation saves a whole recomputation for about as much memory, so activations come first."""
+def plan_frozen_forms(plan: MemoryPlan, *, layers: int, dequantized_bytes: int, absmax_bytes: int) -> MemoryPlan:
+    """What the budget holds beyond the kept activations goes to the frozen 4-bit weights' kept forms, a decoder layer
+    at a time (the bytes are a layer's): fp32 block scales first, for as many layers as fit, since they save two of
+    three kernels a read for a 32nd of a dequantized copy's memory; then, once every layer has its scales, dequantized
+    copies from the first layers on (those recompute: three reads a step, against two), each replacing its layer's
+    scales. Activations come before either: a kept activation saves a whole recomputation."""
     room = (plan.budget_gib - plan.expected_peak_gib) * GIB
-    count = 0 if bytes_per_layer <= 0 else max(0, min(layers, int(room // bytes_per_layer)))
-    return dataclasses.replace(plan, dequantized_layers=count,
-                               expected_peak_gib=round(plan.expected_peak_gib + count * bytes_per_layer / GIB, 2))
+    scaled = 0 if absmax_bytes <= 0 else max(0, min(layers, int(room // absmax_bytes)))
+    room -= scaled * absmax_bytes
+    upgrade = dequantized_bytes - (absmax_bytes if scaled == layers else 0)  # a scaled layer's scales go
+    dequantized = 0 if dequantized_bytes <= 0 or scaled < layers and absmax_bytes > 0 else max(
+        0, min(layers, int(room // upgrade)))
+    added = scaled * absmax_bytes + dequantized * upgrade
+    return dataclasses.replace(plan, dequantized_layers=dequantized, absmax_layers=scaled - min(scaled, dequantized),
+                               expected_peak_gib=round(plan.expected_peak_gib + added / GIB, 2))
 
 
 def apply_plan(model: torch.nn.Module, plan: MemoryPlan, compute_dtype: torch.dtype) -> None:
@@ -242,7 +240,7 @@ def apply_plan(model: torch.nn.Module, plan: MemoryPlan, compute_dtype: torch.dt
         layer.gradient_checkpointing = index in checkpointed
         if index < plan.dequantized_layers:
             keep_dequantized(fused_4bit_bases(layer), compute_dtype)
-        elif plan.kept_absmax:
+        elif index < plan.dequantized_layers + plan.absmax_layers:
             keep_absmax(fused_4bit_bases(layer))
 
 
@@ -260,27 +258,25 @@ def cap_process_memory(budget_gib: float, device: torch.device) -> None:
 
 
 def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget, compute_dtype: torch.dtype) -> MemoryPlan | None:
-    """Where checkpointing is left to it, measure and keep the layers that fit, and give what is left to dequantized
-    copies of the frozen weights; then cap the process at the budget (after the probe, which runs with every layer
-    kept)."""
+    """Where checkpointing is left to it, measure and keep the layers that fit, and give what is left to the frozen
+    weights' kept forms; then cap the process at the budget (after the probe, which runs with every layer kept)."""
     device = next(model.parameters()).device
     drop_kept(model)  # what an earlier plan kept is not part of what this one measures
     plan = None
     if budget.plans_layers:
         tokens = budget.tokens_per_micro_batch
         peaks = measure_step_peaks(model, compute_dtype, tokens=max(2, min(PROBE_TOKENS, tokens)))
-        plan = plan_layers(peaks, budget_gib=budget.gib, fixed_bytes=fixed_bytes(model, device), tokens=tokens,
-                           absmax_bytes=absmax_bytes(fused_4bit_bases(model)))
+        plan = plan_layers(peaks, budget_gib=budget.gib, fixed_bytes=fixed_bytes(model, device), tokens=tokens)
         layers = decoder_layers(model)
-        plan = plan_dequantized(plan, layers=len(layers),
-                                bytes_per_layer=max(dequantized_bytes(fused_4bit_bases(layer), compute_dtype)
-                                                    for layer in layers))
+        plan = plan_frozen_forms(plan, layers=len(layers),
+                                 dequantized_bytes=max(dequantized_bytes(fused_4bit_bases(layer), compute_dtype)
+                                                       for layer in layers),
+                                 absmax_bytes=max(absmax_bytes(fused_4bit_bases(layer)) for layer in layers))
         apply_plan(model, plan, compute_dtype)
         log.info("memory budget %.2f GiB, %d tokens a micro-batch: %d of %d layers keep their activations, %d "
-                 "recompute, %d keep their frozen weights dequantized, the others' block scales %s (expected peak "
+                 "recompute; %d keep their frozen weights dequantized, %d their block scales in fp32 (expected peak "
                  "%.2f GiB)", budget.gib, tokens, plan.kept_layers, peaks.layers, len(plan.checkpointed_layers),
-                 plan.dequantized_layers, "kept in fp32" if plan.kept_absmax else "dequantized at every call",
-                 plan.expected_peak_gib)
+                 plan.dequantized_layers, plan.absmax_layers, plan.expected_peak_gib)
     else:
         log.info("memory budget %.2f GiB: the process is capped; gradient checkpointing as train params set it",
                  budget.gib)
@@ -290,5 +286,5 @@ def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget, compute_dtype: 
 
 
 __all__ = ["MemoryBudget", "MemoryPlan", "StepPeaks", "apply_plan", "measure_step_peaks", "memory_budget",
-           "plan_dequantized", "plan_layers", "plan_to_budget", "prefer_expandable_segments", "resolve_budget_gib",
+           "plan_frozen_forms", "plan_layers", "plan_to_budget", "prefer_expandable_segments", "resolve_budget_gib",
            "usable_bytes"]

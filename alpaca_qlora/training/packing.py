@@ -13,6 +13,7 @@ project's rows carry ids, must never be cut, and trl is not otherwise a dependen
 from __future__ import annotations
 
 import bisect
+import functools
 import inspect
 import logging
 import random
@@ -167,10 +168,10 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if boundaries.numel() - 1 == batch:  # one row per bin: sdpa's causal flash kernel, without varlen's copies
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, position_ids=position_ids, **kwargs)
-    # Key and value heads go in unrepeated: the flash kernel serves grouped-query attention itself. torch 2.13 asks
-    # for the switch; 2.11's varlen_attn has none and hands any head counts straight to that kernel.
+    # Key and value heads go in unrepeated: the flash kernel serves grouped-query attention itself. torch 2.12 and
+    # later ask for the switch; 2.11's varlen_attn has none and hands any head counts straight to that kernel.
     extra: dict[str, Any] = {}
-    if key.shape[1] != heads and "enable_gqa" in inspect.signature(varlen_attn).parameters:
+    if key.shape[1] != heads and "enable_gqa" in varlen_parameters(varlen_attn):
         extra["enable_gqa"] = True
     window = (-1, 0) if sliding_window is None or longest <= sliding_window else (sliding_window - 1, 0)
 
@@ -196,7 +197,13 @@ def varlen_attention_available(device: str) -> bool:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False
-    return "window_size" in inspect.signature(varlen_attn).parameters  # torch >= 2.11 (2.10's takes no scale)
+    return {"scale", "window_size"} <= varlen_parameters(varlen_attn)  # torch >= 2.11: 2.10's takes neither
+
+
+@functools.cache
+def varlen_parameters(varlen_attn: Any) -> frozenset[str]:
+    """The keywords this torch's varlen_attn takes, read once (not at every layer's call)."""
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def use_varlen_attention(model: torch.nn.Module) -> None:

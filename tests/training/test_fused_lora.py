@@ -16,6 +16,7 @@ from alpaca_qlora.training.frozen_weights import (
     absmax_bytes,
     dequantized_bytes,
     drop_kept,
+    frozen_weight,
     keep_absmax,
     keep_dequantized,
 )
@@ -226,6 +227,25 @@ def test_kept_block_scales_give_the_same_step_with_one_kernel_a_weight(tiny_mist
     assert absmax_bytes(bases) == sum(base.__dict__[KEPT_ABSMAX].nbytes for base in bases) > 0
     drop_kept(model)
     assert not any(KEPT_ABSMAX in base.__dict__ for base in bases)
+
+
+@pytest.mark.skipif(not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU")
+def test_scales_that_are_not_double_quantized_are_kept_by_reference():
+    """Without double quantization the weight's scales are fp32 already: keeping them costs nothing and reads the
+    same weight."""
+    import bitsandbytes
+
+    torch.manual_seed(0)
+    base = bitsandbytes.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, compress_statistics=False,
+                                      quant_type="nf4")
+    base.weight = bitsandbytes.nn.Params4bit(torch.randn(64, 128), requires_grad=False, compress_statistics=False,
+                                             quant_type="nf4")
+    base = base.to("cpu")
+    assert not base.weight.quant_state.nested
+    each_time = frozen_weight(base, torch.float32)
+    keep_absmax([base])
+    assert base.__dict__[KEPT_ABSMAX] is base.weight.quant_state.absmax and absmax_bytes([base]) == 0
+    assert torch.equal(frozen_weight(base, torch.float32), each_time)
 
 
 def test_the_saved_adapter_is_pefts(tiny_mistral_dir, tmp_path):

@@ -19,7 +19,7 @@ from alpaca_qlora.training.memory_budget import (
     apply_plan,
     decoder_layers,
     memory_budget,
-    plan_dequantized,
+    plan_frozen_forms,
     plan_layers,
     resolve_budget_gib,
 )
@@ -67,27 +67,34 @@ def test_more_tokens_a_micro_batch_keep_fewer_layers_under_the_same_budget():
 def test_the_room_left_after_the_activations_goes_to_dequantized_layers_that_fit():
     plan = plan_layers(PEAKS, budget_gib=100, fixed_bytes=GIB, tokens=MIB)  # every layer kept, most of 100 GiB free
     room = plan.budget_gib - plan.expected_peak_gib
-    roomy = plan_dequantized(plan, layers=8, bytes_per_layer=GIB)
+    roomy = plan_frozen_forms(plan, layers=8, dequantized_bytes=GIB, absmax_bytes=0)
     assert roomy.dequantized_layers == 8 and roomy.expected_peak_gib == pytest.approx(plan.expected_peak_gib + 8)
-    some = plan_dequantized(plan, layers=8, bytes_per_layer=int(room / 3.5 * GIB))
+    some = plan_frozen_forms(plan, layers=8, dequantized_bytes=int(room / 3.5 * GIB), absmax_bytes=0)
     assert some.dequantized_layers == 3 and some.expected_peak_gib <= some.budget_gib
-    assert plan_dequantized(plan, layers=8, bytes_per_layer=int((room + 0.1) * GIB)).dequantized_layers == 0
-    assert plan_dequantized(plan, layers=8, bytes_per_layer=0).dequantized_layers == 0  # nothing fused to keep
+    too_big = int((room + 0.1) * GIB)
+    assert plan_frozen_forms(plan, layers=8, dequantized_bytes=too_big, absmax_bytes=0).dequantized_layers == 0
+    nothing = plan_frozen_forms(plan, layers=8, dequantized_bytes=0, absmax_bytes=0)  # nothing fused to keep
+    assert nothing.dequantized_layers == nothing.absmax_layers == 0
 
 
-def test_block_scales_are_kept_first_while_the_budget_holds_a_plan_with_them():
-    roomy = plan_layers(PEAKS, budget_gib=100, fixed_bytes=GIB, tokens=MIB, absmax_bytes=GIB // 2)
-    assert roomy.kept_absmax and roomy.kept_layers == 8
-    assert roomy.expected_peak_gib == pytest.approx(plan_layers(PEAKS, budget_gib=100, fixed_bytes=GIB, tokens=MIB)
-                                                    .expected_peak_gib + 0.5, abs=0.01)
-    without = plan_layers(PEAKS, budget_gib=2.8, fixed_bytes=GIB, tokens=MIB)
-    # the scales cost kept layers where the budget is tight: they come before the activations
-    tight = plan_layers(PEAKS, budget_gib=2.8, fixed_bytes=GIB, tokens=MIB, absmax_bytes=200 * MIB)
-    assert tight.kept_absmax and tight.kept_layers < without.kept_layers and tight.expected_peak_gib <= 2.8
-    # a budget that holds the run only without them plans without them
-    bare = plan_layers(PEAKS, budget_gib=2.5, fixed_bytes=GIB, tokens=MIB)
-    assert plan_layers(PEAKS, budget_gib=2.5, fixed_bytes=GIB, tokens=MIB, absmax_bytes=GIB) == bare
-    assert not bare.kept_absmax
+def test_block_scales_take_the_room_first_and_a_dequantized_copy_replaces_its_layers_scales():
+    plan = plan_layers(PEAKS, budget_gib=100, fixed_bytes=GIB, tokens=MIB)
+    room = (plan.budget_gib - plan.expected_peak_gib) * GIB
+    # room for the scales of 5 layers of 8: no copy, and the first layers get them
+    partial = plan_frozen_forms(plan, layers=8, dequantized_bytes=GIB, absmax_bytes=int(room / 5.5))
+    assert (partial.dequantized_layers, partial.absmax_layers) == (0, 5)
+    assert partial.expected_peak_gib <= partial.budget_gib
+    # every layer's scales, then copies for what is left, each freeing its layer's scales
+    scales = 10 * MIB
+    left = room - 8 * scales
+    both = plan_frozen_forms(plan, layers=8, dequantized_bytes=int(left / 3.5) + scales, absmax_bytes=scales)
+    assert (both.dequantized_layers, both.absmax_layers) == (3, 5)
+    expected = plan.expected_peak_gib + (5 * scales + 3 * (int(left / 3.5) + scales)) / GIB
+    assert both.expected_peak_gib == pytest.approx(expected, abs=0.01) and both.expected_peak_gib <= both.budget_gib
+    everything = plan_frozen_forms(plan, layers=8, dequantized_bytes=GIB, absmax_bytes=scales)
+    assert (everything.dequantized_layers, everything.absmax_layers) == (8, 0)
+    assert everything.expected_peak_gib == pytest.approx(plan.expected_peak_gib + 8, abs=0.01)  # no scales counted
+    assert everything.record()["memory_plan_absmax_layers"] == 0
 
 
 def test_a_budget_nothing_fits_in_is_refused_with_what_to_change():
@@ -123,13 +130,12 @@ def test_applying_a_plan_keeps_its_first_layers_weights_dequantized_and_drops_th
     plan = plan_layers(peaks, budget_gib=1.0, fixed_bytes=0, tokens=1000)
     bytes_per_layer = dequantized_bytes(fused_4bit_bases(layers[0]), torch.float32)
     assert bytes_per_layer > 0
-    for count, scales in ((1, True), (len(layers), True), (1, False), (0, False)):  # each replaces the last one's
-        apply_plan(model, dataclasses.replace(plan, dequantized_layers=count, kept_absmax=scales), torch.float32)
-        kept = [all(KEPT_WEIGHT in base.__dict__ for base in fused_4bit_bases(layer)) for layer in layers]
-        assert kept == [index < count for index in range(len(layers))]
-        # the scales where the weight is not kept whole
-        assert [all(KEPT_ABSMAX in base.__dict__ for base in fused_4bit_bases(layer)) for layer in layers] == [
-            scales and index >= count for index in range(len(layers))]
+    for count, scaled in ((1, 1), (len(layers), 0), (0, 1), (0, 0)):  # each replaces the last one's forms
+        apply_plan(model, dataclasses.replace(plan, dequantized_layers=count, absmax_layers=scaled), torch.float32)
+        for index, layer in enumerate(layers):
+            bases = fused_4bit_bases(layer)
+            assert [KEPT_WEIGHT in base.__dict__ for base in bases] == [index < count] * len(bases)
+            assert [KEPT_ABSMAX in base.__dict__ for base in bases] == [count <= index < count + scaled] * len(bases)
     assert not any(KEPT_WEIGHT in module.__dict__ or KEPT_ABSMAX in module.__dict__ for module in model.modules())
     assert absmax_bytes(fused_4bit_bases(model)) > 0
 

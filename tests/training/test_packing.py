@@ -1,6 +1,7 @@
 """Packing: rows share bins but never attend across their boundaries, and train as the padded batches do."""
 from __future__ import annotations
 
+import inspect
 import math
 import random
 
@@ -130,6 +131,24 @@ def _varlen_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_
     assert enable_gqa == (key.shape[1] != query.shape[1]), "2.13 refuses fewer key/value heads without enable_gqa"
     _varlen_2_13.heads = (query.shape[1], key.shape[1], value.shape[1])
     return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale)
+
+
+def _varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    raise AssertionError("not called: no scale or window_size")
+
+
+def test_the_stand_ins_keywords_are_the_installed_torchs_and_2_10_is_not_used(monkeypatch):
+    """The 2.13 stand-in takes what the installed varlen_attn takes (the project pins torch 2.13), and a varlen_attn
+    without scale and window_size (2.10's) is not used: CUDA then keeps sdpa under the block-diagonal mask."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from alpaca_qlora.training.packing import varlen_attention_available
+
+    installed = set(inspect.signature(varlen_module.varlen_attn).parameters)
+    assert set(inspect.signature(_varlen_2_13).parameters) <= installed
+    assert varlen_attention_available("cuda")
+    monkeypatch.setattr(varlen_module, "varlen_attn", _varlen_2_10)
+    assert not varlen_attention_available("cuda")
 
 
 @pytest.mark.parametrize("varlen", [_varlen_2_11, _varlen_2_13], ids=["torch-2.11", "torch-2.13"])
