@@ -5,7 +5,7 @@ At small micro-batches a GPU step is bound by the host: every operator is a kern
 work around it, and the GPU waits (bench/results/train_profile_h200_host_rows1.json). At tiny widths the CPU's own
 arithmetic is small, so a CPU step shows that work without a GPU: the operators a step dispatches (each a launch on
 the GPU; views and allocations left out) and its wall time. Each variant is a form the memory plan keeps the frozen
-weights in (memory_budget.apply_plan), measured in one run against `nf4` (dequantized at every call):
+weights in (training/frozen_weights.py), measured in one run against `nf4` (dequantized at every call):
 
     python -m bench.host_overhead --out bench/results/host_overhead_cpu.json
 
@@ -28,17 +28,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from alpaca_qlora.models.quantization import QuantizationPlan
 from alpaca_qlora.stage import configure_logging
-from alpaca_qlora.training.memory_budget import MemoryPlan, apply_plan, decoder_layers
+from alpaca_qlora.training.memory_budget import decoder_layers
 from alpaca_qlora.training.model import SpeedSwitches, build_trainable_model
 from bench import command_line
-from bench.train_variants import profile_lora
+from bench.train_variants import keep_frozen_forms, profile_lora
 from support.mistral import build_tiny_mistral
 
 # no kernel of their own on a GPU: views, metadata and allocations
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "unsqueeze", "squeeze", "slice", "select",
              "permute", "as_strided", "alias", "detach", "split", "split_with_sizes", "unbind", "_reshape_alias",
              "empty", "empty_like", "empty_strided", "lift_fresh", "_local_scalar_dense"}
-# name: (every layer's weights kept dequantized, every layer's block scales kept in fp32), as apply_plan keeps them
+# name: (every layer's weights kept dequantized, every layer's block scales kept in fp32)
 VARIANTS = {"nf4": (False, False), "nf4_kept_scales": (False, True), "dequantized": (True, False)}
 
 
@@ -71,7 +71,6 @@ class Run:
     variant: str
     model: Any
     optimizer: torch.optim.Optimizer
-    plan: MemoryPlan
     losses: list[float] = dataclasses.field(default_factory=list)
     walls_ms: list[float] = dataclasses.field(default_factory=list)
 
@@ -83,16 +82,12 @@ class Run:
 
 
 def prepare(model: Any, variant: str) -> Run:
-    """The frozen weights in the variant's form, kept by the memory plan's own apply_plan; every layer keeps its
-    activations (no checkpointing), as at 24 GiB with 2 x 2048 tokens."""
+    """The frozen weights in the variant's form; every layer keeps its activations (the model is built without
+    checkpointing), as at 24 GiB with 2 x 2048 tokens."""
     dequantized, scales = VARIANTS[variant]
-    layers = len(decoder_layers(model))
-    plan = MemoryPlan(budget_gib=0.0, tokens_per_micro_batch=0, checkpointed_layers=(), kept_layers=layers,
-                      expected_peak_gib=0.0, fixed_gib=0.0, dequantized_layers=layers if dequantized else 0,
-                      absmax_layers=layers if scales else 0)
-    apply_plan(model, plan, torch.float32)
+    keep_frozen_forms(model, dequantized=dequantized, scales=scales, dtype=torch.float32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-    return Run(variant, model, optimizer, plan)
+    return Run(variant, model, optimizer)
 
 
 def measure(runs: list[Run], *, tokens: int, steps: int, warmup: int, repeats: int) -> list[dict[str, Any]]:
@@ -110,8 +105,10 @@ def measure(runs: list[Run], *, tokens: int, steps: int, warmup: int, repeats: i
         with count:
             run.steps(ids, 1)
         bitsandbytes = {name: calls for name, calls in count.calls.items() if name.startswith("bitsandbytes::")}
-        results.append({"variant": run.variant, "dequantized_layers": run.plan.dequantized_layers,
-                        "absmax_layers": run.plan.absmax_layers, "operators_per_step": sum(count.calls.values()),
+        layers = len(decoder_layers(run.model))
+        dequantized, scales = VARIANTS[run.variant]
+        results.append({"variant": run.variant, "dequantized_layers": layers if dequantized else 0,
+                        "absmax_layers": layers if scales else 0, "operators_per_step": sum(count.calls.values()),
                         "bitsandbytes_ops_per_step": bitsandbytes, "wall_ms_per_step": round(min(run.walls_ms), 2),
                         "wall_ms_per_repeat": [round(wall, 2) for wall in run.walls_ms],
                         "losses": [round(loss, 6) for loss in run.losses]})

@@ -159,6 +159,15 @@ def release_memory() -> float:
     return round(torch.cuda.memory_allocated() / 2**30, 3)
 
 
+def keep_frozen_forms(model: Any, *, dequantized: bool, scales: bool, dtype: torch.dtype) -> None:
+    """Every fused 4-bit weight kept dequantized in `dtype`, or with its block scales in fp32: what the memory plan
+    keeps where the budget has room for it in every layer (frozen_weights)."""
+    if dequantized:
+        keep_dequantized(fused_4bit_bases(model), dtype)
+    if scales:
+        keep_absmax(fused_4bit_bases(model))
+
+
 def build_variant(model_dir: str, variant: str) -> tuple[Any, bool]:
     log.info("variant %s: %.3f GiB allocated before loading", variant, release_memory())
     if variant == "baseline":
@@ -167,10 +176,7 @@ def build_variant(model_dir: str, variant: str) -> tuple[Any, bool]:
     packing, dequantized = settings.pop("packing"), settings.pop("dequantized", False)
     scales = settings.pop("scales", False)
     model = project_model(model_dir, **settings)
-    if dequantized:
-        keep_dequantized(fused_4bit_bases(model), torch.bfloat16)
-    if scales:
-        keep_absmax(fused_4bit_bases(model))
+    keep_frozen_forms(model, dequantized=dequantized, scales=scales, dtype=torch.bfloat16)
     if packing:
         packed_attention(model, "cuda")
     return model, packing

@@ -63,8 +63,8 @@ def dequantized_bytes(bases: Iterable[torch.nn.Module], dtype: torch.dtype) -> i
 def absmax_bytes(bases: Iterable[torch.nn.Module]) -> int:
     """What keep_absmax would add for these 4-bit bases: fp32 scales where they are double-quantized (elsewhere
     the weight's own fp32 scales are kept by reference)."""
-    return sum(quant_state(base).absmax.numel() * torch.float32.itemsize for base in bases
-               if quant_state(base).nested)
+    states = [quant_state(base) for base in bases]
+    return sum(state.absmax.numel() * torch.float32.itemsize for state in states if state.nested)
 
 
 @torch.no_grad()

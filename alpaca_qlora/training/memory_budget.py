@@ -268,11 +268,10 @@ def plan_to_budget(model: torch.nn.Module, budget: MemoryBudget, compute_dtype: 
         tokens = budget.tokens_per_micro_batch
         peaks = measure_step_peaks(model, compute_dtype, tokens=max(2, min(PROBE_TOKENS, tokens)))
         plan = plan_layers(peaks, budget_gib=budget.gib, fixed_bytes=fixed_bytes(model, device), tokens=tokens)
-        layers = decoder_layers(model)
-        plan = plan_frozen_forms(plan, layers=len(layers),
-                                 dequantized_bytes=max(dequantized_bytes(fused_4bit_bases(layer), compute_dtype)
-                                                       for layer in layers),
-                                 absmax_bytes=max(absmax_bytes(fused_4bit_bases(layer)) for layer in layers))
+        bases = [fused_4bit_bases(layer) for layer in decoder_layers(model)]
+        plan = plan_frozen_forms(plan, layers=len(bases),
+                                 dequantized_bytes=max(dequantized_bytes(layer, compute_dtype) for layer in bases),
+                                 absmax_bytes=max(absmax_bytes(layer) for layer in bases))
         apply_plan(model, plan, compute_dtype)
         log.info("memory budget %.2f GiB, %d tokens a micro-batch: %d of %d layers keep their activations, %d "
                  "recompute; %d keep their frozen weights dequantized, %d their block scales in fp32 (expected peak "
