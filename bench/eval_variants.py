@@ -11,7 +11,7 @@ Variants, in this order on the same model object:
                        rows (method="fast");
 - graphed_dequantized: the dequantized base with method="graphed", PEFT's LoRA;
 - graphed_grouped:     graphed_dequantized with LoRA grouped by input (group_lora_for_generation): PEFT's arithmetic
-                       once for q/k/v and once for gate/up;
+                       once for q/k/v and once for gate/up, alone for o and down;
 - auto:                what the evaluate stage runs by default (prepare_for_generation with eval.generation auto: on
                        a large card graphed on the dequantized base); `eval_speedup` is this variant's when
                        measured, else graphed_dequantized's, else graphed's;

@@ -11,6 +11,13 @@ members' weights stacked by rows, the cast once, lora_A on the stacked A matrice
 the adapter's output first). Each output element sums the same products as PEFT's; only the GEMM kernel, chosen
 for the wider shape, may group those sums differently.
 
+Every other adapted projection (o_proj, down_proj, Phi-3's fused ones) runs the same code as a group of one, on its
+own weights. Groups of any size leave out the 4-bit class's copy of the base output, and round into the compute dtype
+in the kernel that computes the value: the scaling's multiply writes the 4-bit class's cast adapter output, and
+lora.Linear's last add writes its cast sum. An op whose output dtype differs from its inputs' computes in their
+promoted dtype and rounds once on store, so the value is that of the op followed by the cast (tested bitwise), in
+one kernel instead of two.
+
 The first member the model calls (q_proj, gate_proj) computes the group's output and keeps the other members'
 slices for the very same input tensor object; a member called with anything else computes on its own, as PEFT
 does, so any call order stays correct. The checks are Python identity tests, with no host sync, so a CUDA graph
@@ -76,6 +83,17 @@ def _stacked_base(bases: list[torch.nn.Linear]) -> torch.nn.Linear:
     return stacked.train(first.training)
 
 
+def rounded(op: Any, first: torch.Tensor, second: Any, *, dtype: torch.dtype | None) -> torch.Tensor:
+    """`op(first, second).to(dtype)` in one kernel: computed in the operands' promoted dtype, rounded into `dtype` as
+    it is stored. Two kernels where autograd records the op (an out= op has no gradient) or no cast is asked for."""
+    if dtype is None:
+        return op(first, second)
+    if torch.is_grad_enabled() and any(isinstance(operand, torch.Tensor) and operand.requires_grad
+                                       for operand in (first, second)):
+        return op(first, second).to(dtype)
+    return op(first, second, out=torch.empty(first.shape, dtype=dtype, device=first.device))
+
+
 class LoraGroup(torch.nn.Module):
     """The stacked weights of a group's PEFT LoRA layers and the forward of their class, plus the slices the first
     member's call left for the others."""
@@ -85,8 +103,10 @@ class LoraGroup(torch.nn.Module):
         self.layers = tuple(layers)  # a tuple: not registered here, their wrappers own them
         self.active_adapters = list(layers[0].active_adapters)  # as grouped: a switch ends the grouping
         self.casts_adapter_output = casts_adapter_output
-        self.base_layer = _stacked_base([layer.get_base_layer() for layer in layers])
-        for index, adapter in enumerate(adapters):  # buffers, not parameters: the members' views are those
+        self.adapters = list(adapters)
+        # a group of one reads its layer's own base and adapter weights at each call: nothing to stack
+        self.base_layer = _stacked_base([layer.get_base_layer() for layer in layers]) if len(layers) > 1 else None
+        for index, adapter in enumerate(adapters if len(layers) > 1 else []):  # buffers: the members' are views
             self.register_buffer(f"lora_down_{index}", _stacked([layer.lora_A[adapter] for layer in layers],
                                                                 "weight"), persistent=False)
             self.register_buffer(f"lora_up_{index}", _stacked([layer.lora_B[adapter] for layer in layers], "weight",
@@ -101,24 +121,36 @@ class LoraGroup(torch.nn.Module):
         return not self.training and all(not layer.disable_adapters and not layer.merged and
                                          list(layer.active_adapters) == self.active_adapters for layer in self.layers)
 
+    def _weights(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter `index`'s (stacked) A and (block-diagonal) B."""
+        if self.base_layer is None:
+            layer, adapter = self.layers[0], self.adapters[index]
+            return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        return getattr(self, f"lora_down_{index}"), getattr(self, f"lora_up_{index}")
+
     def _output(self, x: torch.Tensor) -> torch.Tensor:
         """PEFT's forward for the group's class, on the stacked weights (PEFT's 4-bit class also clones the base
         output, for autograd: a copy, no value changes, left out). Dropout is the identity in eval mode."""
-        result = self.base_layer(x)
+        base = self.base_layer if self.base_layer is not None else self.layers[0].get_base_layer()
+        result = base(x)
         result_dtype = result.dtype
         converts = not self.casts_adapter_output or not torch.is_autocast_enabled()
+        last = len(self.scalings) - 1
         for index, scaling in enumerate(self.scalings):
-            down, up = getattr(self, f"lora_down_{index}"), getattr(self, f"lora_up_{index}")
+            down, up = self._weights(index)
             if converts:
                 x = self.layers[0]._cast_input_dtype(x, down.dtype)
-            output = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * scaling
-            if self.casts_adapter_output and converts:
-                output = output.to(result_dtype)
-            result = result + output
-        return result if self.casts_adapter_output else result.to(result_dtype)
+            output = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+            if self.casts_adapter_output:  # the 4-bit class: (output * scaling).to(result's dtype), then the add
+                result = result + rounded(torch.mul, output, scaling, dtype=result_dtype if converts else None)
+            else:  # lora.Linear: result + output * scaling, the sum cast back after the last adapter
+                result = rounded(torch.add, result, output * scaling, dtype=result_dtype if index == last else None)
+        return result
 
     def first_output(self, x: torch.Tensor) -> torch.Tensor:
         """The first member's output; the others' slices are kept for a call with this same `x`."""
+        if len(self.layers) == 1:
+            return self._output(x)
         first, *others = self._output(x).split(self.out_features, dim=-1)
         self._input, self._left = x, [None, *others]
         return first
@@ -173,24 +205,28 @@ def _groupable(layers: list[Any], adapters: list[list[str]]) -> bool:
 
 def group_lora_for_generation(model: Any) -> int:
     """Put every group of PEFT LoRA projections that read one input (GROUPED_PROJECTIONS) and qualify behind one
-    LoraGroup; returns how many groups were made. Run after dequantizing (4-bit bases do not qualify) and after
-    any folding or merging; groups that do not qualify stay as PEFT has them."""
+    LoraGroup, and every other qualifying LoRA projection behind a group of its own; returns how many groups were
+    made. Run after dequantizing (4-bit bases do not qualify) and after any folding or merging; layers that do not
+    qualify stay as PEFT has them."""
     by_parent: dict[int, tuple[Any, dict[str, tuple[Any, list[str]]]]] = {}
     for parent, name, layer, adapters in active_lora_layers(model):
         by_parent.setdefault(id(parent), (parent, {}))[1][name] = (layer, adapters)
-    made = 0
+    made = alone = 0
     for parent, layers in by_parent.values():
-        for names in GROUPED_PROJECTIONS:
-            if not all(name in layers for name in names):
-                continue
+        groups = [names for names in GROUPED_PROJECTIONS if all(name in layers for name in names)
+                  and _groupable([layers[name][0] for name in names], [layers[name][1] for name in names])]
+        grouped = {name for names in groups for name in names}
+        groups += [(name,) for name in layers if name not in grouped and _groupable([layers[name][0]],
+                                                                                     [layers[name][1]])]
+        for names in groups:
             members = [layers[name][0] for name in names]
-            if not _groupable(members, [layers[name][1] for name in names]):
-                continue
             with torch.no_grad():
                 group = LoraGroup(members, layers[names[0]][1], _peft_lora_classes()[type(members[0])])
             for index, (name, member) in enumerate(zip(names, members)):
                 setattr(parent, name, GroupedLoraMember(member, group, index).train(member.training))
             made += 1
+            alone += len(names) == 1
     if made:
-        log.info("grouped the LoRA projections reading one input into %d groups for generation", made)
+        log.info("LoRA for generation: %d groups of projections reading one input, %d projections on their own",
+                 made - alone, alone)
     return made

@@ -1,6 +1,8 @@
 """LoRA grouped by input for generation: PEFT's arithmetic run once for q/k/v and once for gate/up."""
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -42,10 +44,13 @@ def test_grouped_lora_gives_peft_logits_and_greedy_tokens(tiny_mistral_dir, quan
     plain = run(model, tokenizer, "plain", markers=(), max_new_tokens=12)
     assert run(model, tokenizer, "fast", markers=(), max_new_tokens=12) == plain
     layers = model.config.num_hidden_layers
-    assert group_lora_for_generation(model) == 2 * layers
+    assert group_lora_for_generation(model) == 4 * layers  # q/k/v, o, gate/up, down
     members = [module for module in model.modules() if isinstance(module, GroupedLoraMember)]
-    assert len(members) == 5 * layers and sum(member.index == 0 for member in members) == 2 * layers
+    assert len(members) == 7 * layers and sum(member.index == 0 for member in members) == 4 * layers
     for member in members:  # the members' weights are views of the stacked ones, stored once
+        if len(member.group.layers) == 1:  # alone: its own weights, nothing stacked
+            assert member.group.base_layer is None and not list(member.group.buffers())
+            continue
         stacked = member.group.base_layer.weight.untyped_storage().data_ptr()
         assert member.lora_layer.get_base_layer().weight.untyped_storage().data_ptr() == stacked
     assert all(member.group.applies() for member in members)  # eval mode, as the model was: grouped forward
@@ -92,11 +97,72 @@ def test_in_the_gpus_dtypes_grouping_keeps_each_projections_output_dtype_and_the
         dequantize_for_generation(model)
     assert {p.dtype for name, p in model.named_parameters() if "lora_" in name} == {torch.float32}
     dtypes, before = projection_dtypes(model), logits(model)
-    assert group_lora_for_generation(model) == 2 * model.config.num_hidden_layers
+    assert group_lora_for_generation(model) == 4 * model.config.num_hidden_layers
     assert projection_dtypes(model) == dtypes and set(dtypes.values()) == {torch.bfloat16}
     after = logits(model)
     assert after.dtype == before.dtype
     torch.testing.assert_close(after, before)  # bf16's tolerances
+
+
+NO_KERNEL = {"t", "view", "_unsafe_view", "empty"}  # metadata and allocation, no kernel of their own
+
+
+def dispatched(call) -> collections.Counter[str]:
+    """The aten operators `call()` dispatches that run a kernel, by name."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in NO_KERNEL:
+                self.calls[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        call()
+    return count.calls
+
+
+@pytest.mark.parametrize("quantization", [pytest.param("nf4", marks=pytest.mark.skipif(
+    not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU")), "none"])
+def test_a_projection_alone_is_peft_bit_for_bit_with_two_kernels_fewer(tiny_mistral_dir, quantization):
+    """o_proj and down_proj have no sibling reading their input: alone they run PEFT's own GEMMs, so in CUDA's dtypes
+    (bf16 base, fp32 adapter) their output is PEFT's bit for bit, and of PEFT's kernels the copy of the base output
+    (4-bit class) and a cast go: the cast is the store of the multiply (4-bit class) or of the add (lora.Linear)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(tiny_mistral_dir), QuantizationPlan(quantization == "nf4", "test", torch.bfloat16),
+                       device="cpu")
+    if quantization == "nf4":
+        bnb_default_path(model)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False,
+                                             task_type="CAUSAL_LM")).eval()
+    if quantization == "nf4":
+        dequantize_for_generation(model)
+    layer = model.get_base_model().model.layers[0]
+    peft_layers = {"o_proj": layer.self_attn.o_proj, "down_proj": layer.mlp.down_proj}
+    inputs = {name: torch.randn(3, 5, peft.in_features, generator=torch.Generator().manual_seed(2)).bfloat16()
+              for name, peft in peft_layers.items()}
+    with torch.no_grad():
+        expected = {name: peft(inputs[name]) for name, peft in peft_layers.items()}
+        peft_ops = dispatched(lambda: peft_layers["o_proj"](inputs["o_proj"]))
+        group_lora_for_generation(model)
+        alone = {"o_proj": layer.self_attn.o_proj, "down_proj": layer.mlp.down_proj}
+        assert all(len(member.group.layers) == 1 for member in alone.values())
+        for name, member in alone.items():
+            output = member(inputs[name])
+            assert output.dtype == torch.bfloat16 and torch.equal(output, expected[name]), name
+        ops = dispatched(lambda: alone["o_proj"](inputs["o_proj"]))
+    assert sum(ops.values()) == sum(peft_ops.values()) - (2 if quantization == "nf4" else 1)
+    assert ops["clone"] == 0 and ops["_to_copy"] == peft_ops["_to_copy"] - 1
+    inputs_with_grad = inputs["o_proj"].clone().requires_grad_()  # autograd recording: the two-kernel form
+    output = alone["o_proj"](inputs_with_grad)
+    output.float().sum().backward()
+    assert torch.equal(output, expected["o_proj"]) and inputs_with_grad.grad is not None
 
 
 def test_member_called_with_another_input_computes_its_own(tiny_mistral_dir):
@@ -133,17 +199,19 @@ def test_groups_that_do_not_qualify_stay_as_peft_has_them(tiny_mistral_dir):
               "dequantized_on_load": False, "merge": False, "fold": False}
     prepare_for_generation(model, **common)
     assert not any(isinstance(module, GroupedLoraMember) for module in model.modules())  # CUDA only
-    group_lora_for_generation(model)  # q and v without k: no group; gate and up: one per layer
+    # q and v without k: each alone; gate and up: one group per layer
+    assert group_lora_for_generation(model) == 3 * 2
     attention = model.get_base_model().model.layers[0].self_attn
-    assert isinstance(attention.q_proj, LoraLayer) and isinstance(attention.v_proj, LoraLayer)
-    assert sum(isinstance(module, GroupedLoraMember) for module in model.modules()) == 2 * 2
+    assert attention.q_proj.group is not attention.v_proj.group and len(attention.q_proj.group.layers) == 1
+    assert len(model.get_base_model().model.layers[0].mlp.up_proj.group.layers) == 2
     torch.testing.assert_close(logits(model), before, rtol=1e-12, atol=1e-12)
 
     dora, _ = lora_model(tiny_mistral_dir, "none", SEVEN, use_dora=True)
     assert group_lora_for_generation(dora) == 0
+    assert all(isinstance(layer.self_attn.q_proj, LoraLayer) for layer in dora.get_base_model().model.layers)
     mixed, _ = lora_model(tiny_mistral_dir, "none", SEVEN)
     mixed.base_model.model.model.layers[0].self_attn.k_proj.scaling["default"] = 3.0
-    assert group_lora_for_generation(mixed) == 2 * 2 - 1
+    assert group_lora_for_generation(mixed) == 4 * 2 + 2  # layer 0's q, k and v each alone
 
 
 def test_4bit_bases_are_not_grouped(tiny_mistral_dir):
@@ -155,10 +223,10 @@ def test_4bit_bases_are_not_grouped(tiny_mistral_dir):
     assert group_lora_for_generation(model) == 0
 
 
-@pytest.mark.parametrize(("family", "groups_per_layer"), [("Qwen2", 2), ("Phi3", 0)])
-def test_biases_are_stacked_and_fused_projections_skipped(family, groups_per_layer):
+@pytest.mark.parametrize(("family", "groups_per_layer"), [("Qwen2", 4), ("Phi3", 4)])
+def test_biases_are_stacked_and_fused_projections_run_alone(family, groups_per_layer):
     """Qwen2's q/k/v carry biases, stacked with the weights; Phi-3's qkv_proj and gate_up_proj are one layer each
-    already: nothing to group, and the model is left as it was."""
+    already: each of its four projections runs alone."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -173,6 +241,8 @@ def test_biases_are_stacked_and_fused_projections_skipped(family, groups_per_lay
         before = model(input_ids=ids).logits
         assert group_lora_for_generation(model) == groups_per_layer * 2
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-12, atol=1e-12)
-    if groups_per_layer:
-        group = model.get_base_model().model.layers[0].self_attn.q_proj.group
-        assert group.applies() and group.base_layer.bias.shape == (64 + 2 * 32,)
+    group = model.get_base_model().model.layers[0].self_attn.qkv_proj.group if family == "Phi3" else \
+        model.get_base_model().model.layers[0].self_attn.q_proj.group
+    assert group.applies()
+    if family == "Qwen2":
+        assert group.base_layer.bias.shape == (64 + 2 * 32,)
