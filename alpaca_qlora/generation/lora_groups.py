@@ -15,8 +15,8 @@ Every other adapted projection (o_proj, down_proj, Phi-3's fused ones) runs the 
 own weights. Groups of any size leave out the 4-bit class's copy of the base output, and round into the compute dtype
 in the kernel that computes the value: the scaling's multiply writes the 4-bit class's cast adapter output, and
 lora.Linear's last add writes its cast sum. An op whose output dtype differs from its inputs' computes in their
-promoted dtype and rounds once on store, so the value is that of the op followed by the cast (tested bitwise), in
-one kernel instead of two.
+promoted dtype and rounds once on store, so the value is that of the op followed by the cast (tested bitwise on
+CPU, where TensorIterator still stores through a temporary; on CUDA it is one kernel instead of two).
 
 The first member the model calls (q_proj, gate_proj) computes the group's output and keeps the other members'
 slices for the very same input tensor object; a member called with anything else computes on its own, as PEFT
@@ -95,8 +95,8 @@ def rounded(op: Any, first: torch.Tensor, second: Any, *, dtype: torch.dtype | N
 
 
 class LoraGroup(torch.nn.Module):
-    """The stacked weights of a group's PEFT LoRA layers and the forward of their class, plus the slices the first
-    member's call left for the others."""
+    """The stacked weights of a group's PEFT LoRA layers (a group of one: its layer's own) and the forward of their
+    class, plus the slices the first member's call left for the others."""
 
     def __init__(self, layers: list[Any], adapters: list[str], casts_adapter_output: bool):
         super().__init__()
@@ -117,19 +117,21 @@ class LoraGroup(torch.nn.Module):
         self._left: list[torch.Tensor | None] = []
 
     def applies(self) -> bool:
-        """Whether the layers are still as grouped (eval mode, adapters active, unmerged): host state only."""
-        return not self.training and all(not layer.disable_adapters and not layer.merged and
-                                         list(layer.active_adapters) == self.active_adapters for layer in self.layers)
+        """Whether the layers are still as grouped (eval mode, adapters active, unmerged, scalings unchanged): host
+        state only."""
+        return not self.training and all(
+            not layer.disable_adapters and not layer.merged and list(layer.active_adapters) == self.active_adapters
+            and [layer.scaling[adapter] for adapter in self.adapters] == self.scalings for layer in self.layers)
 
     def _weights(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adapter `index`'s (stacked) A and (block-diagonal) B."""
+        """Adapter `index`'s A and B: stacked and block-diagonal, or a group of one's own."""
         if self.base_layer is None:
             layer, adapter = self.layers[0], self.adapters[index]
             return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         return getattr(self, f"lora_down_{index}"), getattr(self, f"lora_up_{index}")
 
     def _output(self, x: torch.Tensor) -> torch.Tensor:
-        """PEFT's forward for the group's class, on the stacked weights (PEFT's 4-bit class also clones the base
+        """PEFT's forward for the group's class, on the group's weights (PEFT's 4-bit class also clones the base
         output, for autograd: a copy, no value changes, left out). Dropout is the identity in eval mode."""
         base = self.base_layer if self.base_layer is not None else self.layers[0].get_base_layer()
         result = base(x)
@@ -210,6 +212,8 @@ def group_lora_for_generation(model: Any) -> int:
     qualify stay as PEFT has them."""
     by_parent: dict[int, tuple[Any, dict[str, tuple[Any, list[str]]]]] = {}
     for parent, name, layer, adapters in active_lora_layers(model):
+        if isinstance(parent, GroupedLoraMember):  # grouped before: left as it is
+            continue
         by_parent.setdefault(id(parent), (parent, {}))[1][name] = (layer, adapters)
     made = alone = 0
     for parent, layers in by_parent.values():

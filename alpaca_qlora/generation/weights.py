@@ -206,8 +206,8 @@ def prepare_for_generation(model: Any, *, requested: str, method: str, device: s
     where the bf16 weights fit, and always before merging LoRA. Merging and folding change LoRA's precision, so
     both are explicit (`merge`, `fold`). An explicit graphed keeps bnb's own
     4-bit layers. For graphed on a dequantized base, unmerged and unfolded LoRA runs PEFT's arithmetic once per
-    group of projections reading one input (lora_groups.py: fewer kernels, the agreement measured in the README
-    for graphed, not yet for fast)."""
+    group of projections reading one input, and alone for the others (lora_groups.py: fewer kernels, the agreement
+    measured in the README for graphed, not yet for fast)."""
     on_cuda = torch.device(device).type == "cuda"
     auto_graphed = on_cuda and requested == "auto" and method == "graphed"
     fast_weights = on_cuda and (method == "fast" or (auto_graphed and dequantized_fits(model)))

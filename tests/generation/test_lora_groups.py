@@ -1,4 +1,5 @@
-"""LoRA grouped by input for generation: PEFT's arithmetic run once for q/k/v and once for gate/up."""
+"""LoRA grouped by input for generation: PEFT's arithmetic run once for q/k/v and once for gate/up, alone for the
+other projections."""
 from __future__ import annotations
 
 import collections
@@ -54,6 +55,7 @@ def test_grouped_lora_gives_peft_logits_and_greedy_tokens(tiny_mistral_dir, quan
         stacked = member.group.base_layer.weight.untyped_storage().data_ptr()
         assert member.lora_layer.get_base_layer().weight.untyped_storage().data_ptr() == stacked
     assert all(member.group.applies() for member in members)  # eval mode, as the model was: grouped forward
+    assert group_lora_for_generation(model) == 0  # grouped already: nothing wrapped twice
     after = logits(model)
     # not bitwise: the wider GEMMs may sum each output's products in another order (float64: ~1e-16 relative)
     torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
@@ -126,12 +128,14 @@ def dispatched(call) -> collections.Counter[str]:
     return count.calls
 
 
+@pytest.mark.parametrize("adapters", [1, 2])
 @pytest.mark.parametrize("quantization", [pytest.param("nf4", marks=pytest.mark.skipif(
     not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU")), "none"])
-def test_a_projection_alone_is_peft_bit_for_bit_with_two_kernels_fewer(tiny_mistral_dir, quantization):
+def test_a_projection_alone_is_peft_bit_for_bit_with_fewer_kernels(tiny_mistral_dir, quantization, adapters):
     """o_proj and down_proj have no sibling reading their input: alone they run PEFT's own GEMMs, so in CUDA's dtypes
-    (bf16 base, fp32 adapter) their output is PEFT's bit for bit, and of PEFT's kernels the copy of the base output
-    (4-bit class) and a cast go: the cast is the store of the multiply (4-bit class) or of the add (lora.Linear)."""
+    (bf16 base, fp32 adapter) their output is PEFT's bit for bit, with one or two adapters active, and of PEFT's
+    kernels the copy of the base output (4-bit class) and a cast go: the cast is the store of the multiply (4-bit
+    class, one per adapter) or of the last add (lora.Linear)."""
     from peft import LoraConfig, get_peft_model
 
     model = load_model(str(tiny_mistral_dir), QuantizationPlan(quantization == "nf4", "test", torch.bfloat16),
@@ -141,9 +145,15 @@ def test_a_projection_alone_is_peft_bit_for_bit_with_two_kernels_fewer(tiny_mist
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False,
                                              task_type="CAUSAL_LM")).eval()
+    if adapters == 2:
+        model.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules=SEVEN, init_lora_weights=False,
+                                               task_type="CAUSAL_LM"))
+        model.base_model.set_adapter(["default", "second"])
+        model.eval()
     if quantization == "nf4":
         dequantize_for_generation(model)
     layer = model.get_base_model().model.layers[0]
+    assert len(layer.self_attn.o_proj.active_adapters) == adapters
     peft_layers = {"o_proj": layer.self_attn.o_proj, "down_proj": layer.mlp.down_proj}
     inputs = {name: torch.randn(3, 5, peft.in_features, generator=torch.Generator().manual_seed(2)).bfloat16()
               for name, peft in peft_layers.items()}
@@ -157,8 +167,9 @@ def test_a_projection_alone_is_peft_bit_for_bit_with_two_kernels_fewer(tiny_mist
             output = member(inputs[name])
             assert output.dtype == torch.bfloat16 and torch.equal(output, expected[name]), name
         ops = dispatched(lambda: alone["o_proj"](inputs["o_proj"]))
-    assert sum(ops.values()) == sum(peft_ops.values()) - (2 if quantization == "nf4" else 1)
-    assert ops["clone"] == 0 and ops["_to_copy"] == peft_ops["_to_copy"] - 1
+    casts_saved = adapters if quantization == "nf4" else 1
+    assert sum(ops.values()) == sum(peft_ops.values()) - casts_saved - (quantization == "nf4")  # clone: 4-bit only
+    assert ops["clone"] == 0 and ops["_to_copy"] == peft_ops["_to_copy"] - casts_saved
     inputs_with_grad = inputs["o_proj"].clone().requires_grad_()  # autograd recording: the two-kernel form
     output = alone["o_proj"](inputs_with_grad)
     output.float().sum().backward()
@@ -188,9 +199,12 @@ def test_member_called_with_another_input_computes_its_own(tiny_mistral_dir):
         torch.testing.assert_close(v(second), own["v", id(second)], rtol=1e-12, atol=1e-12)  # before any q call
         with model.disable_adapter():  # PEFT's own switch still reaches the grouped layers
             assert torch.equal(q(first), q.lora_layer.get_base_layer()(first))
+        q.lora_layer.scaling["default"] *= 2  # PEFT's set_scale after grouping: the layer's own forward again
+        assert not q.group.applies()
+        assert torch.equal(q(first), q.lora_layer(first))
 
 
-def test_groups_that_do_not_qualify_stay_as_peft_has_them(tiny_mistral_dir):
+def test_projections_without_their_group_run_alone_and_variants_stay_as_peft_has_them(tiny_mistral_dir):
     from peft.tuners.lora import LoraLayer
 
     model, _ = lora_model(tiny_mistral_dir, "none", ["q_proj", "v_proj", "gate_proj", "up_proj"])
