@@ -79,6 +79,27 @@ def projection_dtypes(model) -> dict[str, torch.dtype]:
     return seen
 
 
+def bf16_lora_model(model_dir, quantization: str, adapters: int = 1):
+    """CUDA's dtypes on CPU: bf16 weights (NF4 dequantized after the adapters are set, PEFT's 4-bit LoRA class kept;
+    or lora.Linear) with fp32 adapters, `adapters` of them active, in eval mode."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(model_dir), QuantizationPlan(quantization == "nf4", "test", torch.bfloat16), device="cpu")
+    if quantization == "nf4":
+        bnb_default_path(model)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False,
+                                             task_type="CAUSAL_LM")).eval()
+    if adapters == 2:
+        model.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules=SEVEN, init_lora_weights=False,
+                                               task_type="CAUSAL_LM"))
+        model.base_model.set_adapter(["default", "second"])
+        model.eval()
+    if quantization == "nf4":
+        dequantize_for_generation(model)
+    return model
+
+
 @pytest.mark.parametrize("quantization", [pytest.param("nf4", marks=pytest.mark.skipif(
     not probe_4bit("cpu")[0], reason="bitsandbytes 4-bit unavailable on this CPU")), "none"])
 def test_in_the_gpus_dtypes_grouping_keeps_each_projections_output_dtype_and_the_logits(tiny_mistral_dir,
@@ -86,17 +107,7 @@ def test_in_the_gpus_dtypes_grouping_keeps_each_projections_output_dtype_and_the
     """CUDA's setting on CPU: bf16 weights (NF4 dequantized, PEFT's 4-bit LoRA class kept, which casts the adapter's
     output before adding it; or lora.Linear, which adds in fp32 and casts the sum) with fp32 adapters. Each grouped
     projection hands on PEFT's dtype, and the logits stay PEFT's within bf16 rounding (on this CPU they are equal)."""
-    from peft import LoraConfig, get_peft_model
-
-    model = load_model(str(tiny_mistral_dir), QuantizationPlan(quantization == "nf4", "test", torch.bfloat16),
-                       device="cpu")
-    if quantization == "nf4":
-        bnb_default_path(model)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False,
-                                             task_type="CAUSAL_LM")).eval()
-    if quantization == "nf4":
-        dequantize_for_generation(model)
+    model = bf16_lora_model(tiny_mistral_dir, quantization)
     assert {p.dtype for name, p in model.named_parameters() if "lora_" in name} == {torch.float32}
     dtypes, before = projection_dtypes(model), logits(model)
     assert group_lora_for_generation(model) == 4 * model.config.num_hidden_layers
@@ -136,22 +147,7 @@ def test_a_projection_alone_is_peft_bit_for_bit_with_fewer_kernels(tiny_mistral_
     (bf16 base, fp32 adapter) their output is PEFT's bit for bit, with one or two adapters active, and of PEFT's
     kernels the copy of the base output (4-bit class) and a cast go: the cast is the store of the multiply (4-bit
     class, one per adapter) or of the last add (lora.Linear)."""
-    from peft import LoraConfig, get_peft_model
-
-    model = load_model(str(tiny_mistral_dir), QuantizationPlan(quantization == "nf4", "test", torch.bfloat16),
-                       device="cpu")
-    if quantization == "nf4":
-        bnb_default_path(model)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, init_lora_weights=False,
-                                             task_type="CAUSAL_LM")).eval()
-    if adapters == 2:
-        model.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules=SEVEN, init_lora_weights=False,
-                                               task_type="CAUSAL_LM"))
-        model.base_model.set_adapter(["default", "second"])
-        model.eval()
-    if quantization == "nf4":
-        dequantize_for_generation(model)
+    model = bf16_lora_model(tiny_mistral_dir, quantization, adapters)
     layer = model.get_base_model().model.layers[0]
     assert len(layer.self_attn.o_proj.active_adapters) == adapters
     peft_layers = {"o_proj": layer.self_attn.o_proj, "down_proj": layer.mlp.down_proj}
