@@ -35,13 +35,12 @@
 #   evalstage  the evaluate stage (base model) over 500 eval prompts (data.eval_size=500, eval.max_new_tokens auto),
 #            eval.generation plain then auto: both wall times and the rows that differ (eval_stage_500.json)
 #   agreement  bench/sure_model.py: a small Mistral trained on the bundled data, every generation path against plain
-#   unsloth  bench/unsloth_bench.py in its own process, against the train phase's JSON (run train first;
-#            UNSLOTH_WARMUP untimed steps, default 8, for its compiled layers' recompiles, also in families);
+#   unsloth  bench/unsloth_bench.py in its own process, against the train phase's JSON (run train first);
 #            needs .whl/unsloth-site.tar.gz (bash bench/make_unsloth_site.sh)
 #   budget  bench/budget_bench.py then bench/unsloth_bench.py --caps: each tool's best setting under each memory cap
 #           (BUDGET_CAPS, GiB), the project through the train stage's memory budget; the table in budget.json
 #           (BUDGET_ARGS="--headroom 1.1" plans with another activation headroom than the stage's; BUDGET_WARMUP
-#           untimed steps per cell, default 8: Unsloth's compiled blocks recompile for new packed shapes)
+#           untimed steps per cell for both tools, default 2; the packed bins depend on it, the same for both)
 #   varlen  bench/varlen_check.py: packed rows through the variable-length kernel (grouped-query heads unrepeated)
 #           against each row alone and against sdpa's block-diagonal mask: values and input gradients, not memory
 #   profile  bench/train_profile.py: where a training step's GPU time goes, baseline and project
@@ -227,19 +226,19 @@ indent=2)" \
       mkdir -p /tmp/unsloth-site && tar xzf .whl/unsloth-site.tar.gz -C /tmp/unsloth-site
       CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 \
         timeout "${UNSLOTH_TIMEOUT:-420}" python -m bench.unsloth_bench "$model" --baseline "$out/train_bench.json" \
-        --out "$out/unsloth_bench.json" --steps "${BENCH_STEPS:-10}" --warmup "${UNSLOTH_WARMUP:-8}" ${UNSLOTH_ARGS:-} 2>&1 \
+        --out "$out/unsloth_bench.json" --steps "${BENCH_STEPS:-10}" --warmup 2 ${UNSLOTH_ARGS:-} 2>&1 \
         | grep -v "Warning\|Loading weights\|Measurement(" | tail -40 ;;
     budget)
       caps=${BUDGET_CAPS:-12,24,80}
       export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # as the train stage sets it (both tools get it)
       CUDA_VISIBLE_DEVICES=0 timeout "${BUDGET_TIMEOUT:-300}" python -m bench.budget_bench "$model" --caps "$caps" \
-        --out "$out/budget_project.json" --steps "${BENCH_STEPS:-6}" --warmup "${BUDGET_WARMUP:-8}" ${BUDGET_ARGS:-} 2>&1 \
+        --out "$out/budget_project.json" --steps "${BENCH_STEPS:-6}" --warmup "${BUDGET_WARMUP:-2}" ${BUDGET_ARGS:-} 2>&1 \
         | grep -v "Warning\|Loading weights\|liger_kernel" > "$out/budget_project.log"; tail -30 "$out/budget_project.log"
       [ -n "${BUDGET_PROJECT_ONLY:-}" ] && continue
       mkdir -p /tmp/unsloth-site && tar xzf .whl/unsloth-site.tar.gz -C /tmp/unsloth-site
       CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/unsloth-site:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 \
         timeout "${UNSLOTH_TIMEOUT:-300}" python -m bench.unsloth_bench "$model" --caps "$caps" \
-        --out "$out/budget_unsloth.json" --steps "${BENCH_STEPS:-6}" --warmup "${BUDGET_WARMUP:-8}" 2>&1 \
+        --out "$out/budget_unsloth.json" --steps "${BENCH_STEPS:-6}" --warmup "${BUDGET_WARMUP:-2}" 2>&1 \
         | grep -v "Warning\|Loading weights\|Measurement(" | tail -30
       python -m bench.budget_bench --summarize "$out/budget_project.json" "$out/budget_unsloth.json" \
         --out "$out/budget.json" ;;
@@ -269,7 +268,7 @@ indent=2)" \
           family_bench "${log}_unsloth.log" "${FAMILY_UNSLOTH_TIMEOUT:-300}" \
             env PYTHONPATH="/tmp/unsloth-site:$PYTHONPATH" UNSLOTH_DISABLE_STATISTICS=1 \
             python -m bench.unsloth_bench "$dir" --profile "$profile" \
-            --baseline "${log}_train.json" --out "${log}_unsloth.json" --steps "${BENCH_STEPS:-6}" --warmup "${UNSLOTH_WARMUP:-8}" \
+            --baseline "${log}_train.json" --out "${log}_unsloth.json" --steps "${BENCH_STEPS:-6}" --warmup 2 \
             --dropouts "${UNSLOTH_DROPOUTS:-0}"
         fi
         rm -rf "$dir" "$tokenizer"

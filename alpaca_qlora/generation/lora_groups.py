@@ -21,9 +21,9 @@ CPU, where TensorIterator still stores through a temporary; on CUDA it is one ke
 The first member the model calls (q_proj, gate_proj) computes the group's output and keeps the other members'
 slices for the very same input tensor object; a member called with anything else computes on its own, as PEFT
 does, so any call order stays correct. The checks are Python identity tests, with no host sync, so a CUDA graph
-captures only the group's kernels. The members' weights become views into the stacked ones: nothing is stored
-twice, and in-place updates of either stay visible to both. For inference: in training mode, with an adapter
-disabled, merged, switched or replaced, every member runs its own layer again.
+captures only the group's kernels. In a group of several, the members' weights become views into the stacked
+ones: nothing is stored twice, and in-place updates of either stay visible to both. For inference: in training mode,
+with an adapter disabled, merged, switched, replaced or rescaled, every member runs its own layer again.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _stacked_base(bases: list[torch.nn.Linear]) -> torch.nn.Linear:
     return stacked.train(first.training)
 
 
-def rounded(op: Any, first: torch.Tensor, second: Any, *, dtype: torch.dtype | None) -> torch.Tensor:
+def _rounded(op: Any, first: torch.Tensor, second: Any, *, dtype: torch.dtype | None) -> torch.Tensor:
     """`op(first, second).to(dtype)` in one kernel: computed in the operands' promoted dtype, rounded into `dtype` as
     it is stored. Two kernels where autograd records the op (an out= op has no gradient) or no cast is asked for."""
     if dtype is None:
@@ -144,9 +144,9 @@ class LoraGroup(torch.nn.Module):
                 x = self.layers[0]._cast_input_dtype(x, down.dtype)
             output = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
             if self.casts_adapter_output:  # the 4-bit class: (output * scaling).to(result's dtype), then the add
-                result = result + rounded(torch.mul, output, scaling, dtype=result_dtype if converts else None)
+                result = result + _rounded(torch.mul, output, scaling, dtype=result_dtype if converts else None)
             else:  # lora.Linear: result + output * scaling, the sum cast back after the last adapter
-                result = rounded(torch.add, result, output * scaling, dtype=result_dtype if index == last else None)
+                result = _rounded(torch.add, result, output * scaling, dtype=result_dtype if index == last else None)
         return result
 
     def first_output(self, x: torch.Tensor) -> torch.Tensor:
