@@ -222,10 +222,9 @@ def plan_frozen_forms(plan: MemoryPlan, *, layers: int, dequantized_bytes: int, 
     room = (plan.budget_gib - plan.expected_peak_gib) * GIB
     scaled = 0 if absmax_bytes <= 0 else max(0, min(layers, int(room // absmax_bytes)))
     room -= scaled * absmax_bytes
-    upgrade = dequantized_bytes - (absmax_bytes if scaled == layers else 0)  # a scaled layer's scales go
-    dequantized = 0
-    if dequantized_bytes > 0 and (absmax_bytes <= 0 or scaled == layers):  # not where the room ran out on scales
-        dequantized = max(0, min(layers, int(room // upgrade)))
+    every_layer_scaled = absmax_bytes <= 0 or scaled == layers  # else the room ran out on scales
+    upgrade = dequantized_bytes - absmax_bytes  # a dequantized copy replaces its layer's scales
+    dequantized = max(0, min(layers, int(room // upgrade))) if dequantized_bytes > 0 and every_layer_scaled else 0
     added = scaled * absmax_bytes + dequantized * upgrade
     return dataclasses.replace(plan, dequantized_layers=dequantized, absmax_layers=scaled - min(scaled, dequantized),
                                expected_peak_gib=round(plan.expected_peak_gib + added / GIB, 2))

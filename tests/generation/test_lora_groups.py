@@ -12,6 +12,7 @@ from alpaca_qlora.generation.lora_groups import GroupedLoraMember
 from alpaca_qlora.models.loading import load_model, load_tokenizer
 from alpaca_qlora.models.numerics import to_cpu_float64
 from alpaca_qlora.models.quantization import QuantizationPlan, plan_quantization, probe_4bit
+from bench.host_overhead import OperatorCount
 from support.generation import bnb_default_path, run
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,26 +118,11 @@ def test_in_the_gpus_dtypes_grouping_keeps_each_projections_output_dtype_and_the
     torch.testing.assert_close(after, before)  # bf16's tolerances
 
 
-NO_KERNEL = {"t", "view", "_unsafe_view", "empty"}  # metadata and allocation, no kernel of their own
-
-
 def dispatched(call) -> collections.Counter[str]:
-    """The aten operators `call()` dispatches that run a kernel, by name."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: collections.Counter[str] = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ not in NO_KERNEL:
-                self.calls[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count() as count:
+    """The operators `call()` dispatches that run a kernel, by name (the host-overhead bench's count)."""
+    with OperatorCount() as count:
         call()
-    return count.calls
+    return collections.Counter({name.removeprefix("aten::"): calls for name, calls in count.calls.items()})
 
 
 @pytest.mark.parametrize("adapters", [1, 2])
